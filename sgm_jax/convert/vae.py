@@ -1,0 +1,85 @@
+"""AutoencoderKL: seed checkpoint keys (`first_stage_model.encoder.down.0.block.0.conv1.weight`,
+...) <-> Flax params of `sgm_jax.nn.vae.AutoencoderKL`.
+
+The key map is derived from the Flax params tree itself: module names in `sgm_jax.nn.vae`
+are the seed's with list indices written `down_1_block_0`, so every Flax path translates
+mechanically, and `convert_state_dict` checks that the map covers the model exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from sgm_jax.convert.common import FlaxPath, KeyMap, convert_state_dict, export_state_dict, flatten_params
+from sgm_jax.nn.vae import AutoencoderKL, normalize_ddconfig
+
+VAE_PREFIX = "first_stage_model."
+
+# "down_1_block_0" -> "down.1.block.0", "up_2_upsample" -> "up.2.upsample",
+# "mid_attn_1" -> "mid.attn_1" (the seed's mid blocks are attributes, not list entries).
+_LEVEL = re.compile(r"^(down|up)_(\d+)_(block|attn)_(\d+)$")
+_RESAMPLE = re.compile(r"^(down|up)_(\d+)_(downsample|upsample)$")
+_MID = re.compile(r"^mid_(block_1|attn_1|block_2)$")
+
+
+def torch_leaf(leaf: str, ndim: int) -> tuple[str, str]:
+    """Flax leaf name and rank -> (torch leaf name, transform kind).
+
+    Dense/Conv `kernel` -> `weight` (linear / conv layout), norm `scale` -> `weight`,
+    `embedding` -> `weight`, `bias` and raw parameters (e.g. `positional_embedding`) as is.
+    """
+    if leaf == "kernel":
+        return "weight", "conv" if ndim == 4 else "linear"
+    if leaf in ("scale", "embedding"):
+        return "weight", "copy"
+    return leaf, "copy"
+
+
+def _torch_module(name: str) -> str:
+    for pattern in (_LEVEL, _RESAMPLE, _MID):
+        m = pattern.match(name)
+        if m:
+            return ".".join(m.groups()) if pattern is not _MID else f"mid.{m.group(1)}"
+    return name
+
+
+def vae_key_map(params: Mapping[str, Any]) -> KeyMap:
+    """{Flax path: (torch key without prefix, kind)} for an AutoencoderKL params tree
+    (arrays or ShapeDtypeStructs)."""
+    key_map: dict[FlaxPath, tuple[str, str]] = {}
+    for path, value in flatten_params(params).items():
+        leaf, kind = torch_leaf(path[-1], len(value.shape))
+        key_map[path] = (".".join([_torch_module(p) for p in path[:-1]] + [leaf]), kind)
+    return key_map
+
+
+def abstract_vae_params(model: AutoencoderKL) -> Mapping[str, Any]:
+    """The model's params tree as ShapeDtypeStructs (no compute, no memory)."""
+    cfg = normalize_ddconfig(model.ddconfig)
+    # The smallest image the encoder accepts; only shapes are traced.
+    side = 2 ** (len(cfg.get("ch_mult", (1, 2, 4, 8))) - 1)
+    x = jax.ShapeDtypeStruct((1, side, side, int(cfg["in_channels"])), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
+
+
+def convert_vae(
+    state_dict: Mapping[str, Any],
+    model: AutoencoderKL,
+    *,
+    prefix: str = VAE_PREFIX,
+    dtype: Any = None,
+) -> dict[str, Any]:
+    """Seed-layout VAE weights (flat `{key: array}`, possibly a whole SDXL/SD2 checkpoint)
+    -> Flax params for `model` (numpy). Raises CheckpointMismatchError listing missing,
+    unexpected (under `prefix`) and mis-shaped keys."""
+    abstract = abstract_vae_params(model)
+    return convert_state_dict(state_dict, vae_key_map(abstract), abstract, prefix=prefix, dtype=dtype)
+
+
+def export_vae(params: Mapping[str, Any], *, prefix: str = VAE_PREFIX) -> dict[str, Any]:
+    """Flax AutoencoderKL params -> seed-layout state dict (numpy, PyTorch layouts)."""
+    return export_state_dict(params, vae_key_map(params), prefix=prefix)

@@ -1,0 +1,214 @@
+"""Transformer pieces of the UNet: the seed's `sgm/modules/attention.py` in Flax linen.
+
+Module and parameter names mirror the seed's (`attn1.to_q`, `ff.net.0.proj`, ...; a Flax
+name `to_out_0` stands for the seed's `to_out.0`) so the checkpoint key map is mechanical
+(see `sgm_jax.convert.unet`). Images are NHWC, token sequences `[B, T, D]`.
+
+Both of the seed's attention types ("softmax" and "softmax-xformers") compute the same
+thing; here both go through `jax.nn.dot_product_attention`, which picks a fused kernel
+where the platform has one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sgm_jax.nn.layers import GroupNorm, zeros_init
+
+Dtype = Any
+Context = Union[jax.Array, Sequence[jax.Array], None]
+ATTENTION_TYPES = ("softmax", "softmax-xformers")
+
+
+class CrossAttention(nn.Module):
+    """Multi-head (cross-)attention: the seed's CrossAttention / MemoryEfficientCrossAttention.
+
+    `x` `[B, T, query_dim]`, `context` `[B, S, context_dim]` (None: self-attention)
+    -> `[B, T, query_dim]`. Params: `to_q`, `to_k`, `to_v` (no bias), `to_out_0`.
+    """
+
+    query_dim: int
+    heads: int = 8
+    dim_head: int = 64
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+        inner = self.heads * self.dim_head
+        context = x if context is None else context
+        dense = lambda feats, name, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype, name=name)
+        q = dense(inner, "to_q", False)(x)
+        k = dense(inner, "to_k", False)(context)
+        v = dense(inner, "to_v", False)(context)
+        # [B, T, heads*dim_head] -> [B, T, heads, dim_head]: the layout dot_product_attention
+        # expects; the seed's "b n (h d)" split is the same head-major grouping.
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
+        q, k, v = split(q), split(k), split(v.astype(q.dtype))
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v)  # scale 1/sqrt(dim_head)
+        out = out.reshape(out.shape[0], out.shape[1], inner)
+        out = nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(out)
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: one projection `proj` to `2*dim_out`, value first, gate second.
+
+    `x` `[..., D]` -> `[..., dim_out]`.
+    """
+
+    dim_out: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h, gate = jnp.split(nn.Dense(self.dim_out * 2, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return h * jax.nn.gelu(gate, approximate=False)  # torch F.gelu is the exact (erf) GELU
+
+
+class _LinearGELU(nn.Module):
+    """The seed's non-gated `Sequential(Linear, GELU)`: the Linear is child `0`."""
+
+    dim_out: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(nn.Dense(self.dim_out, dtype=self.dtype, name="0")(x), approximate=False)
+
+
+class FeedForward(nn.Module):
+    """The seed's FeedForward: `net.0` (GEGLU, or Linear+GELU), dropout, `net.2` Linear.
+
+    `x` `[..., dim]` -> `[..., dim_out or dim]`.
+    """
+
+    dim: int
+    dim_out: int | None = None
+    mult: int = 4
+    glu: bool = True
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        inner = int(self.dim * self.mult)
+        project_in = GEGLU if self.glu else _LinearGELU
+        h = project_in(inner, dtype=self.dtype, name="net_0")(x)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return nn.Dense(self.dim_out or self.dim, dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attn (`attn1`), cross-attn (`attn2`), GEGLU `ff`.
+
+    With `disable_self_attn`, `attn1` attends to the context as well (the seed's semantics).
+    `x` `[B, T, dim]`, `context` `[B, S, C]` or None -> `[B, T, dim]`.
+    """
+
+    dim: int
+    n_heads: int
+    d_head: int
+    dropout: float = 0.0
+    gated_ff: bool = True
+    disable_self_attn: bool = False
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        det = self.deterministic
+        attn = lambda name: CrossAttention(
+            self.dim, self.n_heads, self.d_head, self.dropout, dtype=self.dtype, name=name
+        )
+        # LayerNorm as torch: eps 1e-5, two-pass variance, statistics in float32.
+        norm = lambda name: nn.LayerNorm(
+            epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name
+        )
+        ctx1 = context if self.disable_self_attn else None
+        x = attn("attn1")(norm("norm1")(x), ctx1, det) + x
+        x = attn("attn2")(norm("norm2")(x), context, det) + x
+        ff = FeedForward(self.dim, glu=self.gated_ff, dropout=self.dropout, dtype=self.dtype, name="ff")
+        return ff(norm("norm3")(x), det) + x
+
+
+def _context_dims(context_dim: int | Sequence[int] | None, depth: int) -> list[int | None]:
+    """The seed's per-block context_dim list: an int is repeated; a homogeneous list whose
+    length differs from `depth` is resized (a heterogeneous one must match `depth`)."""
+    if context_dim is None:
+        return [None] * depth
+    dims = [context_dim] if isinstance(context_dim, int) else [int(d) for d in context_dim]
+    if len(dims) != depth:
+        if any(d != dims[0] for d in dims):
+            raise ValueError(f"context_dim {dims} must be homogeneous or have length depth={depth}")
+        dims = [dims[0]] * depth
+    return dims
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of an image: the seed's SpatialTransformer.
+
+    GroupNorm (eps 1e-6) -> `proj_in` (1x1 conv, or Linear with `use_linear`) -> `depth`
+    BasicTransformerBlocks (`transformer_blocks_{i}`) -> `proj_out` -> residual.
+    `x` `[B, H, W, C]`; `context`: `[B, S, D]`, a list of them (one per block, or one for
+    all), or None -> `[B, H, W, C]`. `use_checkpoint` rematerialises each block.
+    """
+
+    in_channels: int
+    n_heads: int
+    d_head: int
+    depth: int = 1
+    dropout: float = 0.0
+    context_dim: int | Sequence[int] | None = None
+    disable_self_attn: bool = False
+    use_linear: bool = False
+    attn_type: str = "softmax"
+    use_checkpoint: bool = False
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: Context = None) -> jax.Array:
+        if self.attn_type not in ATTENTION_TYPES:
+            raise ValueError(f"attn_type {self.attn_type!r} not in {ATTENTION_TYPES}")
+        contexts = list(context) if isinstance(context, (list, tuple)) else [context]
+        context_dims = _context_dims(self.context_dim, self.depth)
+        b, h, w, c = x.shape
+        inner = self.n_heads * self.d_head
+        x_in = x
+        x = GroupNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        if self.use_linear:
+            x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
+        else:
+            x = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, inner)
+        block_cls = nn.remat(BasicTransformerBlock) if self.use_checkpoint else BasicTransformerBlock
+        for i in range(self.depth):
+            ctx = contexts[i] if len(contexts) > 1 else contexts[0]
+            _check_context(ctx, context_dims[i], inner)
+            x = block_cls(
+                inner, self.n_heads, self.d_head, dropout=self.dropout,
+                disable_self_attn=self.disable_self_attn, deterministic=self.deterministic,
+                dtype=self.dtype, name=f"transformer_blocks_{i}",
+            )(x, ctx)
+        if self.use_linear:
+            # zero-init as the seed's zero_module: the block starts as the identity.
+            x = nn.Dense(c, dtype=self.dtype, kernel_init=zeros_init(), name="proj_out")(x)
+            x = x.reshape(b, h, w, c)
+        else:
+            x = nn.Conv(c, (1, 1), dtype=self.dtype, kernel_init=zeros_init(), name="proj_out")(
+                x.reshape(b, h, w, inner)
+            )
+        return x + x_in.astype(x.dtype)
+
+
+def _check_context(context: jax.Array | None, context_dim: int | None, inner: int) -> None:
+    """Fail early where the seed would fail on a shape mismatch (Flax would infer shapes)."""
+    want = inner if context_dim is None else context_dim
+    got = inner if context is None else context.shape[-1]
+    if got != want:
+        what = "no context" if context is None else f"context of width {got}"
+        raise ValueError(f"SpatialTransformer built for context_dim={context_dim} got {what}")

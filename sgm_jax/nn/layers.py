@@ -1,0 +1,83 @@
+"""Small building blocks shared by the UNet, the VAE and the conditioner.
+
+Everything here is NHWC / channels-last: the channel axis is always the last one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, max_period: float = 10000.0, repeat_only: bool = False
+) -> jax.Array:
+    """Sinusoidal timestep embeddings, as the seed's `timestep_embedding`.
+
+    Args:
+      timesteps: `[N]` (possibly fractional) timesteps.
+      dim: embedding width.
+      max_period: controls the lowest frequency.
+      repeat_only: if True, just repeat the timestep `dim` times (seed semantics).
+
+    Returns:
+      `[N, dim]` float32: `[cos(t * f_0..f_{half-1}), sin(...)]` (cos first, then sin), with
+      one trailing zero column when `dim` is odd.
+    """
+    timesteps = jnp.asarray(timesteps)
+    if repeat_only:
+        # The seed keeps the input dtype here (einops.repeat).
+        return jnp.broadcast_to(timesteps[:, None], (timesteps.shape[0], dim))
+    half = dim // 2
+    # Frequencies computed in float32 exactly like the seed (arange/half, then exp).
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = timesteps[:, None].astype(jnp.float32) * freqs[None]
+    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
+    return embedding
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over the last (channel) axis, statistics in float32.
+
+    Matches the seed's `GroupNorm32` (eps 1e-5, computed in float32, cast back to the input
+    dtype) and `Normalize` (eps 1e-6). Params: `scale` `[C]` (torch `weight`), `bias` `[C]`.
+
+    Input `[B, ..., C]` -> output of the same shape and dtype (or `dtype` when given).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"{channels} channels are not divisible into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        out_dtype = self.dtype or x.dtype
+        xf = x.astype(jnp.float32)
+        grouped = xf.reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
+        # Reduce over every position and the channels within a group (two-pass variance,
+        # like torch, rather than E[x^2] - E[x]^2 which loses precision).
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return out.astype(out_dtype)
+
+
+def zeros_init() -> nn.initializers.Initializer:
+    """Initializer for the seed's `zero_module` layers (output projections start at 0)."""
+    return nn.initializers.zeros_init()
+
