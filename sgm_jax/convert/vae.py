@@ -40,10 +40,10 @@ def torch_leaf(leaf: str, ndim: int) -> tuple[str, str]:
 
 
 def _torch_module(name: str) -> str:
-    for pattern in (_LEVEL, _RESAMPLE, _MID):
-        m = pattern.match(name)
-        if m:
-            return ".".join(m.groups()) if pattern is not _MID else f"mid.{m.group(1)}"
+    if m := _MID.match(name):
+        return f"mid.{m.group(1)}"
+    if m := _LEVEL.match(name) or _RESAMPLE.match(name):
+        return ".".join(m.groups())
     return name
 
 

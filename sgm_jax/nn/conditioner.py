@@ -192,31 +192,12 @@ class GeneralConditioner(nn.Module):
         whose embeddings are replaced by zeros (must be static under jit).
         """
         batch = dict(batch)  # working copy: legacy-ucg replacements are seen by later embedders
-        text_dropped: dict[str, jax.Array] = {}  # input key -> [B] bool, replaced by legacy value
+        text_dropped: dict[str, jax.Array] = {}  # text key -> [B] bool: replaced by legacy value
         output: dict[str, jax.Array] = {}
         for i, (spec, embedder) in enumerate(zip(self.specs, self.embedders)):
             key = None if ucg_key is None else jax.random.fold_in(ucg_key, i)
-            legacy = spec.legacy_ucg_value is not None and spec.ucg_rate > 0.0 and key is not None
             if spec.input_key is not None:
-                k = spec.input_key
-                if spec.is_text:
-                    x = batch.get(token_key(k, i), batch.get(k))
-                    if x is None or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
-                        raise TypeError(f"text embedder {i} needs token ids under '{token_key(k, i)}' "
-                                        f"or '{k}': run tokenize_batch on the host first")
-                    if legacy:
-                        drop = jax.random.bernoulli(jax.random.fold_in(key, 0), spec.ucg_rate, (x.shape[0],))
-                        text_dropped[k] = drop | text_dropped.get(k, False)
-                    if k in text_dropped:
-                        x = jnp.where(text_dropped[k][:, None], batch[ucg_token_key(k, i)], x)
-                else:
-                    x = batch[k]
-                    if legacy:
-                        x = jnp.asarray(x)
-                        drop = jax.random.bernoulli(jax.random.fold_in(key, 0), spec.ucg_rate, (x.shape[0],))
-                        x = jnp.where(_expand_like(drop, x), jnp.asarray(spec.legacy_ucg_value, x.dtype), x)
-                        batch[k] = x
-                emb_out = embedder(x)
+                emb_out = embedder(self._input(i, spec, batch, key, text_dropped))
             else:
                 emb_out = embedder(*[batch[k] for k in spec.input_keys])
             outs = emb_out if isinstance(emb_out, (tuple, list)) else (emb_out,)
@@ -238,6 +219,29 @@ class GeneralConditioner(nn.Module):
                 # Every seed concat axis (vector 1, crossattn 2, concat 1 in NCHW) is our last axis.
                 output[out_key] = jnp.concatenate([output[out_key], emb], -1) if out_key in output else emb
         return output
+
+    @staticmethod
+    def _input(i: int, spec: EmbedderSpec, batch: dict, key: jax.Array | None, text_dropped: dict) -> jax.Array:
+        """Embedder i's input, with the seed's legacy ucg replacement applied (training only)."""
+        k = spec.input_key
+        legacy = spec.legacy_ucg_value is not None and spec.ucg_rate > 0.0 and key is not None
+        if not spec.is_text:
+            x = batch[k]
+            if legacy:
+                x = jnp.asarray(x)
+                drop = jax.random.bernoulli(jax.random.fold_in(key, 0), spec.ucg_rate, (x.shape[0],))
+                x = batch[k] = jnp.where(_expand_like(drop, x), jnp.asarray(spec.legacy_ucg_value, x.dtype), x)
+            return x
+        x = batch.get(token_key(k, i), batch.get(k))
+        if x is None or isinstance(x, (str, list, tuple)) or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"text embedder {i} needs int token ids under '{token_key(k, i)}' or '{k}': "
+                            "run tokenize_batch on the host first")
+        if legacy:
+            drop = jax.random.bernoulli(jax.random.fold_in(key, 0), spec.ucg_rate, (x.shape[0],))
+            text_dropped[k] = drop | text_dropped.get(k, False)
+        if k in text_dropped:  # this or an earlier embedder on k replaced these captions
+            x = jnp.where(text_dropped[k][:, None], batch[ucg_token_key(k, i)], x)
+        return x
 
 
 def build_conditioner(emb_models: Sequence[Mapping[str, Any]] | None) -> GeneralConditioner:

@@ -41,9 +41,7 @@ def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> j
     return jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=True).reshape(b, t, w)
 
 
-# ----------------------------------------------------------------------------------------
-# CLIP (transformers CLIPTextModel layout)
-# ----------------------------------------------------------------------------------------
+# CLIP (transformers CLIPTextModel layout).
 
 
 class CLIPAttention(nn.Module):
@@ -221,9 +219,7 @@ class FrozenCLIPEmbedder(nn.Module):
         return (z, out["pooler_output"]) if self.always_return_pooled else z
 
 
-# ----------------------------------------------------------------------------------------
-# OpenCLIP text tower
-# ----------------------------------------------------------------------------------------
+# OpenCLIP text tower.
 
 
 class OpenCLIPAttention(nn.Module):

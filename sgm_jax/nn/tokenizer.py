@@ -29,11 +29,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     the printable bytes as themselves, then the others as code points 256, 257, ..."""
     byte_ids = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     byte_ids += list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(byte_ids)
+    chars, extra = list(byte_ids), 0
     for b in range(256):
         if b not in byte_ids:
             byte_ids.append(b)
-            chars.append(256 + len(chars) - 188)  # 188 printable bytes precede
+            chars.append(256 + extra)
+            extra += 1
     return {b: chr(c) for b, c in zip(byte_ids, chars)}
 
 

@@ -320,6 +320,7 @@ class UNetModel(nn.Module):
 
         `size` defaults to the smallest spatial size every level can halve.
         """
+        self._check_config()
         size = size or 2 ** (len(self.channel_mult) - 1)
         out: dict[str, Any] = {
             "x": jnp.zeros((batch, size, size, self.in_channels), jnp.float32),

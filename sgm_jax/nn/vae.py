@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.struct
+from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
 
@@ -24,8 +25,8 @@ from sgm_jax.nn.layers import GroupNorm
 
 Dtype = Any
 
-# ddconfig keys the seed's Encoder/Decoder accept; others (e.g. "attn_type" variants, or
-# training-only settings) are ignored just as the seed's **ignore_kwargs does.
+# The seed's attention types that hold q/k/v/proj_out; "vanilla-xformers" computes the same
+# thing as "vanilla" (jax.nn.dot_product_attention picks the kernel here).
 _ATTN_TYPES_WITH_PARAMS = ("vanilla", "vanilla-xformers")
 
 
@@ -243,7 +244,8 @@ class DiagonalGaussianDistribution:
 
 
 def normalize_ddconfig(ddconfig: Any) -> dict[str, Any]:
-    """Plain dict from a dict / FrozenDict / ml_collections.ConfigDict; lists become tuples."""
+    """Plain dict from a dict / FrozenDict / ml_collections.ConfigDict; lists become tuples
+    (the seed's YAML configs give lists, Python configs often tuples)."""
     items = ddconfig.items() if hasattr(ddconfig, "items") else dict(ddconfig).items()
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in items}
 
@@ -263,8 +265,13 @@ class AutoencoderKL(nn.Module):
     ddconfig: Any
     dtype: Dtype = jnp.float32
 
+    def __post_init__(self) -> None:
+        # A hashable copy (FrozenDict, tuples) keeps the module usable as a static jit argument.
+        object.__setattr__(self, "ddconfig", FrozenDict(normalize_ddconfig(self.ddconfig)))
+        super().__post_init__()
+
     def setup(self) -> None:
-        cfg = normalize_ddconfig(self.ddconfig)
+        cfg = dict(self.ddconfig)
         attn_type = cfg.get("attn_type", "vanilla")
         common = dict(
             ch=int(cfg["ch"]),

@@ -1,0 +1,179 @@
+"""DiffusionEngine: the seed's sgm.models.diffusion.DiffusionEngine as a frozen bundle of pure parts.
+
+It holds no parameters. Parameters live in one tree, laid out like the seed's checkpoint:
+`{"model": UNet params, "conditioner": {"embedders_<i>": ...}, "first_stage": VAE params}`
+(`first_stage` only when the config has an AutoencoderKL; it is never trained here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sgm_jax.diffusion.denoiser import Denoiser
+from sgm_jax.diffusion.loss import StandardDiffusionLoss
+from sgm_jax.diffusion.registry import instantiate_from_config
+from sgm_jax.nn.conditioner import GeneralConditioner, build_conditioner
+from sgm_jax.nn.unet import UNetModel
+
+Params = Mapping[str, Any]
+Cond = Mapping[str, jax.Array]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _target_name(cfg: Mapping[str, Any] | None) -> str:
+    return str((cfg or {}).get("target", "")).rsplit(".", 1)[-1]
+
+
+def resolve_dtype(name: str | Any) -> Any:
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class DiffusionEngine:
+    network: UNetModel
+    denoiser: Denoiser
+    conditioner: GeneralConditioner
+    loss_fn: StandardDiffusionLoss | None = None
+    sampler: Any = None
+    first_stage: nn.Module | None = None
+    scale_factor: float = 1.0
+    input_key: str = "jpg"
+
+    # --- networks ------------------------------------------------------------------------
+    def network_fn(self, model_params: Params, deterministic: bool = True, dropout_key: jax.Array | None = None):
+        """The seed's OpenAIWrapper: concat conditioning joins x on channels (NHWC: last axis)."""
+        rngs = {"dropout": dropout_key} if dropout_key is not None else None
+
+        def network(x: jax.Array, c_noise: jax.Array, cond: Cond) -> jax.Array:
+            if "concat" in cond:
+                x = jnp.concatenate([x, cond["concat"].astype(x.dtype)], axis=-1)
+            out = self.network.apply({"params": model_params}, x, c_noise, context=cond.get("crossattn"),
+                                     y=cond.get("vector"), deterministic=deterministic, rngs=rngs)
+            return out.astype(jnp.float32)
+
+        return network
+
+    def denoise(self, params: Params, x: jax.Array, sigma: jax.Array, cond: Cond) -> jax.Array:
+        """x: [B, h, w, c] latents, sigma: [B] -> denoised latents."""
+        return self.denoiser(self.network_fn(params["model"]), x, sigma, cond)
+
+    def condition(self, params: Params, batch: Mapping[str, Any], ucg_key: jax.Array | None = None,
+                  force_zero_embeddings: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+        return self.conditioner.apply({"params": params.get("conditioner", {})}, batch, ucg_key,
+                                      tuple(force_zero_embeddings))
+
+    def encode_first_stage(self, params: Params, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, 3] in [-1, 1] -> scaled latents (the posterior mode, as the seed's encode)."""
+        if self.first_stage is None:
+            return x
+        z = self.first_stage.apply({"params": params["first_stage"]}, x, method="encode_mode")
+        return self.scale_factor * z
+
+    def decode_first_stage(self, params: Params, z: jax.Array) -> jax.Array:
+        if self.first_stage is None:
+            return z
+        return self.first_stage.apply({"params": params["first_stage"]}, z / self.scale_factor, method="decode")
+
+    # --- training ------------------------------------------------------------------------
+    def loss(self, params: Params, batch: Mapping[str, Any], key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Mean loss over the batch and the per-example losses [B] (float32)."""
+        if self.loss_fn is None:
+            raise ValueError("this engine has no loss_fn_config: it can sample but not train")
+        ucg_key, loss_key, dropout_key = jax.random.split(key, 3)
+        x = self.encode_first_stage(params, jnp.asarray(batch[self.input_key]))
+        cond = self.condition(params, batch, ucg_key)
+
+        def denoise_fn(model_params, noised, sigmas, cond_):
+            network = self.network_fn(model_params, deterministic=False, dropout_key=dropout_key)
+            return self.denoiser(network, noised, sigmas, cond_)
+
+        per_example = self.loss_fn(denoise_fn, params["model"], x, cond, loss_key)
+        return per_example.mean(), per_example
+
+    def init_params(self, key: jax.Array, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Random params for the trainable parts ("model", "conditioner") from an example batch."""
+        cond_key, model_key = jax.random.split(key)
+        cond_params = self.conditioner.init(cond_key, batch).get("params", {})
+        cond = self.conditioner.apply({"params": cond_params}, batch)
+        x = jnp.asarray(batch[self.input_key])[:1]
+        if self.first_stage is not None:
+            x = jnp.zeros(self.latent_shape(x.shape), jnp.float32)
+        if "concat" in cond:
+            x = jnp.concatenate([x, cond["concat"][:1].astype(x.dtype)], axis=-1)
+        model_params = self.network.init(model_key, x, jnp.zeros((1,)), context=_first(cond.get("crossattn")),
+                                         y=_first(cond.get("vector")))["params"]
+        return {"model": model_params, "conditioner": cond_params}
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """[B, H, W, 3] image shape -> the shape the diffusion model works on."""
+        if self.first_stage is None:
+            return tuple(image_shape)
+        b, h, w, _ = image_shape
+        factor = 2 ** (len(self.first_stage.ddconfig["ch_mult"]) - 1)
+        return (b, h // factor, w // factor, int(self.first_stage.embed_dim))
+
+    # --- sampling ------------------------------------------------------------------------
+    def sample(self, params: Params, cond: Cond, uc: Cond | None, noise: jax.Array,
+               key: jax.Array | None = None, sampler: Any = None) -> jax.Array:
+        """noise: [B, h, w, c] unit Gaussian -> samples in data space (decoded when a VAE is set)."""
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise ValueError("no sampler: pass sampler=... or set model.sampler_config")
+        z = sampler(lambda x, s, c: self.denoise(params, x, s, c), noise, cond, uc=uc, key=key)
+        return self.decode_first_stage(params, z)
+
+
+def _first(x: jax.Array | None) -> jax.Array | None:
+    return None if x is None else x[:1]
+
+
+def build_engine(model_config: Mapping[str, Any], dtype: Any = "float32") -> DiffusionEngine:
+    """DiffusionEngine from the seed's `model.params` (a ConfigDict or dict in yaml layout)."""
+    cfg = _plain(model_config)
+    cfg = cfg.get("params", cfg)
+    compute_dtype = resolve_dtype(dtype)
+    network_cfg = cfg["network_config"]
+    if _target_name(network_cfg) not in ("UNetModel", ""):
+        raise ValueError(f"unsupported network target {network_cfg['target']!r}; sgm_jax implements UNetModel")
+    network = UNetModel(**network_cfg.get("params", {}), dtype=compute_dtype)
+    first_stage = None
+    fs_cfg = cfg.get("first_stage_config")
+    if _target_name(fs_cfg) == "AutoencoderKL" or _target_name(fs_cfg) == "AutoencodingEngine":
+        from sgm_jax.nn.vae import AutoencoderKL  # only configs with a VAE need it
+
+        fs_params = dict(fs_cfg.get("params", {}))
+        first_stage = AutoencoderKL(embed_dim=fs_params["embed_dim"], ddconfig=fs_params["ddconfig"],
+                                    dtype=compute_dtype)
+    elif fs_cfg is not None and _target_name(fs_cfg) not in ("IdentityFirstStage", ""):
+        raise ValueError(f"unsupported first stage {fs_cfg['target']!r}; use AutoencoderKL or IdentityFirstStage")
+    emb_models = (cfg.get("conditioner_config") or {}).get("params", {}).get("emb_models", [])
+    return DiffusionEngine(
+        network=network,
+        denoiser=instantiate_from_config(cfg["denoiser_config"]),
+        conditioner=build_conditioner(emb_models),
+        loss_fn=instantiate_from_config(cfg["loss_fn_config"]) if cfg.get("loss_fn_config") else None,
+        sampler=instantiate_from_config(cfg["sampler_config"]) if cfg.get("sampler_config") else None,
+        first_stage=first_stage,
+        scale_factor=float(cfg.get("scale_factor", 1.0)),
+        input_key=cfg.get("input_key", "jpg"),
+    )

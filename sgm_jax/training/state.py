@@ -1,0 +1,45 @@
+"""TrainState and the optimiser, as the seed's DiffusionEngine.configure_optimizers + LitEma."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # {"model": ..., "conditioner": ...}; float32
+    opt_state: Any
+    ema_params: Any = None  # same tree as params when EMA is on
+
+
+def make_optimizer(learning_rate: float, trainable: Any, *, weight_decay: float = 0.01, grad_clip: float = 0.0,
+                   grad_accum: int = 1, warmup_steps: int = 0) -> optax.GradientTransformation:
+    """AdamW with torch's defaults (the seed's optimizer_config default is torch.optim.AdamW).
+
+    `trainable`: pytree of bools shaped like the params; frozen leaves get zero updates
+    (the seed passes only the UNet and trainable embedders to the optimiser).
+    """
+    schedule = learning_rate if warmup_steps <= 0 else optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+    tx = optax.multi_transform(
+        {"train": optax.chain(*parts), "freeze": optax.set_to_zero()},
+        jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable),
+    )
+    return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def ema_decay(num_updates: jax.Array, decay: float) -> jax.Array:
+    """LitEma's warm-up: min(decay, (1 + n) / (10 + n)), n counting this update."""
+    n = num_updates.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
+    return jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)

@@ -1,0 +1,47 @@
+"""The jit-compiled train step: conditioner + denoiser + loss + AdamW update + EMA."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sgm_jax.engine import DiffusionEngine
+
+from .state import TrainState, ema_decay, ema_update
+
+
+def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *, frozen_params: Any = None,
+                    ema_rate: float | None = None) -> Callable[[TrainState, Mapping[str, Any], jax.Array], tuple]:
+    """Returns `train_step(state, batch, base_key) -> (state, metrics)` (not yet jitted).
+
+    The step's randomness is `fold_in(base_key, step)`, so a resumed run draws exactly what
+    an uninterrupted one would. `frozen_params` (e.g. {"first_stage": VAE}) join the params
+    for the forward pass but are neither differentiated nor updated.
+    """
+    frozen_params = dict(frozen_params or {})
+
+    def train_step(state: TrainState, batch: Mapping[str, Any], base_key: jax.Array):
+        key = jax.random.fold_in(base_key, state.step)
+
+        def loss_fn(params):
+            mean, per_example = engine.loss({**params, **frozen_params}, batch, key)
+            return mean, per_example
+
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema_rate is not None:
+            ema = ema_update(ema, params, ema_decay(state.step + 1, ema_rate))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+    return train_step
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation, use_ema: bool) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree_util.tree_map(jnp.copy, params) if use_ema else None)
