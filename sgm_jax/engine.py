@@ -82,17 +82,27 @@ class DiffusionEngine:
         return self.conditioner.apply({"params": params.get("conditioner", {})}, batch, ucg_key,
                                       tuple(force_zero_embeddings))
 
-    def encode_first_stage(self, params: Params, x: jax.Array) -> jax.Array:
-        """x: [B, H, W, 3] in [-1, 1] -> scaled latents (the posterior mode, as the seed's encode)."""
+    def encode_first_stage(self, params: Params, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """x: [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, embed_dim] (float32).
+
+        Without `key`: the posterior mode (deterministic). With `key`: a posterior sample, as
+        the seed's AutoencoderKL (DiagonalGaussianRegularizer(sample=True)) draws one.
+        """
         if self.first_stage is None:
             return x
-        z = self.first_stage.apply({"params": params["first_stage"]}, x, method="encode_mode")
+        from sgm_jax.nn.vae import DiagonalGaussianDistribution  # only configs with a VAE need it
+
+        moments = self.first_stage.apply({"params": params["first_stage"]}, x, method="encode")
+        posterior = DiagonalGaussianDistribution.from_moments(moments.astype(jnp.float32))
+        z = posterior.mode() if key is None else posterior.sample(key)
         return self.scale_factor * z
 
     def decode_first_stage(self, params: Params, z: jax.Array) -> jax.Array:
+        """z: [B, h, w, embed_dim] scaled latents -> images [B, h*f, w*f, 3], roughly in [-1, 1] (float32)."""
         if self.first_stage is None:
             return z
-        return self.first_stage.apply({"params": params["first_stage"]}, z / self.scale_factor, method="decode")
+        x = self.first_stage.apply({"params": params["first_stage"]}, z / self.scale_factor, method="decode")
+        return x.astype(jnp.float32)
 
     # --- training ------------------------------------------------------------------------
     def loss(self, params: Params, batch: Mapping[str, Any], key: jax.Array) -> tuple[jax.Array, jax.Array]:

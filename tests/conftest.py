@@ -19,3 +19,13 @@ def fixture_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"reference fixture {path} is not present (it ships beside the repo as ../shared/fixtures)")
     return path
+
+
+def pytest_configure(config):
+    """A persistent XLA cache shared by the test processes: repeated shapes compile once."""
+    import jax
+
+    cache = Path(os.environ.get("SGM_JAX_TEST_CACHE", REPO / ".pytest_cache" / "jax_cache"))
+    cache.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -35,21 +35,22 @@ class CrossAttention(nn.Module):
     heads: int = 8
     dim_head: int = 64
     dropout: float = 0.0
+    implementation: str | None = None  # jax.nn.dot_product_attention's: None, "xla", "cudnn"
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, deterministic: bool = True
+    ) -> jax.Array:
         inner = self.heads * self.dim_head
         context = x if context is None else context
-        dense = lambda feats, name, bias: nn.Dense(feats, use_bias=bias, dtype=self.dtype, name=name)
-        q = dense(inner, "to_q", False)(x)
-        k = dense(inner, "to_k", False)(context)
-        v = dense(inner, "to_v", False)(context)
-        # [B, T, heads*dim_head] -> [B, T, heads, dim_head]: the layout dot_product_attention
+        proj = lambda name: nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)
+        # [B, T, heads*dim_head] -> [B, T, heads, dim_head], the layout dot_product_attention
         # expects; the seed's "b n (h d)" split is the same head-major grouping.
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
-        q, k, v = split(q), split(k), split(v.astype(q.dtype))
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v)  # scale 1/sqrt(dim_head)
+        q, k, v = split(proj("to_q")(x)), split(proj("to_k")(context)), split(proj("to_v")(context))
+        # softmax(q k^T / sqrt(dim_head)) v
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         out = nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
@@ -117,13 +118,15 @@ class BasicTransformerBlock(nn.Module):
     gated_ff: bool = True
     disable_self_attn: bool = False
     deterministic: bool = True
+    attn_implementation: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         det = self.deterministic
         attn = lambda name: CrossAttention(
-            self.dim, self.n_heads, self.d_head, self.dropout, dtype=self.dtype, name=name
+            self.dim, self.n_heads, self.d_head, self.dropout, self.attn_implementation,
+            dtype=self.dtype, name=name,
         )
         # LayerNorm as torch: eps 1e-5, two-pass variance, statistics in float32.
         norm = lambda name: nn.LayerNorm(
@@ -169,6 +172,7 @@ class SpatialTransformer(nn.Module):
     attn_type: str = "softmax"
     use_checkpoint: bool = False
     deterministic: bool = True
+    attn_implementation: str | None = None  # None (auto), "xla" or "cudnn" (fused, bf16/fp16)
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -192,7 +196,8 @@ class SpatialTransformer(nn.Module):
             x = block_cls(
                 inner, self.n_heads, self.d_head, dropout=self.dropout,
                 disable_self_attn=self.disable_self_attn, deterministic=self.deterministic,
-                dtype=self.dtype, name=f"transformer_blocks_{i}",
+                attn_implementation=self.attn_implementation, dtype=self.dtype,
+                name=f"transformer_blocks_{i}",
             )(x, ctx)
         if self.use_linear:
             # zero-init as the seed's zero_module: the block starts as the identity.

@@ -176,6 +176,8 @@ class UNetModel(nn.Module):
     `use_spatial_transformer=None` (default) is the current seed: every attention layer is
     a SpatialTransformer; `False` with attention asks for the old AttentionBlock, which
     sgm_jax does not implement. `legacy=True` uses the old `dim_head = ch // num_heads`.
+    Beyond the seed: `dtype` (compute dtype; params stay float32) and `attn_implementation`
+    (passed to `jax.nn.dot_product_attention`; "cudnn" is the fused kernel for bf16 on GPU).
     """
 
     in_channels: int
@@ -212,6 +214,7 @@ class UNetModel(nn.Module):
     use_fairscale_checkpoint: bool = False
     offload_to_cpu: bool = False
     transformer_depth_middle: int | None = None
+    attn_implementation: str | None = None  # jax.nn.dot_product_attention: None, "xla", "cudnn"
     dtype: Dtype = jnp.float32
 
     def _check_config(self) -> None:
@@ -271,7 +274,8 @@ class UNetModel(nn.Module):
             return ("attn", SpatialTransformer, dict(
                 in_channels=ch, n_heads=heads, d_head=dim_head, depth=d, context_dim=ctx_dim,
                 disable_self_attn=disable_sa, use_linear=self.use_linear_in_transformer,
-                attn_type=self.spatial_transformer_attn_type, use_checkpoint=self.use_checkpoint, **common))
+                attn_type=self.spatial_transformer_attn_type, use_checkpoint=self.use_checkpoint,
+                attn_implementation=self.attn_implementation, **common))
 
         def wants_attn(level: int, index: int) -> bool:
             nab = self.num_attention_blocks

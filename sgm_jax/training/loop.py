@@ -102,7 +102,7 @@ def sample_grid_batch(engine: DiffusionEngine, dataset: Any, n: int, seed: int) 
     return {k: v[:n] for k, v in batch.items()}
 
 
-def make_sample_fn(engine: DiffusionEngine, latent_shape: tuple[int, ...]):
+def make_sample_fn(engine: DiffusionEngine, latent_shape: tuple[int, ...], sampler: Any = None):
     """jit: (params, cond_batch, key) -> images [N, H, W, C]; uc zeroes the ucg'd embeddings, as the seed."""
     ucg_keys = tuple(s.input_key for s in engine.conditioner.specs if s.ucg_rate > 0 and s.input_key)
 
@@ -112,7 +112,7 @@ def make_sample_fn(engine: DiffusionEngine, latent_shape: tuple[int, ...]):
         cond = engine.condition(params, batch)
         uc = engine.condition(params, batch, force_zero_embeddings=ucg_keys)
         noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
-        return engine.sample(params, cond, uc, noise, key=sampler_key)
+        return engine.sample(params, cond, uc, noise, key=sampler_key, sampler=sampler)
 
     return sample
 
@@ -136,6 +136,9 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
     tc = config.training
     t = build_trainer(config)
     engine, dataset, batch_size = t["engine"], t["dataset"], t["batch_size"]
+    if is_main:
+        (workdir / "run.json").write_text(json.dumps({"image_shape": list(dataset.image_shape),
+                                                      "data": dataset.source.describe() if dataset.source else ""}))
     steps_per_epoch = dataset.steps_per_epoch(batch_size)
     max_steps = int(tc.get("max_steps", -1))
     if max_steps <= 0:
@@ -199,7 +202,8 @@ def train(config: Any, workdir: str | Path) -> dict[str, Any]:
                 break
     bar.close()
     final_step = int(jax.device_get(state.step))
-    checkpointer.save(final_step, state, force=True)
+    if checkpointer.latest_step() != final_step:
+        checkpointer.save(final_step, state, force=True)
     checkpointer.close()
     grid = log_samples(state, final_step) if final_step > start or sample_fn is not None else None
     metrics.close()

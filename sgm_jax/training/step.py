@@ -36,7 +36,8 @@ def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *
         ema = state.ema_params
         if ema_rate is not None:
             ema = ema_update(ema, params, ema_decay(state.step + 1, ema_rate))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+        metrics = {"loss": loss, "grad_norm": grad_norm}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
     return train_step

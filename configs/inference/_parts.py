@@ -1,0 +1,95 @@
+"""Building blocks shared by the inference configs (the seed's configs/inference/*.yaml).
+
+Every dict mirrors the seed's yaml 1:1 (`target` + `params`), so a reader can diff them.
+Keys the seed's PyTorch code needs but sgm_jax ignores are kept for fidelity:
+`use_checkpoint`, `spatial_transformer_attn_type`, `disable_first_stage_autocast`,
+`monitor`, `lossconfig`, `attn_type: vanilla-xformers` (all attention is plain softmax here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SEED = "sgm.modules.diffusionmodules"
+ENCODERS = "sgm.modules.encoders.modules"
+
+
+def discrete_denoiser(scaling: str = "EpsScaling") -> dict[str, Any]:
+    """DiscreteDenoiser over LegacyDDPMDiscretization's 1000 sigmas (SDXL and SD 2.x)."""
+    return {"target": f"{SEED}.denoiser.DiscreteDenoiser", "params": {
+        "num_idx": 1000,
+        "scaling_config": {"target": f"{SEED}.denoiser_scaling.{scaling}"},
+        "discretization_config": {"target": f"{SEED}.discretizer.LegacyDDPMDiscretization"}}}
+
+
+def unet(**params: Any) -> dict[str, Any]:
+    return {"target": f"{SEED}.openaimodel.UNetModel", "params": params}
+
+
+def embedder(target: str, input_key: str, **params: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"is_trainable": False, "input_key": input_key, "target": f"{ENCODERS}.{target}"}
+    if params:
+        spec["params"] = params
+    return spec
+
+
+def size_embedder(input_key: str, outdim: int = 256) -> dict[str, Any]:
+    """SDXL's micro-conditioning: each of the input's columns -> `outdim` Fourier features."""
+    return embedder("ConcatTimestepEmbedderND", input_key, outdim=outdim)
+
+
+def conditioner(*emb_models: dict[str, Any]) -> dict[str, Any]:
+    return {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": list(emb_models)}}
+
+
+def ddconfig(ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 4, 4), num_res_blocks: int = 2,
+             resolution: int = 256, **extra: Any) -> dict[str, Any]:
+    cfg = {"double_z": True, "z_channels": 4, "resolution": resolution, "in_channels": 3, "out_ch": 3, "ch": ch,
+           "ch_mult": list(ch_mult), "num_res_blocks": num_res_blocks, "attn_resolutions": [], "dropout": 0.0}
+    cfg.update(extra)
+    return cfg
+
+
+def autoencoder_kl(dd: dict[str, Any], embed_dim: int = 4) -> dict[str, Any]:
+    return {"target": "sgm.models.autoencoder.AutoencoderKL", "params": {
+        "embed_dim": embed_dim, "monitor": "val/rec_loss", "ddconfig": dd,
+        "lossconfig": {"target": "torch.nn.Identity"}}}
+
+
+def engine(network: dict, denoiser: dict, cond: dict, first_stage: dict, scale_factor: float) -> dict[str, Any]:
+    """The `model:` section of a seed inference yaml."""
+    return {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": scale_factor,
+        "disable_first_stage_autocast": True,  # ignored: the VAE runs in the engine's dtype
+        "denoiser_config": denoiser,
+        "network_config": network,
+        "conditioner_config": cond,
+        "first_stage_config": first_stage}}
+
+
+def inference(width: int, height: int, tokenizers: list[str], **overrides: Any) -> dict[str, Any]:
+    """Sampling defaults, as the seed's scripts/demo/sampling.py sets them.
+
+    `tokenizers`: for each text embedder, in order, the tokenizer sub-folder of a
+    diffusers-style checkpoint folder ("tokenizer" = CLIP-L, "tokenizer_2" = OpenCLIP).
+    All of them use the same CLIP BPE vocabulary; `tokenizer_path` None searches the usual
+    places (see sgm_jax.nn.tokenizer.load_tokenizer).
+    """
+    out = {
+        "width": width,
+        "height": height,
+        "num_steps": 50,                      # streamlit_helpers.init_sampling default
+        "sampler": "EulerEDMSampler",         # first entry of the seed's sampler list
+        "discretization": "LegacyDDPMDiscretization",
+        "guider": "VanillaCFG",
+        "cfg_scale": 5.0,                     # streamlit_helpers.get_guider default
+        "negative_prompt": "",
+        "num_samples": 1,
+        "seed": 42,
+        "dtype": "bfloat16",                  # compute dtype on accelerators ("float32" on CPU)
+        "tokenizers": tokenizers,
+        "tokenizer_path": None,
+        "checkpoint": None,                   # Orbax directory written by convert_torch_weights.py
+    }
+    out.update(overrides)
+    return out

@@ -1,0 +1,118 @@
+"""What a sampling run needs to know statically: sampler, steps, schedule, img2img / hand-off.
+
+A `SamplerSpec` is hashable: it keys the compiled sampling function, so a new prompt, seed
+or CFG scale reuses the compiled loop, while a new sampler, step count, schedule or
+strength compiles a new one (its sigmas are baked into the loop as constants). The CFG
+scale stays a traced argument: `build(scale)` constructs VanillaCFG(scale) inside jit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sgm_jax.diffusion.discretization import (
+    Discretization,
+    EDMDiscretization,
+    Img2ImgDiscretizationWrapper,
+    LegacyDDPMDiscretization,
+    Txt2NoisyDiscretizationWrapper,
+)
+from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
+from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler, get_sampler
+
+# the seed's demo defaults for each sampler's extra knobs (streamlit_helpers.get_sampler)
+_EDM = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 999.0, "s_noise": 1.0}
+_ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "euler_edm": _EDM, "heun_edm": _EDM, "euler_ancestral": _ANCESTRAL, "dpmpp2s_ancestral": _ANCESTRAL,
+    "dpmpp2m": {}, "linear_multistep": {"order": 4},
+}
+SAMPLER_NAMES = tuple(SAMPLER_DEFAULTS)
+# the seed demo's EDMDiscretization defaults for latent models (sampling params in api.py)
+EDM_DEMO = {"sigma_min": 0.0292, "sigma_max": 14.6146, "rho": 3.0}
+
+
+def canonical_sampler_name(name: str) -> str:
+    """CLI name from a CLI name or a seed class name (EulerEDMSampler -> euler_edm)."""
+    if name in SAMPLER_DEFAULTS:
+        return name
+    for short, cls in SAMPLERS.items():
+        if short.islower() and cls.__name__ == name:
+            return short
+    raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
+
+
+def make_discretization(name: str = "legacy_ddpm", **params: Any) -> Discretization:
+    """'legacy_ddpm' / 'LegacyDDPMDiscretization' or 'edm' / 'EDMDiscretization' (seed demo defaults)."""
+    key = name.lower().replace("discretization", "").replace("_", "")
+    if key == "legacyddpm":
+        return LegacyDDPMDiscretization(**params)
+    if key == "edm":
+        return EDMDiscretization(**{**EDM_DEMO, **params})
+    raise ValueError(f"unknown discretization {name!r}; choose legacy_ddpm or edm")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler as the seed's demo configures it.
+
+    img2img_strength: wrap the schedule in Img2ImgDiscretizationWrapper (keep the lowest
+      `strength` fraction: img2img and the refiner stage).
+    stage2_strength: then wrap in Txt2NoisyDiscretizationWrapper(strength, original_steps=steps)
+      (stop early, leaving that fraction to a refiner).
+    options: the sampler's extra keyword arguments (s_churn, eta, order, ...) as sorted pairs.
+    """
+
+    name: str = "euler_edm"
+    steps: int = 50
+    discretization: Discretization = field(default_factory=LegacyDDPMDiscretization)
+    options: tuple[tuple[str, Any], ...] = ()
+    img2img_strength: float | None = None
+    stage2_strength: float | None = None
+    guided: bool = True
+
+    @classmethod
+    def create(cls, name: str = "euler_edm", steps: int = 50, discretization: Discretization | str | None = None,
+               img2img_strength: float | None = None, stage2_strength: float | None = None,
+               guided: bool = True, **options: Any) -> "SamplerSpec":
+        name = canonical_sampler_name(name)
+        if isinstance(discretization, str) or discretization is None:
+            discretization = make_discretization(discretization or "legacy_ddpm")
+        unknown = set(options) - set(SAMPLER_DEFAULTS[name])
+        if unknown:
+            raise ValueError(f"sampler {name} takes no option(s) {sorted(unknown)}; "
+                             f"it takes {sorted(SAMPLER_DEFAULTS[name]) or 'none'}")
+        merged = {**SAMPLER_DEFAULTS[name], **options}
+        for strength in (img2img_strength, stage2_strength):
+            if strength is not None and not 0.0 <= float(strength) <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {strength}")
+        return cls(name, int(steps), discretization, tuple(sorted(merged.items())),
+                   None if img2img_strength is None else float(img2img_strength),
+                   None if stage2_strength is None else float(stage2_strength), guided)
+
+    def schedule(self) -> Discretization:
+        """The discretization the sampler runs with, wrapped as the seed's init_sampling does."""
+        disc = self.discretization
+        if self.img2img_strength is not None:
+            disc = Img2ImgDiscretizationWrapper(disc, strength=self.img2img_strength)
+        if self.stage2_strength is not None:
+            disc = Txt2NoisyDiscretizationWrapper(disc, strength=self.stage2_strength, original_steps=self.steps)
+        return disc
+
+    def sigmas(self) -> np.ndarray:
+        """float32 [num_loop + 1] sigmas the loop visits: sigmas[0] is where it starts,
+        sigmas[-1] where it ends (0 unless stopped early for a refiner)."""
+        return np.asarray(self.schedule()(self.steps), np.float32)
+
+    @property
+    def num_loop(self) -> int:
+        return len(self.sigmas()) - 1
+
+    def build(self, scale: Any = None) -> BaseDiffusionSampler:
+        """The sampler; `scale` may be a tracer (VanillaCFG is built inside the jitted function)."""
+        guider = VanillaCFG(scale) if self.guided else IdentityGuider()
+        return get_sampler(self.name, num_steps=self.steps, discretization=self.schedule(), guider=guider,
+                           **dict(self.options))
