@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model (SDXL / SD 2.1)")
     model.add_argument("--config", help="configs/inference/<model>.py")
     model.add_argument("--checkpoint", help="directory written by convert_torch_weights.py")
-    model.add_argument("--tokenizer", help="CLIP tokenizer: folder, diffusers checkpoint folder or bpe_simple_vocab_16e6.txt.gz")
+    model.add_argument("--tokenizer",
+                       help="CLIP tokenizer: folder, diffusers checkpoint folder or bpe_simple_vocab_16e6.txt.gz")
     model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU); the VAE stays float32")
     model.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"),
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="noise schedule (default: the config's, LegacyDDPMDiscretization)")
     i2i = p.add_argument_group("img2img")
     i2i.add_argument("--init-image", help="start from this image (resized to --width/--height if given)")
-    i2i.add_argument("--strength", type=float, default=0.75, help="img2img strength: 1 = ignore the image")
+    i2i.add_argument("--strength", type=float, default=0.75,
+                     help="share of the schedule run from the noised image (0 = return it, 1 = almost ignore it)")
     ref = p.add_argument_group("refiner (SDXL base -> refiner hand-off)")
     ref.add_argument("--refiner", help="converted refiner weights directory")
     ref.add_argument("--refiner-config", default=str(DEFAULT_REFINER_CONFIG))
@@ -164,16 +166,16 @@ def run_sd(args: argparse.Namespace) -> int:
     pipelines = [base]
     meta: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                             "sampler": spec.name, "steps": steps, "cfg_scale": cfg_scale, "width": width,
-                            "height": height, "model": name, "checkpoint": str(checkpoint),
+                            "height": height, "size": f"{width}x{height}", "model": name, "checkpoint": str(checkpoint),
                             "discretization": discretization, "dtype": base.dtype}
     if args.init_image:
         meta.update(init_image=str(args.init_image), strength=args.strength)
     t0 = time.perf_counter()
     if args.refiner:
         refiner_params = load_checkpoint(args.refiner, args.refiner_config, args.param_dtype)
-        refiner = Pipeline(refiner_config, refiner_params, clip_tokenizer=load_clip_tokenizer(refiner_config,
-                           args.tokenizer), dtype=args.dtype, mesh=mesh, name=Path(args.refiner_config).stem,
-                           step_progress=step_progress)
+        refiner_tokenizer = tokenizer or load_clip_tokenizer(refiner_config, args.tokenizer)  # same CLIP BPE
+        refiner = Pipeline(refiner_config, refiner_params, clip_tokenizer=refiner_tokenizer, dtype=args.dtype,
+                           mesh=mesh, name=Path(args.refiner_config).stem, step_progress=step_progress)
         pipelines.append(refiner)
         refiner_spec = SamplerSpec.create(sampler, int(args.refiner_steps or steps), discretization)
         result = txt2img_with_refiner(

@@ -22,7 +22,7 @@ import pytest
 import convert_torch_weights as cli
 from configs.inference import sd_2_1, sd_xl_base, sd_xl_refiner, tiny_sd_2_1, tiny_sdxl
 from sgm_jax.convert import checkpoint as ck
-from sgm_jax.convert.common import unflatten_params
+from sgm_jax.convert.common import flatten_params, unflatten_params
 from sgm_jax.convert.layout import engine_parts
 from sgm_jax.engine import build_engine
 from sgm_jax.nn.conditioner import token_key
@@ -147,6 +147,27 @@ def test_use_ema_reads_the_ema_buffers(tiny):
            for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     converted = ck.convert_checkpoint({**sd, **ema, "model_ema.num_updates": np.ones(())}, config, use_ema=True)
     assert_trees_equal(converted["model"], jax.tree.map(lambda x: x * 2, params["model"]))
+
+
+def test_params_dir_shards_and_atomic_save(tiny, tmp_path):
+    config, params, _ = tiny["sd21"]
+    out = ck.save_params(params, tmp_path / "sharded", {"note": "x"}, shard_bytes=4 << 20)
+    meta = ck.read_metadata(out)
+    assert len(meta["shards"]) > 3 and meta["note"] == "x"
+    assert_trees_equal(ck.load_params(out), params)
+    assert_trees_equal(ck.load_params(out, dtype="bfloat16"), jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+
+    def failing():  # a conversion that dies after a few shards were written
+        for i, (path, value) in enumerate(flatten_params(params).items()):
+            if i == 300:
+                raise RuntimeError("disk on fire")
+            yield path, value
+
+    before = snapshot(out)
+    for target, overwrite in ((out, True), (tmp_path / "fresh", False)):
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            ck.save_params(failing(), target, shard_bytes=4 << 20, overwrite=overwrite)
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]
 
 
 # ----------------------------------------------------------------------------- errors

@@ -111,6 +111,9 @@ def models(tmp_path_factory):
     dirs["sd21"] = convert_cli(SD21_CFG, st, root / "sd21")
     sd21 = [sample_cmd(SD21_CFG, dirs["sd21"], root / f"sd21_{run}", "--num", "2", "--negative-prompt", "blurry",
                        "--cfg-scale", "7", "--cache-dir", str(root / "jax_cache")) for run in ("cold", "warm")]
+    sd21.append(sample_cmd(SD21_CFG, dirs["sd21"], root / "sd21_img2img", "--init-image",
+                           str(root / "sd21_cold" / f"tiny_sd_2_1_s{SEED}_000.png"), "--strength", "0.75",
+                           "--cache-dir", str(root / "jax_cache")))
     procs["sd21"] = background(*sd21)
     refiner_cfg = tiny_refiner_config()  # no config file: convert_file is the CLI's core
     st = write_random_checkpoint(refiner_cfg, root / "refiner.safetensors", 2)
@@ -157,27 +160,14 @@ def test_txt2img_sdxl_shapes_and_determinism(models, sdxl_images):
     # a new CFG scale / prompt reuses the compiled loop (scale is traced, text has its own jit)
     n_compiled = len(pipe.runner._executables)
     pipe.txt2img("a dog", "", num=NUM, seed=SEED, spec=SPEC, cfg_scale=2.0)
+    # more images than one call's batch: chunks of the same shape (last one padded), and
+    # image i depends on (seed, i) only, not on how the request was split
+    more = pipe.txt2img(PROMPT, "", num=NUM + 2, seed=SEED, spec=SPEC, cfg_scale=5.0, batch_size=NUM).images
+    chex.assert_shape(more, (NUM + 2, 64, 64, 3))
+    np.testing.assert_array_equal(more[:NUM], sdxl_images)
+    fewer = pipe.txt2img(PROMPT, "", num=3, seed=SEED, spec=SPEC, cfg_scale=5.0, batch_size=NUM).images
+    np.testing.assert_array_equal(fewer, sdxl_images[:3])
     assert len(pipe.runner._executables) == n_compiled
-
-
-def test_conditioning_uc_and_size_vectors(models):
-    sdxl, refiner = models["pipes"]["sdxl"], models["pipes"]["refiner"]
-    size_dim = tiny_sdxl.SIZE_DIM
-    assert sdxl.zero_uc_keys == ("txt",)
-    c, uc = sdxl.condition(sdxl.values(PROMPT, "", 64, 64))
-    chex.assert_shape(c["crossattn"], (1, 77, tiny_sdxl.CLIP_WIDTH + tiny_sdxl.OPENCLIP_WIDTH))
-    chex.assert_shape(c["vector"], (1, tiny_sdxl.POOLED_DIM + 6 * size_dim))
-    assert not np.any(np.asarray(uc["crossattn"]))  # seed: force_uc_zero_embeddings=["txt"]
-    np.testing.assert_array_equal(c["vector"][:, -6 * size_dim:], uc["vector"][:, -6 * size_dim:])
-    _, uc_neg = sdxl.condition(sdxl.values(PROMPT, "blurry", 64, 64))
-    assert np.any(np.asarray(uc_neg["crossattn"]))  # an explicit negative prompt is used
-    c2, _ = sdxl.condition(sdxl.values(PROMPT, "", 128, 64))
-    assert np.any(np.asarray(c2["vector"] != c["vector"]))  # target / original size conditioning
-    assert refiner.zero_uc_keys == ()
-    rc, ruc = refiner.condition(refiner.values(PROMPT, "", 64, 64))
-    aesthetic = slice(-size_dim, None)
-    assert np.any(np.asarray(rc["vector"][:, aesthetic] != ruc["vector"][:, aesthetic]))  # 6.0 vs 2.5
-    np.testing.assert_array_equal(rc["vector"][:, -3 * size_dim:-size_dim], ruc["vector"][:, -3 * size_dim:-size_dim])
 
 
 def test_img2img_strength_zero_is_vae_roundtrip(models):
@@ -212,6 +202,26 @@ def test_refiner_handoff_sigma_ranges(models):
     assert events == {"tiny_sdxl": list(range(len(base_sigmas) - 1)), "tiny_refiner": list(range(len(ref_sigmas) - 1))}
     chex.assert_shape(result.images, (2, 64, 64, 3))
     chex.assert_type(result.images, np.uint8)
+
+
+def test_conditioning_uc_and_size_vectors(models):
+    sdxl, refiner = models["pipes"]["sdxl"], models["pipes"]["refiner"]
+    size_dim = tiny_sdxl.SIZE_DIM
+    assert sdxl.zero_uc_keys == ("txt",)
+    c, uc = sdxl.condition(sdxl.values(PROMPT, "", 64, 64))
+    chex.assert_shape(c["crossattn"], (1, 77, tiny_sdxl.CLIP_WIDTH + tiny_sdxl.OPENCLIP_WIDTH))
+    chex.assert_shape(c["vector"], (1, tiny_sdxl.POOLED_DIM + 6 * size_dim))
+    assert not np.any(np.asarray(uc["crossattn"]))  # seed: force_uc_zero_embeddings=["txt"]
+    np.testing.assert_array_equal(c["vector"][:, -6 * size_dim:], uc["vector"][:, -6 * size_dim:])
+    _, uc_neg = sdxl.condition(sdxl.values(PROMPT, "blurry", 64, 64))
+    assert np.any(np.asarray(uc_neg["crossattn"]))  # an explicit negative prompt is used
+    c2, _ = sdxl.condition(sdxl.values(PROMPT, "", 128, 64))
+    assert np.any(np.asarray(c2["vector"] != c["vector"]))  # target / original size conditioning
+    assert refiner.zero_uc_keys == ()
+    rc, ruc = refiner.condition(refiner.values(PROMPT, "", 64, 64))
+    aesthetic = slice(-size_dim, None)
+    assert np.any(np.asarray(rc["vector"][:, aesthetic] != ruc["vector"][:, aesthetic]))  # 6.0 vs 2.5
+    np.testing.assert_array_equal(rc["vector"][:, -3 * size_dim:-size_dim], ruc["vector"][:, -3 * size_dim:-size_dim])
 
 
 def test_bad_size_is_one_clear_line(capsys):
@@ -253,6 +263,11 @@ def test_cli_sd21_eps_same_seed_same_image_and_warm_cache(models):
     assert cold_meta[0]["negative_prompt"] == "blurry" and cold_meta[0]["model"] == "tiny_sd_2_1"
     # the sampling loop (jit_run) was written to the persistent cache by the cold run
     assert any(p.name.startswith("jit_run") for p in (models["root"] / "jax_cache").iterdir()), output
+    # img2img through the UNet (strength 0.75 of 2 steps: noised to sigma_1, one step)
+    edited, edited_meta = read_pngs(models["root"] / "sd21_img2img")
+    chex.assert_shape(edited, (1, 64, 64, 3))
+    assert edited_meta[0]["strength"] == "0.75" and edited_meta[0]["init_image"].endswith("_000.png")
+    assert np.abs(edited[0].astype(int) - cold[0]).mean() > 1.0
     print(output)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -28,21 +28,13 @@ from sgm_jax.convert.common import (
     to_torch_layout,
     unflatten_params,
 )
-from sgm_jax.convert.files import (
-    CheckpointFileError,
-    check_output,
-    load_params,
-    open_checkpoint,
-    read_metadata,
-    save_params,
-    save_safetensors,
-    to_numpy_dtype,
-)
+from sgm_jax.convert.files import CheckpointFileError, open_checkpoint, save_safetensors
+from sgm_jax.convert.params_dir import check_output, load_params, read_metadata, save_params, to_numpy_dtype
 from sgm_jax.convert.layout import Part, as_engine, checkpoint_shapes, engine_parts, guess_family, is_ignored
 
 __all__ = [
     "CheckpointFileError", "CheckpointMismatchError", "check_output", "checkpoint_shapes", "convert_checkpoint",
-    "convert_file", "engine_parts", "export_checkpoint", "load_params", "open_checkpoint", "read_metadata",
+    "convert_file", "engine_parts", "export_checkpoint", "iter_converted", "load_params", "open_checkpoint", "read_metadata",
     "save_params", "save_safetensors", "validate_checkpoint",
 ]
 
@@ -97,15 +89,20 @@ def convert_checkpoint(state_dict: Mapping[str, Any], config: Any, dtype: Any = 
     if parts is None:
         parts = engine_parts(config, state_dict.keys(), use_ema=use_ema)
     validate_checkpoint(state_dict, parts, use_ema=use_ema)
+    return unflatten_params(dict(iter_converted(state_dict, parts, dtype)))
+
+
+def iter_converted(state_dict: Mapping[str, Any], parts: list[Part], dtype: Any = "keep"
+                   ) -> Iterator[tuple[FlaxPath, np.ndarray]]:
+    """(engine params path, Flax-layout array) for every parameter, read one at a time.
+    Call `validate_checkpoint` first."""
     target = None if dtype in (None, "keep") else to_numpy_dtype(dtype)
-    flat: dict[FlaxPath, np.ndarray] = {}
     for part in parts:
         for key, (path, kind, _) in part.keys().items():
             array = to_flax_layout(kind, np.asarray(state_dict[key]))
             if target is not None and array.dtype != target:
                 array = array.astype(target)
-            flat[part.params_path + path] = array
-    return unflatten_params(flat)
+            yield part.params_path + path, array
 
 
 def export_checkpoint(params: Mapping[str, Any], config: Any, *, dtype: Any = "keep") -> dict[str, np.ndarray]:
@@ -150,12 +147,14 @@ def convert_file(checkpoint: str | os.PathLike, config: Any, output: str | os.Pa
     sd = open_checkpoint(checkpoint, allow_pickle=allow_pickle)
     try:
         parts = engine_parts(config, sd.keys(), use_ema=use_ema)
-        params = convert_checkpoint(sd, config, dtype, use_ema=use_ema, parts=parts)
-    except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{checkpoint}: {e}") from None
+        try:
+            validate_checkpoint(sd, parts, use_ema=use_ema)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{checkpoint}: {e}") from None
+        meta = {"source": str(Path(checkpoint).name), "source_bytes": Path(checkpoint).stat().st_size,
+                "dtype": str(dtype), "use_ema": use_ema, "prefixes": {p.name: p.prefix for p in parts}}
+        meta.update(metadata or {})
+        # Streamed: tensors are read, converted and written shard by shard.
+        return save_params(iter_converted(sd, parts, dtype), output, meta, overwrite=overwrite)
     finally:
         sd.close()
-    meta = {"source": str(Path(checkpoint).name), "source_bytes": Path(checkpoint).stat().st_size,
-            "dtype": str(dtype), "use_ema": use_ema, "prefixes": {p.name: p.prefix for p in parts}}
-    meta.update(metadata or {})
-    return save_params(params, output, meta, overwrite=overwrite)

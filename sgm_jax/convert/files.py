@@ -1,22 +1,16 @@
-"""Checkpoint files: lazy PyTorch-side readers and writers, and the Orbax params directory.
+"""PyTorch-side checkpoint files: lazy readers and the `.safetensors` writer.
 
 Reading never materialises a whole checkpoint: `.safetensors` is opened with
 `safetensors.safe_open(framework="numpy")` and read tensor by tensor (shapes come from the
 header, so validation reads no data); `.ckpt` / `.pt` (pickle) files are only opened on an
 explicit `allow_pickle=True`, with `torch.load(weights_only=True, mmap=True)`.
-
-The converted model is an Orbax directory:
-    OUT/params/         Orbax PyTree checkpoint of the engine params tree (numpy leaves)
-    OUT/metadata.json   what was converted from what (see `save_params`)
-written atomically: everything goes to a hidden sibling temp dir that is renamed into
-place only when complete, so a failed or interrupted conversion leaves OUT as it was.
+The converted (Orbax) side is in `sgm_jax.convert.params_dir`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -24,13 +18,7 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-PARAMS_SUBDIR = "params"
-METADATA_FILE = "metadata.json"
-FORMAT = "sgm_jax.params"
-FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SAVE_CONCURRENT_GB = 1
-RESTORE_CONCURRENT_GB = 4
 
 
 class CheckpointFileError(ValueError):
@@ -190,130 +178,6 @@ def _one_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _sibling_temp(path: Path, tag: str) -> Path:
-    # Same parent: the final rename stays on one file system, hence atomic.
-    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
-
-
-def _commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` is replaced only with `overwrite`
-    and is kept (renamed back) if the swap fails."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite / overwrite=True to replace it)")
-    old = _sibling_temp(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early (before a long conversion) when `out_dir` exists and may not be replaced."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite / overwrite=True to replace it)")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"parent directory of {out} does not exist")
-    return out
-
-
-def save_params(params: Mapping[str, Any], out_dir: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
-                *, overwrite: bool = False) -> Path:
-    """Write `params` (nested dict of arrays) as an Orbax directory, atomically.
-
-    `metadata` (JSON-serialisable) is stored in metadata.json with `format`,
-    `format_version`, `num_params`, `num_tensors` and `dtypes` added. Refuses to replace an
-    existing `out_dir` unless `overwrite`. On any failure `out_dir` is left untouched and
-    the temp dir removed.
-    """
-    out = check_output(out_dir, overwrite).absolute()
-    leaves = [np.asarray(x) for x in _leaves(params)]
-    meta = dict(metadata or {})
-    meta.update(format=FORMAT, format_version=FORMAT_VERSION, num_params=int(sum(x.size for x in leaves)),
-                num_tensors=len(leaves), dtypes=sorted({str(x.dtype) for x in leaves}))
-    tmp = _sibling_temp(out, "tmp")
-    tmp.mkdir()
-    try:
-        _checkpointer().save(tmp / PARAMS_SUBDIR, _as_numpy_tree(params))
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        _commit_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _checkpointer() -> Any:
-    import orbax.checkpoint as ocp
-
-    # Orbax by default lets up to 96 GB be in flight, i.e. it copies the whole tree into
-    # write buffers at once: 2x the model in RAM. 1 GB keeps a 7 GB save near 1x.
-    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB,
-                                          restore_concurrent_gb=RESTORE_CONCURRENT_GB)
-    return ocp.Checkpointer(handler)
-
-
-def _leaves(tree: Any) -> Iterator[Any]:
-    if isinstance(tree, Mapping):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
-def _as_numpy_tree(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _as_numpy_tree(v) for k, v in tree.items()}
-    return np.asarray(tree)
-
-
-def read_metadata(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The metadata.json of a directory written by `save_params`."""
-    path = Path(out_dir) / METADATA_FILE
-    if not path.is_file():
-        raise CheckpointFileError(f"{out_dir}: not an sgm_jax params directory (no {METADATA_FILE})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointFileError(f"{out_dir}: {METADATA_FILE} is not of format {FORMAT!r}")
-    return meta
-
-
-def load_params(out_dir: str | os.PathLike, *, dtype: Any = None) -> dict[str, Any]:
-    """The params tree saved by `save_params`: `{"model": ..., "conditioner": ..., "first_stage": ...}`
-    of numpy arrays (host memory; `jax.device_put` them or pass to jit). `dtype` ("float32",
-    "bfloat16", "float16" or a numpy dtype) casts floating leaves; None keeps the stored dtype."""
-    read_metadata(out_dir)
-    params_dir = (Path(out_dir) / PARAMS_SUBDIR).absolute()
-    tree = _checkpointer().restore(params_dir)
-    if dtype is None:
-        return tree
-    target = to_numpy_dtype(dtype)
-    return _map(tree, lambda x: x.astype(target) if np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
-                else x)
-
-
-def _map(tree: Any, fn: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _map(v, fn) for k, v in tree.items()}
-    return fn(np.asarray(tree))
-
-
-def to_numpy_dtype(dtype: Any) -> np.dtype:
-    """"float32" / "bfloat16" / "float16" / numpy or jax dtype -> numpy dtype (bfloat16 via ml_dtypes)."""
-    if isinstance(dtype, str):
-        names = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-        if dtype not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
-        return np.dtype(names[dtype])
-    return np.dtype(dtype)
-
-
 def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> Path:
     """Write a flat `{key: array}` state dict as `.safetensors`, atomically (temp file + rename)."""
@@ -322,7 +186,7 @@ def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass --overwrite / overwrite=True to replace it)")
-    tmp = _sibling_temp(path, "tmp")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"  # same file system: atomic rename
     try:
         tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})

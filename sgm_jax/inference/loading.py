@@ -24,7 +24,9 @@ def load_config(path: str | os.PathLike) -> Any:
     path = Path(path).expanduser()
     if not path.is_file():
         raise SetupError(f"config file {path} not found")
-    for root in (REPO, path.resolve().parents[2] if len(path.resolve().parents) > 2 else REPO):
+    # the repo of this package, and the one the config file sits in (<root>/configs/...)
+    roots = [REPO] + [parent for parent in path.resolve().parents if (parent / "configs").is_dir()][:1]
+    for root in roots:
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
     spec = importlib.util.spec_from_file_location(f"_sgm_jax_config_{path.stem}", path)
