@@ -79,7 +79,7 @@ def test_fourier_fixture_parity():
     cond_err = (np.abs(d["x"])[:, :, None] * np.tile(freqs, 2)[None, None, :] * 2.0**-22).reshape(out.shape)
     err = np.abs(out - d["output"])
     assert np.all(err <= 1e-5 + cond_err), err.max()
-    assert np.mean(err <= 1e-5) > 0.97  # and almost everything within 1e-5 outright
+    assert np.mean(err <= 1e-5) > 0.99  # and almost everything within 1e-5 outright
     # Same through a conditioner: a rank-2 output lands in "vector".
     c = build_conditioner([_spec("ConcatTimestepEmbedderND", "original_size_as_tuple", outdim=256)])
     o = c.apply({}, {"original_size_as_tuple": jnp.asarray(d["x"])})

@@ -334,6 +334,27 @@ SEED_DIGESTS = {
 FULL = {"sd_xl_base": sd_xl_base, "sd_xl_refiner": sd_xl_refiner, "sd_2_1": sd_2_1}
 
 
+def test_inference_configs_build():
+    from configs.inference import sd_2_1_768
+
+    sizes = {sd_xl_base: 1024, sd_xl_refiner: 1024, sd_2_1: 512, sd_2_1_768: 768, tiny_sdxl: 64, tiny_sd_2_1: 64}
+    for module, size in sizes.items():
+        config = module.get_config()
+        engine = build_engine(config.model)
+        assert (config.inference.width, config.inference.height) == (size, size)
+        assert len(config.inference.tokenizers) == sum(s.is_text for s in engine.conditioner.specs)
+    assert type(build_engine(sd_2_1_768.get_config().model).denoiser.scaling).__name__ == "VScaling"
+
+
+def test_class_embedder_layout():
+    """Non-text embedders with params map generically (the seed's mnist_cond ClassEmbedder)."""
+    from configs import mnist_cond
+
+    shapes = ck.checkpoint_shapes(mnist_cond.get_config())
+    assert shapes["conditioner.embedders.0.embedding.weight"] == (10, 128)
+    assert not any(k.startswith("first_stage_model.") for k in shapes)
+
+
 @pytest.mark.parametrize("name", list(FULL))
 def test_full_size_layout(name):
     config = FULL[name].get_config()

@@ -1,13 +1,16 @@
 """Whole-engine conversion: a seed checkpoint (SDXL base / refiner, SD 2.x, or any config of
 ours) <-> the engine params tree `{"model", "conditioner": {"embedders_<i>"}, "first_stage"}`.
 
-    sd = open_checkpoint("sd_xl_base_1.0.safetensors")          # lazy, tensor by tensor
-    params = convert_checkpoint(sd, config, dtype="keep")        # validates everything first
-    save_params(params, "checkpoints/sd_xl_base", {"config": ...})
+    convert_file("sd_xl_base_1.0.safetensors", config, "checkpoints/sd_xl_base")  # the CLI's path
     params = load_params("checkpoints/sd_xl_base")               # what sample.py uses
 
+    sd = open_checkpoint("sd_xl_base_1.0.safetensors")          # lazy, tensor by tensor
+    params = convert_checkpoint(sd, config, dtype="keep")        # validates everything first
     sd = export_checkpoint(params, config)                       # inverse, bit-exact
     save_safetensors(sd, "out.safetensors")
+
+`convert_file` streams (read, convert and write ~1 GiB at a time: SDXL converts in ~2.4 GB
+of RAM); `convert_checkpoint` returns the whole tree in memory.
 
 The layout (which prefix each network has, which extra keys are ignored and why) is in
 `sgm_jax.convert.layout`; the per-network key maps in unet.py / vae.py / text.py.
@@ -29,13 +32,13 @@ from sgm_jax.convert.common import (
     unflatten_params,
 )
 from sgm_jax.convert.files import CheckpointFileError, open_checkpoint, save_safetensors
+from sgm_jax.convert.layout import Part, checkpoint_shapes, engine_parts, guess_family, is_ignored
 from sgm_jax.convert.params_dir import check_output, load_params, read_metadata, save_params, to_numpy_dtype
-from sgm_jax.convert.layout import Part, as_engine, checkpoint_shapes, engine_parts, guess_family, is_ignored
 
 __all__ = [
     "CheckpointFileError", "CheckpointMismatchError", "check_output", "checkpoint_shapes", "convert_checkpoint",
-    "convert_file", "engine_parts", "export_checkpoint", "iter_converted", "load_params", "open_checkpoint", "read_metadata",
-    "save_params", "save_safetensors", "validate_checkpoint",
+    "convert_file", "engine_parts", "export_checkpoint", "iter_converted", "load_params", "open_checkpoint",
+    "read_metadata", "save_params", "save_safetensors", "validate_checkpoint",
 ]
 
 SHOWN_PER_KIND = 6  # keys listed per problem kind; the counts are always complete
