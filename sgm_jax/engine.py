@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from sgm_jax.diffusion.denoiser import Denoiser
 from sgm_jax.diffusion.loss import StandardDiffusionLoss
-from sgm_jax.diffusion.registry import instantiate_from_config
+from sgm_jax.diffusion.registry import instantiate_from_config, to_plain
 from sgm_jax.nn.conditioner import GeneralConditioner, build_conditioner
 from sgm_jax.nn.unet import UNetModel
 
@@ -24,16 +24,6 @@ Params = Mapping[str, Any]
 Cond = Mapping[str, jax.Array]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
 
 
 def _target_name(cfg: Mapping[str, Any] | None) -> str:
@@ -159,7 +149,7 @@ def _first(x: jax.Array | None) -> jax.Array | None:
 
 def build_engine(model_config: Mapping[str, Any], dtype: Any = "float32") -> DiffusionEngine:
     """DiffusionEngine from the seed's `model.params` (a ConfigDict or dict in yaml layout)."""
-    cfg = _plain(model_config)
+    cfg = to_plain(model_config)
     cfg = cfg.get("params", cfg)
     compute_dtype = resolve_dtype(dtype)
     network_cfg = cfg["network_config"]

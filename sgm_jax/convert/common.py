@@ -113,7 +113,7 @@ def validate(
     missing = sorted(k for k in wanted if k not in present)
     unexpected = sorted(
         k for k in present
-        if k.startswith(prefix) and k not in wanted and not k[len(prefix):].endswith(ignored or ("\0",))
+        if k.startswith(prefix) and k not in wanted and not (ignored and k.endswith(ignored))
     )
     misshaped = []
     for key, (path, kind) in wanted.items():

@@ -22,17 +22,19 @@ REGISTRY: dict[str, type] = {
 }
 
 
-def _plain(value: Any) -> Any:
-    """ConfigDict / FrozenConfigDict -> dict, tuples of configs -> lists, recursively."""
+def to_plain(value: Any) -> Any:
+    """ConfigDict / FrozenConfigDict -> dict, recursively (also inside lists and tuples)."""
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
     return value
 
 
 def instantiate_from_config(config: Mapping[str, Any] | None) -> Any:
-    config = _plain(config)
+    config = to_plain(config)
     if not isinstance(config, Mapping) or "target" not in config:
         raise ValueError(f"expected a config with a 'target' key, got {config!r}")
     name = str(config["target"]).rsplit(".", 1)[-1]
