@@ -16,8 +16,9 @@ Shapes come from `jax.eval_shape` of each network's init: nothing is allocated, 
 full-size SDXL layout is known in seconds.
 
 Keys a real checkpoint holds that are not parameters of ours, and why they are ignored
-(checked against the key lists of sd_xl_base_1.0 / sd_xl_refiner_1.0 .safetensors and
-v2-1_512 / v2-1_768-ema-pruned .ckpt / .safetensors and the seed's own state dicts):
+(from the buffers the seed's modules and the original LatentDiffusion register; the
+released SDXL files carry only `position_ids` and `logit_scale` of these, SD 2.x files
+the DDPM buffers, training checkpoints the rest):
   * `betas`, `alphas_cumprod`, ..., `posterior_mean_coef2`, `logvar`, `lvlb_weights`,
     `scale_factor`: buffers of the original LatentDiffusion (SD 2.x files); the noise
     schedule is rebuilt from the config (`denoiser_config`), as the seed itself does;

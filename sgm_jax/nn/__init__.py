@@ -1,0 +1,11 @@
+"""Flax linen networks: UNet, VAE, text towers and the conditioner (NHWC, float32 params)."""
+
+from sgm_jax.nn.conditioner import GeneralConditioner, build_conditioner, get_unconditional_conditioning
+from sgm_jax.nn.text import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, FrozenOpenCLIPEmbedder2
+from sgm_jax.nn.unet import UNetModel
+from sgm_jax.nn.vae import AutoencoderKL
+
+__all__ = [
+    "AutoencoderKL", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "FrozenOpenCLIPEmbedder2",
+    "GeneralConditioner", "UNetModel", "build_conditioner", "get_unconditional_conditioning",
+]
