@@ -29,7 +29,7 @@ from configs.inference import tiny_sdxl  # noqa: E402
 from sgm_jax.convert.checkpoint import convert_file, save_safetensors  # noqa: E402
 from sgm_jax.convert.layout import checkpoint_shapes  # noqa: E402
 from sgm_jax.inference import (Pipeline, SamplerSpec, SizeError, check_size, engine_for_sampling,  # noqa: E402
-                               load_checkpoint, load_config, to_uint8, txt2img_with_refiner)
+                               load_checkpoint, load_config, load_image, to_uint8, txt2img_with_refiner)
 
 BPE = DATA / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 SDXL_CFG = REPO / "configs" / "inference" / "tiny_sdxl.py"
@@ -84,10 +84,11 @@ def sample_cmd(config: Path, checkpoint: Path, out: Path, *extra: str) -> list[s
             "--out", str(out), *extra]
 
 
-def background(*cmds: list[str], devices: int = 1) -> subprocess.Popen:
+def background(*cmds: list[str], devices: int = 1, xla_flags: str = "") -> subprocess.Popen:
     """Run sample.py commands one after the other in the background (the test machine's other
     cores compile them while this process compiles its own)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {xla_flags}",
+           "JAX_PLATFORMS": "cpu",
            "SGM_JAX_CLIP_BPE": str(BPE)}
     script = "import subprocess, sys\nfor cmd in %r:\n    print('$', *cmd[2:], flush=True)\n" \
              "    rc = subprocess.call(cmd)\n    if rc:\n        sys.exit(rc)\n" % (cmds,)
@@ -98,7 +99,7 @@ def background(*cmds: list[str], devices: int = 1) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Converted checkpoint dirs, 1-device pipelines here, and two background CLI runs:
-    tiny_sdxl on 8 simulated devices, and tiny_sd_2_1 twice with a persistent compilation cache."""
+    tiny_sdxl on 8 simulated devices, and tiny_sd_2_1 with a persistent compilation cache."""
     from sgm_jax.nn.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("inference")
@@ -109,12 +110,10 @@ def models(tmp_path_factory):
                                              "--cfg-scale", "5", "--no-cache"), devices=8)
     st = write_random_checkpoint(load_config(SD21_CFG), root / "sd21.safetensors", 1)
     dirs["sd21"] = convert_cli(SD21_CFG, st, root / "sd21")
-    sd21 = [sample_cmd(SD21_CFG, dirs["sd21"], root / f"sd21_{run}", "--num", "2", "--negative-prompt", "blurry",
-                       "--cfg-scale", "7", "--cache-dir", str(root / "jax_cache")) for run in ("cold", "warm")]
-    sd21.append(sample_cmd(SD21_CFG, dirs["sd21"], root / "sd21_img2img", "--init-image",
-                           str(root / "sd21_cold" / f"tiny_sd_2_1_s{SEED}_000.png"), "--strength", "0.75",
-                           "--cache-dir", str(root / "jax_cache")))
-    procs["sd21"] = background(*sd21)
+    # cheaper LLVM codegen for this process: its images are only compared with themselves
+    sd21 = sample_cmd(SD21_CFG, dirs["sd21"], root / "sd21", "--num", "2", "--negative-prompt", "blurry",
+                      "--cfg-scale", "7", "--cache-dir", str(root / "jax_cache"))
+    procs["sd21"] = background(sd21, xla_flags="--xla_backend_optimization_level=0")
     refiner_cfg = tiny_refiner_config()  # no config file: convert_file is the CLI's core
     st = write_random_checkpoint(refiner_cfg, root / "refiner.safetensors", 2)
     dirs["refiner"] = convert_file(st, refiner_cfg, root / "refiner")
@@ -170,9 +169,13 @@ def test_txt2img_sdxl_shapes_and_determinism(models, sdxl_images):
     assert len(pipe.runner._executables) == n_compiled
 
 
-def test_img2img_strength_zero_is_vae_roundtrip(models):
+def test_img2img_strength_zero_is_vae_roundtrip(models, tmp_path):
     pipe = models["pipes"]["sdxl"]
-    image = np.asarray(jax.random.uniform(jax.random.key(3), (1, 64, 64, 3), minval=-1.0, maxval=1.0))
+    pixels = np.asarray(jax.random.randint(jax.random.key(3), (72, 80, 3), 0, 256), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    image = load_image(tmp_path / "init.png", multiple=32)  # floored to 64x64, as the seed floors to 64
+    chex.assert_shape(image, (1, 64, 64, 3))
+    assert image.min() >= -1.0 and image.max() <= 1.0
     out = pipe.img2img(image, PROMPT, strength=0.0, num=2, seed=SEED, spec=SPEC)
     np.testing.assert_array_equal(out.sigmas["tiny_sdxl"], [0.0])  # nothing left to denoise
     engine, params = pipe.engine, pipe.params
@@ -184,12 +187,15 @@ def test_img2img_strength_zero_is_vae_roundtrip(models):
 
 
 def test_refiner_handoff_sigma_ranges(models):
+    """Base (img2img at strength 1: the image is VAE-encoded and noised to sigma_max, the seed's
+    do_img2img, through the UNet) stopping early -> refiner finishing; one compile per stage."""
     base, refiner = models["pipes"]["sdxl"], models["pipes"]["refiner"]
     steps, strength = 4, 0.5
     full = SamplerSpec.create("euler_edm", steps).sigmas()
     events: dict[str, list[int]] = {}
-    result = txt2img_with_refiner(base, refiner, PROMPT, strength=strength, width=64, height=64, num=2, seed=SEED,
-                                  base_spec=SamplerSpec.create("euler_edm", steps),
+    image = np.asarray(jax.random.uniform(jax.random.key(4), (1, 64, 64, 3), minval=-1.0, maxval=1.0))
+    result = txt2img_with_refiner(base, refiner, PROMPT, strength=strength, num=2, seed=SEED, init_image=image,
+                                  img2img_strength=1.0, base_spec=SamplerSpec.create("euler_edm", steps),
                                   refiner_spec=SamplerSpec.create("euler_edm", steps), cfg_scale=5.0,
                                   progress=lambda ev: events.setdefault(ev.stage, []).append(ev.step))
     base_sigmas, ref_sigmas = result.sigmas["tiny_sdxl"], result.sigmas["tiny_refiner"]
@@ -252,22 +258,15 @@ def test_missing_checkpoint_and_tokenizer_lines(models, capsys, tmp_path):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_cli_sd21_eps_same_seed_same_image_and_warm_cache(models):
+def test_cli_sd21_eps_and_persistent_cache(models):
     output = finished(models["procs"]["sd21"])
-    cold, cold_meta = read_pngs(models["root"] / "sd21_cold")
-    warm, _ = read_pngs(models["root"] / "sd21_warm")
-    chex.assert_shape(cold, (2, 64, 64, 3))
-    chex.assert_type(cold, np.uint8)
-    np.testing.assert_array_equal(cold, warm)  # same seed, new process: same images
-    assert np.abs(cold[0].astype(int) - cold[1]).mean() > 1.0
-    assert cold_meta[0]["negative_prompt"] == "blurry" and cold_meta[0]["model"] == "tiny_sd_2_1"
-    # the sampling loop (jit_run) was written to the persistent cache by the cold run
+    images, meta = read_pngs(models["root"] / "sd21")
+    chex.assert_shape(images, (2, 64, 64, 3))
+    chex.assert_type(images, np.uint8)
+    assert np.abs(images[0].astype(int) - images[1]).mean() > 1.0
+    assert meta[0]["negative_prompt"] == "blurry" and meta[0]["model"] == "tiny_sd_2_1" and meta[0]["size"] == "64x64"
+    # with the cache on, the sampling loop (jit_run) has no host callback and is written to disk
     assert any(p.name.startswith("jit_run") for p in (models["root"] / "jax_cache").iterdir()), output
-    # img2img through the UNet (strength 0.75 of 2 steps: noised to sigma_1, one step)
-    edited, edited_meta = read_pngs(models["root"] / "sd21_img2img")
-    chex.assert_shape(edited, (1, 64, 64, 3))
-    assert edited_meta[0]["strength"] == "0.75" and edited_meta[0]["init_image"].endswith("_000.png")
-    assert np.abs(edited[0].astype(int) - cold[0]).mean() > 1.0
     print(output)
 
 

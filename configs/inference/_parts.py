@@ -23,6 +23,8 @@ def discrete_denoiser(scaling: str = "EpsScaling") -> dict[str, Any]:
 
 
 def unet(**params: Any) -> dict[str, Any]:
+    # tuples, not lists: ml_collections can override tuples from the command line
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
     return {"target": f"{SEED}.openaimodel.UNetModel", "params": params}
 
 
