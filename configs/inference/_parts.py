@@ -2,7 +2,7 @@
 
 Every dict mirrors the seed's yaml 1:1 (`target` + `params`), so a reader can diff them.
 Keys the seed's PyTorch code needs but sgm_jax ignores are kept for fidelity:
-`use_checkpoint`, `spatial_transformer_attn_type`, `disable_first_stage_autocast`,
+`use_checkpoint`, `spatial_transformer_attn_type`,
 `monitor`, `lossconfig`, `attn_type: vanilla-xformers` (all attention is plain softmax here).
 """
 
@@ -62,7 +62,7 @@ def engine(network: dict, denoiser: dict, cond: dict, first_stage: dict, scale_f
     """The `model:` section of a seed inference yaml."""
     return {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
         "scale_factor": scale_factor,
-        "disable_first_stage_autocast": True,  # ignored: the VAE runs in the engine's dtype
+        "disable_first_stage_autocast": True,  # the inference pipeline runs the VAE in float32, as the seed
         "denoiser_config": denoiser,
         "network_config": network,
         "conditioner_config": cond,
