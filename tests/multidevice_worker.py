@@ -31,7 +31,7 @@ def tiny_config(data: int, fsdp: int, data_dir: str | None):
     config.model.base_learning_rate = 1e-3
     config.model.params.use_ema = True
     config.model.params.network_config = mnist_cond.unet(num_res_blocks=1, channel_mult=[1, 2], num_head_channels=32)
-    config.data.params.update(batch_size=16, path=data_dir)
+    config.data.params.update(batch_size=16, path=data_dir or "")
     config.mesh.update(data=data, fsdp=fsdp)
     return config
 

@@ -38,7 +38,7 @@ def tiny_config(**training):
     config.model.params.network_config = mnist_cond.unet(num_res_blocks=1, channel_mult=[1], num_head_channels=32)
     config.model.params.sampler_config.params.num_steps = 4
     mnist_path = DATA / "mnist"
-    config.data.params.update(batch_size=8, path=str(mnist_path) if mnist_path.is_dir() else None)
+    config.data.params.update(batch_size=8, path=str(mnist_path) if mnist_path.is_dir() else "")
     config.training.update({"log_every": 2, "checkpoint_every": 1000, "sample_every": 0, "num_samples": 4,
                             "sample_nrow": 4, **training})
     return config

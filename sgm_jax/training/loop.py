@@ -65,6 +65,7 @@ def build_trainer(config: Any) -> dict[str, Any]:
     tc = config.training
     engine = build_engine(config.model, dtype=tc.get("dtype", "float32"))
     data_params = dict(config.data.get("params", {}))
+    data_params["path"] = data_params.get("path") or None  # "" (overridable on the CLI) = search
     batch_size = int(data_params.get("batch_size", 64))
     dataset = build_dataset(config.data.target, split="train", **data_params)
     mesh = parallel.make_mesh(_get(config, "mesh.data", -1), _get(config, "mesh.fsdp", 1))
