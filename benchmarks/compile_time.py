@@ -167,7 +167,7 @@ def main() -> None:
         best = {mode: min(rs, key=lambda r: r["total_s"]) for mode, rs in runs.items()}
         rows.append((target, best))
     print(f"\nbest of {args.repeats} fresh processes each:")
-    print("| target | mode | trace+lower s | compile s | total s | speed-up vs cold | cache entry |")
+    print("| target | mode | trace+lower s | compile s | total s | speed-up vs cold | cache dir size |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for target, best in rows:
         cold = best["cold"]["total_s"]

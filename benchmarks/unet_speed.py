@@ -3,6 +3,9 @@
     python benchmarks/unet_speed.py                     # (a) mnist_cond + (b) mid, fwd and train step
     python benchmarks/unet_speed.py --configs mid --rounds 7
     python benchmarks/unet_speed.py --gpu-tiny          # run section (c)'s code on CPU at toy size
+    # the XLA:CPU fix found here (see RESULTS.md), and the proposed GroupNorm on top:
+    python benchmarks/unet_speed.py --xla-flags=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
+    python benchmarks/unet_speed.py --xla-flags=... --proposed-groupnorm
 
 (a) configs/mnist_cond.py's UNet (28x28x1, 2.6 M params), (b) an SD-like mid UNet
 (128x[1,2,4], attention at 2 levels, linear proj, context 768x77, 32x32x4 latents, 101 M params).
@@ -11,6 +14,8 @@ optimiser state kept on the device; torch: zero_grad/backward/AdamW.step, defaul
 Both networks have exactly the same parameter count (printed). Timing: per (config, mode), both
 frameworks warm up, then `--rounds` interleaved rounds (JAX `--iters` calls, then torch
 `--iters` calls); the best round's mean per call is reported. Ratio = torch / JAX (> 1: JAX faster).
+Each round waits (up to `--quiet-wait` s) until other processes use < 0.25 cores and records
+their CPU use: on a shared machine torch's OpenMP slows down many-fold under contention.
 GFLOP/s uses the FLOPs of XLA's cost analysis of the same computation for both columns.
 
 (c) GPU only (jax on gpu and torch.cuda available): SDXL base UNet (2.6 B) in bf16, JAX against
