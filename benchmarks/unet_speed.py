@@ -3,9 +3,8 @@
     python benchmarks/unet_speed.py                     # (a) mnist_cond + (b) mid, fwd and train step
     python benchmarks/unet_speed.py --configs mid --rounds 7
     python benchmarks/unet_speed.py --gpu-tiny          # run section (c)'s code on CPU at toy size
-    # the XLA:CPU fix found here (see RESULTS.md), and the proposed GroupNorm on top:
-    python benchmarks/unet_speed.py --xla-flags=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
-    python benchmarks/unet_speed.py --xla-flags=... --proposed-groupnorm
+    # without the XLA:CPU flag that `import sgm_jax` sets (see RESULTS.md and sgm_jax/xla_cpu.py):
+    SGM_JAX_XLA_CPU_DEFAULTS=0 python benchmarks/unet_speed.py
 
 (a) configs/mnist_cond.py's UNet (28x28x1, 2.6 M params), (b) an SD-like mid UNet
 (128x[1,2,4], attention at 2 levels, linear proj, context 768x77, 32x32x4 latents, 101 M params).
@@ -86,38 +85,6 @@ def load_average() -> str:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def use_channel_sum_groupnorm() -> None:
-    """`--proposed-groupnorm`: swap the UNet's GroupNorm for the formulation proposed in RESULTS.md.
-
-    Same parameters, names and math (float32 statistics, two-pass variance), but the
-    reductions run over the spatial axis with the channels innermost ([B, HW, C] -> [B, C],
-    then a tiny [B, G, C/G] group sum) instead of over a [B, HW, G, C/G] view whose innermost
-    axis is C/G wide (1-4 floats in these UNets), which XLA:CPU vectorises badly.
-    Bench-only monkeypatch: sgm_jax itself is not changed.
-    """
-    import flax.linen as nn
-
-    from sgm_jax.nn import attention, layers, unet
-
-    class ChannelSumGroupNorm(layers.GroupNorm):
-        @nn.compact
-        def __call__(self, x):
-            b, c, g = x.shape[0], x.shape[-1], self.num_groups
-            if c % g:
-                raise ValueError(f"{c} channels are not divisible into {g} groups")
-            scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-            bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-            xf = x.astype(jnp.float32).reshape(b, -1, c)
-            n = xf.shape[1] * (c // g)
-            per_group = lambda v: jnp.repeat(v.reshape(b, g, c // g).sum(-1) / n, c // g, axis=-1)[:, None, :]
-            d = xf - per_group(xf.sum(axis=1))
-            inv = jax.lax.rsqrt(per_group(jnp.square(d).sum(axis=1)) + self.epsilon)
-            out = d * inv * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-            return out.reshape(x.shape).astype(self.dtype or x.dtype)
-
-    unet.GroupNorm = attention.GroupNorm = ChannelSumGroupNorm
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,8 +609,6 @@ def main() -> None:
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax starts, e.g. "
                    "--xla-flags=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution")
     p.add_argument("--torch-channels-last", action="store_true", help="torch in channels_last memory format")
-    p.add_argument("--proposed-groupnorm", action="store_true",
-                   help="JAX side with the channel-sum GroupNorm proposed in RESULTS.md (bench-only patch)")
     p.add_argument("--skip-small", action="store_true", help="only section (c)")
     p.add_argument("--gpu-tiny", action="store_true", help="run section (c)'s code at toy size on any device")
     p.add_argument("--gpu-timeout", type=int, default=1800)
@@ -660,9 +625,6 @@ def main() -> None:
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}, {jax.devices()[0].platform}), torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), diffusers {diffusers.__version__}, "
           f"cpus {os.cpu_count()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load {load_average()}", flush=True)
-    if args.proposed_groupnorm:
-        use_channel_sum_groupnorm()
-        print("JAX GroupNorm: channel-sum formulation (--proposed-groupnorm)")
     rows: list[dict] = []
     if not args.skip_small:
         small_sections(args, rows)

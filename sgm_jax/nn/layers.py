@@ -69,14 +69,20 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
         out_dtype = self.dtype or x.dtype
-        xf = x.astype(jnp.float32)
-        grouped = xf.reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
-        # Reduce over every position and the channels within a group (two-pass variance,
-        # like torch, rather than E[x^2] - E[x]^2 which loses precision).
-        mean = grouped.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        batch, per_group = x.shape[0], channels // self.num_groups
+        # Reduce over positions with the channels innermost ([B, HW, C] -> [B, C]), then sum
+        # the few channels of each group: a [B, HW, G, C/G] view would put a 1-4 wide axis
+        # innermost, which XLA:CPU vectorises badly. Two-pass variance, like torch.
+        xf = x.astype(jnp.float32).reshape(batch, -1, channels)
+        count = xf.shape[1] * per_group
+
+        def group_mean(channel_sums: jax.Array) -> jax.Array:  # [B, C] -> [B, 1, C]
+            sums = channel_sums.reshape(batch, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(sums, per_group, axis=-1)[:, None, :]
+
+        centred = xf - group_mean(xf.sum(axis=1))
+        inv_std = jax.lax.rsqrt(group_mean(jnp.square(centred).sum(axis=1)) + self.epsilon)
+        out = (centred * inv_std).reshape(x.shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return out.astype(out_dtype)
 
 
