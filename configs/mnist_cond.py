@@ -6,16 +6,16 @@
 
 from ml_collections import ConfigDict
 
-SEED = "sgm.modules.diffusionmodules"
+from configs.inference import _parts
+
+SEED = _parts.SEED
 
 
 def unet(**overrides):
     params = dict(in_channels=1, out_channels=1, model_channels=32, attention_resolutions=[], num_res_blocks=4,
                   channel_mult=[1, 2, 2], num_head_channels=32, num_classes="sequential", adm_in_channels=128)
     params.update(overrides)
-    # tuples, not lists: ml_collections can override tuples from the command line
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    return {"target": f"{SEED}.openaimodel.UNetModel", "params": params}
+    return _parts.unet(**params)
 
 
 def class_conditioner(ucg_rate=0.2, embed_dim=128, n_classes=10):

@@ -13,6 +13,7 @@ installed jaxlib knows it (an unknown flag aborts XLA) and the user has not set 
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import os
 from pathlib import Path
@@ -20,17 +21,17 @@ from pathlib import Path
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
 
-def _jaxlib_knows(flag_name: str) -> bool:
-    """True when a jaxlib shared library contains the flag's name (so XLA will accept it)."""
-    try:
-        import importlib.util
+def flag_name(flag: str) -> str:
+    """The name XLA knows a flag by: "--xla_a=b" -> "xla_a"."""
+    return flag.split("=")[0].lstrip("-")
 
-        spec = importlib.util.find_spec("jaxlib")
-    except (ImportError, ValueError):
-        return False
+
+def _jaxlib_knows(name: str) -> bool:
+    """True when a jaxlib shared library contains the flag's name (so XLA will accept it)."""
+    spec = importlib.util.find_spec("jaxlib")
     if spec is None or not spec.submodule_search_locations:
         return False
-    needle = flag_name.encode()
+    needle = name.encode()
     for root in spec.submodule_search_locations:
         for lib in sorted(Path(root).glob("*.so"), key=lambda p: -p.stat().st_size)[:3]:
             try:
@@ -50,10 +51,8 @@ def apply_cpu_defaults(environ: dict | None = None) -> list[str]:
     current = env.get("XLA_FLAGS", "")
     added = []
     for flag in CPU_FLAGS:
-        name = flag.split("=")[0].lstrip("-")
-        if name in current or not _jaxlib_knows(name):
-            continue
-        added.append(flag)
+        if flag_name(flag) not in current and _jaxlib_knows(flag_name(flag)):
+            added.append(flag)
     if added:
         env["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added

@@ -17,8 +17,7 @@ import pytest
 
 from conftest import REPO
 from sgm_jax.engine import build_engine
-from sgm_jax.nn.conditioner import trainable_mask
-from sgm_jax.training.state import TrainState, ema_decay, ema_update, make_optimizer
+from sgm_jax.training.state import TrainState, ema_decay, ema_update, make_optimizer, trainable_tree
 from sgm_jax.training.step import init_train_state, make_train_step
 
 sys.path.insert(0, str(REPO))
@@ -42,8 +41,7 @@ def batch(seed: int, n: int = 4) -> dict[str, np.ndarray]:
 def setup(grad_accum: int = 1, dtype: str = "float32", use_ema: bool = True, **unet_overrides):
     engine = build_engine(tiny_model_config(**unet_overrides), dtype=dtype)
     params = engine.init_params(jax.random.key(0), batch(0, 1))
-    trainable = {"model": jax.tree_util.tree_map(lambda _: True, params["model"]),
-                 "conditioner": trainable_mask(engine.conditioner, params["conditioner"])}
+    trainable = trainable_tree(engine.conditioner, params)
     tx = make_optimizer(LR, trainable, grad_accum=grad_accum)
     step = jax.jit(make_train_step(engine, tx, ema_rate=0.999 if use_ema else None))
     return engine, trainable, tx, step, init_train_state(params, tx, use_ema=use_ema)

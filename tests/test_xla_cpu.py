@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 from conftest import REPO
-from sgm_jax.xla_cpu import CPU_FLAGS, _jaxlib_knows, apply_cpu_defaults
+from sgm_jax.xla_cpu import CPU_FLAGS, _jaxlib_knows, apply_cpu_defaults, flag_name
 
-FLAG_NAME = CPU_FLAGS[0].split("=")[0].lstrip("-")
+FLAG_NAME = flag_name(CPU_FLAGS[0])
 
 
 def test_flag_is_appended_to_the_users_flags_once():
@@ -33,7 +34,7 @@ def test_import_sets_the_flag_before_the_backend_starts():
     code = ("import os, jax, sgm_jax, jax.numpy as jnp; print(float(jnp.ones(3).sum())); "
             "print(os.environ.get('XLA_FLAGS', ''))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"})
+                         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert out.returncode == 0, out.stderr[-2000:]
     total, flags = out.stdout.splitlines()[-2:]
     assert total == "3.0"

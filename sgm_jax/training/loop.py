@@ -20,12 +20,11 @@ from tqdm import tqdm
 from sgm_jax import parallel
 from sgm_jax.data import build_dataset
 from sgm_jax.engine import DiffusionEngine, build_engine
-from sgm_jax.nn.conditioner import trainable_mask
 
 from .checkpoint import Checkpointer
 from .images import make_grid, save_png
 from .metrics import MetricsWriter
-from .state import TrainState, make_optimizer
+from .state import TrainState, make_optimizer, trainable_tree
 from .step import init_train_state, make_train_step
 
 
@@ -72,8 +71,7 @@ def build_trainer(config: Any) -> dict[str, Any]:
     parallel.global_batch_size_check(batch_size, mesh)
     example = {k: v[:2] for k, v in dataset.batch_at(0, batch_size, tc.seed).items()}
     abstract_params = jax.eval_shape(engine.init_params, jax.random.key(0), example)
-    trainable = {"model": jax.tree_util.tree_map(lambda _: True, abstract_params["model"]),
-                 "conditioner": trainable_mask(engine.conditioner, abstract_params["conditioner"])}
+    trainable = trainable_tree(engine.conditioner, abstract_params)
     tx = make_optimizer(float(config.model.base_learning_rate), trainable,
                         weight_decay=float(tc.get("weight_decay", 0.01)), grad_clip=float(tc.get("grad_clip", 0.0)),
                         grad_accum=int(tc.get("grad_accum", 1)), warmup_steps=int(tc.get("warmup_steps", 0)))

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sgm_jax.nn.conditioner import GeneralConditioner, trainable_mask
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -16,6 +18,13 @@ class TrainState:
     params: Any  # {"model": ..., "conditioner": ...}; float32
     opt_state: Any
     ema_params: Any = None  # same tree as params when EMA is on
+
+
+def trainable_tree(conditioner: GeneralConditioner, params: Any) -> Any:
+    """make_optimizer's `trainable` for {"model", "conditioner", ...} params (concrete or abstract):
+    the whole UNet and the embedders marked is_trainable, as the seed's configure_optimizers."""
+    return {"model": jax.tree_util.tree_map(lambda _: True, params["model"]),
+            "conditioner": trainable_mask(conditioner, params["conditioner"])}
 
 
 def make_optimizer(learning_rate: float, trainable: Any, *, weight_decay: float = 0.01, grad_clip: float = 0.0,
