@@ -114,6 +114,16 @@ class ArrayDataset:
         idx = self.local_indices(step, batch_size, seed, shuffle)
         return {"jpg": to_model_range(self.images[idx]), "cls": self.labels[idx]}
 
+    def example_batch(self, n: int) -> dict[str, np.ndarray]:
+        """The first n examples in file order (shapes for init; conditioning for sample grids)."""
+        idx = np.arange(min(int(n), len(self)))
+        return {"jpg": to_model_range(self.images[idx]), "cls": self.labels[idx]}
+
+    def iterator(self, batch_size: int, seed: int = 0, start_step: int = 0) -> "StepIterator":
+        """Checkpointable iterator over this host's part of global batches start_step, ..."""
+        self.steps_per_epoch(batch_size)  # validate early
+        return StepIterator(self, batch_size, seed, start_step)
+
     def batches(
         self,
         batch_size: int,
@@ -133,6 +143,34 @@ class ArrayDataset:
         while num_steps is None or step < start_step + num_steps:
             yield self.batch_at(step, batch_size, seed, shuffle)
             step += 1
+
+
+class StepIterator:
+    """The loop's data contract, for random-access data: batches are a function of the step,
+    so the state to checkpoint is the next step alone (`get_state` / `set_state`, JSON)."""
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, seed: int, start_step: int = 0):
+        self.dataset, self.batch_size, self.seed, self.step = dataset, int(batch_size), int(seed), int(start_step)
+
+    def __iter__(self) -> "StepIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.dataset.batch_at(self.step, self.batch_size, self.seed)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- tfds helpers
