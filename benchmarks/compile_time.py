@@ -47,7 +47,7 @@ def build_mnist_train():
     """(jitted step, args) for the mnist_cond train step as train.py builds it (batch 64)."""
     import jax
 
-    from configs import mnist_cond
+    from sgm_jax.configs import mnist_cond
     from sgm_jax import parallel
     from sgm_jax.training.loop import build_trainer
 

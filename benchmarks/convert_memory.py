@@ -40,7 +40,7 @@ _ST_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype
 
 
 def synthetic_layout() -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    from configs.inference import sd_xl_base
+    from sgm_jax.configs.inference import sd_xl_base
     from sgm_jax.convert.checkpoint import checkpoint_shapes
 
     shapes = {k: (s, np.dtype(np.float16)) for k, s in checkpoint_shapes(sd_xl_base.get_config()).items()}
@@ -75,7 +75,7 @@ def child(mode: str, file: Path, out: Path) -> None:
     """Runs in the measured subprocess; prints one JSON line."""
     start = time.perf_counter()
     if mode == "baseline":
-        from configs.inference import sd_xl_base
+        from sgm_jax.configs.inference import sd_xl_base
         from sgm_jax.convert.layout import engine_parts
 
         engine_parts(sd_xl_base.get_config())

@@ -25,7 +25,7 @@ from typing import Any
 
 def mnist_cond_configs() -> tuple[dict[str, Any], dict[str, Any]]:
     """configs/mnist_cond.py's UNet: 28x28x1, no attention in the levels, sequential class emb."""
-    from configs import mnist_cond
+    from sgm_jax.configs import mnist_cond
 
     sgm = dict(mnist_cond.unet()["params"])
     mc, mult = sgm["model_channels"], sgm["channel_mult"]
@@ -57,7 +57,7 @@ def mid_configs() -> tuple[dict[str, Any], dict[str, Any]]:
 def sdxl_configs() -> tuple[dict[str, Any], dict[str, Any]]:
     """SDXL base 1.0's UNet (2.6 B params): configs/inference/sd_xl_base.py when importable."""
     try:
-        from configs.inference import sd_xl_base
+        from sgm_jax.configs.inference import sd_xl_base
 
         sgm = dict(sd_xl_base.model()["params"]["network_config"]["params"])
     except Exception:  # that config may be in flux: the same numbers, from the seed's yaml

@@ -1,6 +1,6 @@
 """The seed's toy/cifar10_cond.yaml: mnist_cond's network on 3-channel CIFAR-10 (32x32)."""
 
-from configs import mnist_cond
+from sgm_jax.configs import mnist_cond
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The seed's toy/mnist.yaml: unconditional MNIST (no conditioner, no CFG), 10 epochs."""
 
-from configs import mnist_cond
+from sgm_jax.configs import mnist_cond
 
 
 def get_config():

@@ -6,7 +6,7 @@
 
 from ml_collections import ConfigDict
 
-from configs.inference import _parts
+from sgm_jax.configs.inference import _parts
 
 SEED = _parts.SEED
 

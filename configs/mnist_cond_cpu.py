@@ -13,7 +13,7 @@ ucg 0.2, EulerEDM + CFG 3) with four changes that buy recognisable digits in min
 * an EMA of the weights for the samples.
 """
 
-from configs import mnist_cond
+from sgm_jax.configs import mnist_cond
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The seed's toy/mnist_cond_discrete_eps.yaml: DDPM eps-prediction with 1000 discrete levels, CFG 5."""
 
-from configs import mnist_cond
+from sgm_jax.configs import mnist_cond
 
 SEED = mnist_cond.SEED
 DDPM = {"target": f"{SEED}.discretizer.LegacyDDPMDiscretization"}

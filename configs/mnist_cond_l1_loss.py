@@ -1,6 +1,6 @@
 """The seed's toy/mnist_cond_l1_loss.yaml: mnist_cond with an l1 loss."""
 
-from configs import mnist_cond
+from sgm_jax.configs import mnist_cond
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The seed's toy/mnist_cond_with_ema.yaml: mnist_cond with an EMA of every trainable parameter."""
 
-from configs import mnist_cond
+from sgm_jax.configs import mnist_cond
 
 
 def get_config():

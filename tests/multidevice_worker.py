@@ -18,7 +18,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs import mnist_cond  # noqa: E402
+from sgm_jax.configs import mnist_cond  # noqa: E402
 from sgm_jax import parallel  # noqa: E402
 from sgm_jax.training.checkpoint import Checkpointer  # noqa: E402
 from sgm_jax.training.loop import build_trainer  # noqa: E402

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import convert_torch_weights as cli
-from configs.inference import sd_2_1, sd_xl_base, sd_xl_refiner, tiny_sd_2_1, tiny_sdxl
+from sgm_jax.configs.inference import sd_2_1, sd_xl_base, sd_xl_refiner, tiny_sd_2_1, tiny_sdxl
 from sgm_jax.convert import checkpoint as ck
 from sgm_jax.convert.common import flatten_params, unflatten_params
 from sgm_jax.convert.layout import engine_parts
@@ -335,7 +335,7 @@ FULL = {"sd_xl_base": sd_xl_base, "sd_xl_refiner": sd_xl_refiner, "sd_2_1": sd_2
 
 
 def test_inference_configs_build():
-    from configs.inference import sd_2_1_768
+    from sgm_jax.configs.inference import sd_2_1_768
 
     sizes = {sd_xl_base: 1024, sd_xl_refiner: 1024, sd_2_1: 512, sd_2_1_768: 768, tiny_sdxl: 64, tiny_sd_2_1: 64}
     for module, size in sizes.items():
@@ -348,7 +348,7 @@ def test_inference_configs_build():
 
 def test_class_embedder_layout():
     """Non-text embedders with params map generically (the seed's mnist_cond ClassEmbedder)."""
-    from configs import mnist_cond
+    from sgm_jax.configs import mnist_cond
 
     shapes = ck.checkpoint_shapes(mnist_cond.get_config())
     assert shapes["conditioner.embedders.0.embedding.weight"] == (10, 128)

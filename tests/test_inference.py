@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ and sample.py
 DATA = Path(os.environ.get("SGM_JAX_SHARED", REPO.parent / "shared")) / "data"
 
-from configs.inference import _parts as P  # noqa: E402
-from configs.inference import tiny_sdxl  # noqa: E402
+from sgm_jax.configs.inference import _parts as P  # noqa: E402
+from sgm_jax.configs.inference import tiny_sdxl  # noqa: E402
 from sgm_jax.convert.checkpoint import convert_file, save_safetensors  # noqa: E402
 from sgm_jax.convert.layout import checkpoint_shapes  # noqa: E402
 from sgm_jax.inference import (Pipeline, SamplerSpec, SizeError, check_size, engine_for_sampling,  # noqa: E402

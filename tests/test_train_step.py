@@ -21,7 +21,7 @@ from sgm_jax.training.state import TrainState, ema_decay, ema_update, make_optim
 from sgm_jax.training.step import init_train_state, make_train_step
 
 sys.path.insert(0, str(REPO))
-from configs import mnist_cond  # noqa: E402
+from sgm_jax.configs import mnist_cond  # noqa: E402
 
 LR = 1e-3
 

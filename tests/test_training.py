@@ -23,8 +23,8 @@ from sgm_jax.training.restore import example_batch, sample_trained
 from sgm_jax.training.state import ema_decay, ema_update
 
 sys.path.insert(0, str(REPO))
-from configs import cifar10_cond, mnist, mnist_cond, mnist_cond_cpu, mnist_cond_discrete_eps  # noqa: E402
-from configs import mnist_cond_l1_loss, mnist_cond_with_ema  # noqa: E402
+from sgm_jax.configs import cifar10_cond, mnist, mnist_cond, mnist_cond_cpu, mnist_cond_discrete_eps  # noqa: E402
+from sgm_jax.configs import mnist_cond_l1_loss, mnist_cond_with_ema  # noqa: E402
 
 CONFIGS = {"mnist": mnist, "mnist_cond": mnist_cond, "mnist_cond_discrete_eps": mnist_cond_discrete_eps,
            "mnist_cond_l1_loss": mnist_cond_l1_loss, "mnist_cond_with_ema": mnist_cond_with_ema,

@@ -3,7 +3,7 @@ OpenCLIP ViT-H text encoder (checkpoint prefix `cond_stage_model.model.`)."""
 
 from ml_collections import ConfigDict
 
-from configs.inference import _parts as P
+from sgm_jax.configs.inference import _parts as P
 
 
 def model(scaling: str = "EpsScaling") -> dict:

@@ -3,8 +3,8 @@
 
 from ml_collections import ConfigDict
 
-from configs.inference import _parts as P
-from configs.inference import sd_2_1
+from sgm_jax.configs.inference import _parts as P
+from sgm_jax.configs.inference import sd_2_1
 
 
 def get_config() -> ConfigDict:

@@ -6,7 +6,7 @@
 
 from ml_collections import ConfigDict
 
-from configs.inference import _parts as P
+from sgm_jax.configs.inference import _parts as P
 
 
 def model() -> dict:

@@ -3,7 +3,7 @@ aesthetic-score conditioning), used as img2img on the base model's latents."""
 
 from ml_collections import ConfigDict
 
-from configs.inference import _parts as P
+from sgm_jax.configs.inference import _parts as P
 
 
 def model() -> dict:

@@ -4,7 +4,7 @@ at every level, f=8 AutoencoderKL) with tiny widths. Random weights only."""
 
 from ml_collections import ConfigDict
 
-from configs.inference import _parts as P
+from sgm_jax.configs.inference import _parts as P
 
 TEXT_WIDTH = 32
 

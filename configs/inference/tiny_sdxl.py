@@ -4,7 +4,7 @@ transformer depths, f=8 AutoencoderKL) with tiny widths. Random weights only."""
 
 from ml_collections import ConfigDict
 
-from configs.inference import _parts as P
+from sgm_jax.configs.inference import _parts as P
 
 CLIP_WIDTH, OPENCLIP_WIDTH, POOLED_DIM, SIZE_DIM = 32, 32, 32, 16
 TEXT = dict(vocab_size=49408, layers=2, heads=2)
