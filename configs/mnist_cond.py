@@ -36,9 +36,14 @@ def training(**overrides):
         max_minutes=0.0,        # wall-clock budget (0 = none): stops, saves, writes a grid
         checkpoint_every=5000,  # lightning.modelcheckpoint.every_n_train_steps
         keep_checkpoints=3,
+        checkpoint_async=False, # True on accelerators: saves overlap training; a failure shows at the next save
         sample_every=1000,      # image_logger.batch_frequency
         num_samples=16,         # log_images_kwargs.N
         sample_nrow=4,          # log_images_kwargs.n_rows
+        sample_classes=tuple(range(10)),  # what a sample grid shows (cycled); () = the data's own labels
+        sample_prompts=(),      # for text-conditioned models: the prompts of the grid (cycled)
+        eval_every=0,           # run the task's held-out evaluation every N steps (0 = never)
+        max_nonfinite_steps=10, # skip this many non-finite updates in a row, then stop with an error
         log_every=50,
         dtype="float32",        # compute dtype of the networks (bfloat16 on accelerators)
         weight_decay=0.01,      # torch.optim.AdamW default

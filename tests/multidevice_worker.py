@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from sgm_jax.configs import mnist_cond  # noqa: E402
 from sgm_jax import parallel  # noqa: E402
 from sgm_jax.training.checkpoint import Checkpointer  # noqa: E402
-from sgm_jax.training.loop import build_trainer  # noqa: E402
+from sgm_jax.training.loop import build_run  # noqa: E402
 
 parallel.MIN_FSDP_SIZE = 1024  # shard even this tiny model's larger kernels
 
@@ -45,23 +45,22 @@ def main() -> None:
     data_dir = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None
     kind, shape = mode.split(":")
     data, fsdp = (int(v) for v in shape.split("x"))
-    t = build_trainer(tiny_config(data, fsdp, data_dir))
+    run = build_run(tiny_config(data, fsdp, data_dir))
     key = jax.random.key(7)
-    sharded = sum(1 for s in jax.tree_util.tree_leaves(t["state_sharding"].params) if any(s.spec))
+    sharded = sum(1 for s in jax.tree_util.tree_leaves(run.state_sharding.params) if any(s.spec))
     if kind == "resume":
         ckpt = Checkpointer(out / "ckpt")
-        abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                          t["abstract_state"], t["state_sharding"])
-        state = ckpt.restore(abstract)
+        _, state, _ = ckpt.restore_latest(run.abstract_with_sharding())
         ckpt.close()
         steps = [int(state.step)]
     else:
-        state = t["init_fn"](jax.random.key(0))
+        state = run.init_fn(jax.random.key(0))
         steps = [0, 1, 2]
     losses = []
+    nonfinite = jax.numpy.zeros((), jax.numpy.int32)
     for step in steps:
-        batch = parallel.shard_batch(t["dataset"].batch_at(step, 16), t["mesh"])
-        state, metrics = t["step_fn"](state, batch, key)
+        batch = parallel.shard_batch(run.dataset.batch_at(step, 16), run.mesh)
+        state, metrics, nonfinite = run.step_fn(state, batch, key, nonfinite)
         losses.append(float(metrics["loss"]))
     if kind == "save":
         ckpt = Checkpointer(out / "ckpt")

@@ -127,15 +127,15 @@ def test_short_real_training_lowers_the_loss_and_resume_is_exact(tmp_path):
 
 
 def test_ema_covers_every_trainable_parameter(tmp_path):
-    from sgm_jax.training.loop import build_trainer
+    from sgm_jax.training.loop import build_run
 
     config = tiny_config(max_steps=2)
     config.model.params.use_ema = True
-    t = build_trainer(config)
-    state = t["init_fn"](jax.random.key(0))
+    run = build_run(config)
+    state = run.init_fn(jax.random.key(0))
     before = jax.device_get(state.params)
-    batch = t["dataset"].batch_at(0, 8)
-    state, _ = t["step_fn"](state, batch, jax.random.key(1))
+    batch = run.dataset.batch_at(0, 8)
+    state, _, _ = run.step_fn(state, batch, jax.random.key(1), jnp.zeros((), jnp.int32))
     after, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
     # the class embedding (a trainable embedder, forgotten by the seed's EMA) moves in both
     emb = ("conditioner", "embedders_0")

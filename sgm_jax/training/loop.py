@@ -1,213 +1,306 @@
-"""The training loop behind train.py: data, sharded state, jit step, checkpoints, logs, samples.
+"""The training loop behind train.py, for every Task (task.py): data, sharded state, the jitted
+and guarded step, checkpoints with the data position, logs, sample grids, signals.
 
-`<workdir>` receives: config.json (the resolved config), checkpoints/<step>/ (Orbax),
-metrics.jsonl and tensorboard/ (event files), samples/step_<N>.png (labelled grids).
+`<workdir>` receives: config.json (the resolved config), run.json (image shape, data source),
+checkpoints/<step>/ (Orbax), metrics.jsonl and tensorboard/ (event files), samples/*.png,
+train.lock while a trainer runs. Nothing is created or overwritten before the config, the
+data and (when resuming) the checkpoint have been checked against each other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from sgm_jax import parallel
-from sgm_jax.data import build_dataset
-from sgm_jax.engine import DiffusionEngine, build_engine
+from sgm_jax.errors import UserError
 
-from .checkpoint import Checkpointer
-from .images import make_grid, save_png
-from .metrics import MetricsWriter
-from .state import TrainState, make_optimizer, trainable_tree
-from .step import init_train_state, make_train_step
+from .checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
+from .images import save_png
+from .metrics import MetricsWriter, truncate_after
+from .task import task_class
+from .workdir import WorkdirLock, check_run_record, write_json_atomic
 
-
-def _get(cfg: Any, path: str, default: Any = None) -> Any:
-    node = cfg
-    for part in path.split("."):
-        if node is None or part not in node:
-            return default
-        node = node[part]
-    return node
+REQUIRED_TRAINING_FIELDS = (
+    "name", "seed", "max_steps", "max_epochs", "max_minutes", "checkpoint_every", "keep_checkpoints",
+    "checkpoint_async", "sample_every", "num_samples", "sample_nrow", "sample_classes", "sample_prompts",
+    "log_every", "eval_every", "dtype", "max_nonfinite_steps",
+)
 
 
 class _StopFlag:
-    """SIGTERM (preemption) -> finish the current step, save, exit cleanly."""
+    """SIGTERM (preemption) or Ctrl-C -> finish the current step, save, exit cleanly.
+    A second Ctrl-C interrupts at once (the last checkpoint is kept)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.stop = False
-        self._previous = None
+        self.stop: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, runs to the end
-            self._previous = None
+        for s in self.SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: no handler, runs to the end
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.stop = True
+        if self.stop is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
-def build_trainer(config: Any) -> dict[str, Any]:
-    """Engine, dataset, mesh, optimiser and the jitted step, from a config. No state yet."""
-    tc = config.training
-    engine = build_engine(config.model, dtype=tc.get("dtype", "float32"))
-    data_params = dict(config.data.get("params", {}))
-    data_params["path"] = data_params.get("path") or None  # "" (overridable on the CLI) = search
-    batch_size = int(data_params.get("batch_size", 64))
-    dataset = build_dataset(config.data.target, split="train", **data_params)
-    mesh = parallel.make_mesh(_get(config, "mesh.data", -1), _get(config, "mesh.fsdp", 1))
+def _dataset(config: Any) -> Any:
+    from sgm_jax import data
+
+    if hasattr(data, "from_config"):
+        return data.from_config(config.data, split="train")
+    params = dict(config.data.params)  # until the streaming pipeline's from_config lands
+    params["path"] = params.get("path") or None
+    ds = data.build_dataset(config.data.target, split="train", **params)
+    ds.batch_size = int(params["batch_size"])
+    return ds
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from a config before any state exists (no files touched)."""
+
+    config: Any
+    task: Any
+    dataset: Any
+    mesh: Any
+    batch_size: int
+    abstract_state: Any
+    state_sharding: Any
+    init_fn: Callable
+    step_fn: Callable  # (state, batch, base_key, nonfinite_run) -> (state, metrics, nonfinite_run)
+
+    def abstract_with_sharding(self) -> Any:
+        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      self.abstract_state, self.state_sharding)
+
+
+def guarded(train_step: Callable) -> Callable:
+    """Wrap a task's step: per-step key, and an update whose loss or gradient norm is not finite
+    is skipped (state kept, step counted); `nonfinite_run` counts such steps in a row."""
+
+    def step(state, batch, base_key, nonfinite_run):
+        new, metrics = train_step(state, batch, jax.random.fold_in(base_key, state.step))
+        checks = [metrics[k] for k in ("loss", "grad_norm") if k in metrics]
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in checks]))
+        new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
+        new = new.replace(step=state.step + 1)
+        metrics = {**metrics, "nonfinite": 1 - ok.astype(jnp.int32)}
+        return new, metrics, jnp.where(ok, 0, nonfinite_run + 1)
+
+    return step
+
+
+def all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def check_training_config(tc: Any) -> None:
+    missing = [f for f in REQUIRED_TRAINING_FIELDS if f not in tc]
+    if missing:
+        raise UserError(f"config.training lacks {', '.join(missing)} (start from configs/mnist_cond.py's "
+                        "training() defaults)")
+
+
+def build_run(config: Any) -> Run:
+    """Task, dataset, mesh, shardings and the jitted step from a config. No state, no files."""
+    check_training_config(config.training)
+    dataset = _dataset(config)
+    task = task_class(config.model.target)(config, dataset)
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
-    example = {k: v[:2] for k, v in dataset.batch_at(0, batch_size, tc.seed).items()}
-    abstract_params = jax.eval_shape(engine.init_params, jax.random.key(0), example)
-    trainable = trainable_tree(engine.conditioner, abstract_params)
-    tx = make_optimizer(float(config.model.base_learning_rate), trainable,
-                        weight_decay=float(tc.get("weight_decay", 0.01)), grad_clip=float(tc.get("grad_clip", 0.0)),
-                        grad_accum=int(tc.get("grad_accum", 1)), warmup_steps=int(tc.get("warmup_steps", 0)))
-    use_ema = bool(_get(config, "model.params.use_ema", False))
-    ema_rate = float(_get(config, "model.params.ema_decay_rate", 0.9999)) if use_ema else None
-
-    def init_state(key: jax.Array) -> TrainState:
-        return init_train_state(engine.init_params(key, example), tx, use_ema)
-
-    abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+    example = {k: v[:2] for k, v in dataset.example_batch(2).items()}
+    init = lambda key: task.init_state(key, example)  # noqa: E731
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
     state_sharding = parallel.param_shardings(abstract_state, mesh)
-    batch_sharding = parallel.batch_sharding(mesh)
     repl = parallel.replicated(mesh)
-    step_fn = jax.jit(make_train_step(engine, tx, ema_rate=ema_rate),
-                      in_shardings=(state_sharding, batch_sharding, repl),
-                      out_shardings=(state_sharding, repl), donate_argnums=0)
-    init_fn = jax.jit(init_state, out_shardings=state_sharding)
-    return dict(engine=engine, dataset=dataset, mesh=mesh, tx=tx, batch_size=batch_size, step_fn=step_fn,
-                init_fn=init_fn, abstract_state=abstract_state, state_sharding=state_sharding)
+    step_fn = jax.jit(guarded(task.train_step),
+                      in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl, repl),
+                      out_shardings=(state_sharding, repl, repl), donate_argnums=0)
+    return Run(config, task, dataset, mesh, batch_size, abstract_state, state_sharding,
+               jax.jit(init, out_shardings=state_sharding), step_fn)
 
 
-def sample_grid_batch(engine: DiffusionEngine, dataset: Any, n: int, seed: int) -> dict[str, np.ndarray]:
-    """A fixed conditioning batch for sample grids: classes 0, 1, ..., 9, 0, ... when class-conditional."""
-    batch = dataset.batch_at(0, max(n, 1), seed, shuffle=False)
-    if "cls" in batch:
-        batch["cls"] = (np.arange(n) % 10).astype(np.int32)
-    return {k: v[:n] for k, v in batch.items()}
+def _gather_hosts(value: dict) -> list[dict]:
+    """Every host's JSON-able `value`, in process order (the data position of each host)."""
+    if jax.process_count() == 1:
+        return [value]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    length = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    padded = np.zeros((length,), np.uint8)
+    padded[: raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in np.asarray(rows).reshape(jax.process_count(), -1)]
 
 
-def make_sample_fn(engine: DiffusionEngine, latent_shape: tuple[int, ...], sampler: Any = None):
-    """jit: (params, cond_batch, key) -> images [N, H, W, C]; uc zeroes the ucg'd embeddings, as the seed."""
-    ucg_keys = tuple(s.input_key for s in engine.conditioner.specs if s.ucg_rate > 0 and s.input_key)
-
-    @jax.jit
-    def sample(params, batch, key):
-        noise_key, sampler_key = jax.random.split(key)
-        cond = engine.condition(params, batch)
-        uc = engine.condition(params, batch, force_zero_embeddings=ucg_keys)
-        noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
-        return engine.sample(params, cond, uc, noise, key=sampler_key, sampler=sampler)
-
-    return sample
-
-
-def write_samples(path: Path, images: np.ndarray, labels: np.ndarray | None, nrow: int,
-                  metadata: Mapping[str, str]) -> Path:
-    text = [str(int(c)) for c in labels] if labels is not None else None
-    scale = 2 if images.shape[1] <= 64 else 1
-    return save_png(make_grid(np.asarray(images), nrow, text, scale=scale), path, metadata)
+def _config_text(config: Any) -> str:
+    return config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config)
 
 
 def train(config: Any, workdir: str | Path) -> dict[str, Any]:
-    """Train until max_steps / max_epochs / max_minutes or SIGTERM. Resumes from the latest checkpoint."""
+    """Train until max_steps / max_epochs / max_minutes, SIGTERM or Ctrl-C; resumes from the newest
+    checkpoint that restores. Raises UserError (one line) for bad input and for divergence."""
     parallel.initialize_distributed()
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort")
-                                             else json.dumps(config, indent=2))
     tc = config.training
-    t = build_trainer(config)
-    engine, dataset, batch_size = t["engine"], t["dataset"], t["batch_size"]
-    if is_main:
-        (workdir / "run.json").write_text(json.dumps({"image_shape": list(dataset.image_shape),
-                                                      "data": dataset.source.describe() if dataset.source else ""}))
-    steps_per_epoch = dataset.steps_per_epoch(batch_size)
-    max_steps = int(tc.get("max_steps", -1))
-    if max_steps <= 0:
-        max_steps = int(tc.get("max_epochs", 1)) * steps_per_epoch
-    max_seconds = float(tc.get("max_minutes", 0) or 0) * 60.0
+    run = build_run(config)
+    ckpt_dir = workdir / "checkpoints"
+    existing = step_dirs(ckpt_dir)
+    if existing:  # the checkpoint must belong to this model before anything is written
+        check_tree_matches(ckpt_dir / str(existing[0]), run.abstract_state)
+    data_description = run.dataset.source.describe() if run.dataset.source else ""
+    check_run_record(workdir, data_description)
 
-    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=int(tc.get("keep_checkpoints", 3)))
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), t["abstract_state"], t["state_sharding"]))
-        print(f"resumed from {checkpointer.directory}/{checkpointer.latest_step()}")
-    else:
-        state = t["init_fn"](jax.random.key(int(tc.seed)))
-    base_key = jax.random.fold_in(jax.random.key(int(tc.seed)), 1)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir):
+        if is_main:
+            removed = remove_interrupted_saves(ckpt_dir)
+            if removed:
+                print(f"removed {len(removed)} unfinished checkpoint save(s): {', '.join(p.name for p in removed)}")
+        return _train_locked(run, workdir, is_main, data_description)
+
+
+def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str) -> dict[str, Any]:
+    config, tc, task, dataset = run.config, run.config.training, run.task, run.dataset
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=int(tc.keep_checkpoints),
+                                async_save=bool(tc.checkpoint_async))
+    restored_step, state, data_state = checkpointer.restore_latest(run.abstract_with_sharding())
+    if restored_step is None:
+        state = run.init_fn(jax.random.key(int(tc.seed)))
     start = int(jax.device_get(state.step))
+    if is_main:
+        write_json_atomic(workdir / "config.json", _config_text(config))
+        write_json_atomic(workdir / "run.json", {"image_shape": list(dataset.image_shape), "data": data_description,
+                                                 "task": task.name})
+        if restored_step is not None:
+            truncate_after(workdir / "metrics.jsonl", start)
+            print(f"resumed from {checkpointer.directory}/{restored_step}")
+    batches = dataset.iterator(run.batch_size, int(tc.seed), start_step=start)
+    if data_state and data_state.get("hosts"):
+        hosts = data_state["hosts"]
+        if len(hosts) != jax.process_count():
+            raise UserError(f"checkpoint {restored_step} was written by {len(hosts)} hosts, this run has "
+                            f"{jax.process_count()}: the data position cannot be restored")
+        batches.set_state(hosts[jax.process_index()])
 
-    n_samples = int(tc.get("num_samples", 16))
-    grid_batch = sample_grid_batch(engine, dataset, n_samples, int(tc.seed))
-    latent_shape = engine.latent_shape((n_samples,) + tuple(dataset.image_shape))
-    sample_fn = make_sample_fn(engine, latent_shape) if engine.sampler is not None else None
+    steps_per_epoch = dataset.steps_per_epoch(run.batch_size)
+    max_steps = int(tc.max_steps)
+    if max_steps <= 0:
+        if not steps_per_epoch:
+            raise UserError("a streaming data set has no epochs: set training.max_steps")
+        max_steps = int(tc.max_epochs) * steps_per_epoch
+    max_seconds = float(tc.max_minutes) * 60.0
+    base_key = jax.random.fold_in(jax.random.key(int(tc.seed)), 1)
+    nonfinite_run = jnp.zeros((), jnp.int32)
+    finite_fn = jax.jit(all_finite)
 
-    def log_samples(state_: TrainState, step: int) -> Path | None:
-        if sample_fn is None or not is_main:
-            return None
-        params = state_.ema_params if state_.ema_params is not None else state_.params
-        images = jax.device_get(sample_fn(params, grid_batch, jax.random.key(int(tc.seed) + 7)))
-        return write_samples(workdir / "samples" / f"step_{step:07d}.png", images, grid_batch.get("cls"),
-                             int(tc.get("sample_nrow", 4)), {"step": str(step), "config": str(tc.get("name", ""))})
+    def write_grids(state_: Any, step: int) -> str | None:
+        grids = task.log_images(state_, step)
+        paths = []
+        if is_main:
+            for name, image in grids.items():
+                fname = f"{name + '_' if name else ''}step_{step:07d}.png"
+                paths.append(str(save_png(image, workdir / "samples" / fname, {"step": str(step), "config": tc.name})))
+        return paths[0] if paths else None
+
+    def check_divergence(run_length: jax.Array, step: int) -> None:
+        n = int(jax.device_get(run_length))
+        if n > int(tc.max_nonfinite_steps):
+            last = checkpointer.latest_step()
+            raise UserError(f"training diverged: loss or gradient not finite for {n} steps in a row up to step "
+                            f"{step} (those updates were skipped; nothing non-finite was saved; last checkpoint: "
+                            f"{last if last is not None else 'none'}); lower model.base_learning_rate or set "
+                            "training.grad_clip", exit_code=3)
+
+    def save(state_: Any, step: int, force: bool = False) -> None:
+        if not bool(jax.device_get(finite_fn(state_))):
+            raise UserError(f"state at step {step} holds non-finite values: not saved (last checkpoint: "
+                            f"{checkpointer.latest_step()}); lower model.base_learning_rate", exit_code=3)
+        data = {"hosts": _gather_hosts(batches.get_state())}
+        checkpointer.save(step, state_, data, force=force)
 
     metrics = MetricsWriter(workdir, enabled=is_main)
-    log_every, ckpt_every = int(tc.get("log_every", 50)), int(tc.get("checkpoint_every", 5000))
-    sample_every = int(tc.get("sample_every", 1000))
-    t0, last_t, last_step = time.time(), time.time(), start
-    loss_acc, n_acc, step = 0.0, 0, start
-    stopped_by = "max_steps"
+    log_every, ckpt_every, sample_every = int(tc.log_every), int(tc.checkpoint_every), int(tc.sample_every)
+    eval_every = int(tc.eval_every)
+    t0 = last_t = time.time()
+    last_step, loss_acc, n_acc, skipped = start, 0.0, 0, 0
+    stopped_by, step = "max_steps", start
     bar = tqdm(total=max_steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
-    with _StopFlag() as flag:
-        for step in range(start, max_steps):
-            batch = parallel.shard_batch(dataset.batch_at(step, batch_size, int(tc.seed)), t["mesh"])
-            state, m = t["step_fn"](state, batch, base_key)
-            loss_acc, n_acc = loss_acc + m["loss"], n_acc + 1
-            done = step + 1
-            bar.update(1)
-            if done % log_every == 0 or done == max_steps:
-                now = time.time()
-                loss = float(loss_acc) / n_acc
-                rate = (done - last_step) / max(now - last_t, 1e-9)
-                metrics.write(done, {"loss": loss, "grad_norm": float(m["grad_norm"]), "steps_per_sec": rate,
-                                     "epoch": done / steps_per_epoch})
-                bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}")
-                loss_acc, n_acc, last_t, last_step = 0.0, 0, now, done
-            if done % ckpt_every == 0:
-                checkpointer.save(done, state)
-            if sample_every > 0 and done % sample_every == 0:
-                log_samples(state, done)
-            if flag.stop:
-                stopped_by = "SIGTERM"
-                break
-            if max_seconds and time.time() - t0 > max_seconds:
-                stopped_by = "max_minutes"
-                break
-    bar.close()
-    final_step = int(jax.device_get(state.step))
-    if checkpointer.latest_step() != final_step:
-        checkpointer.save(final_step, state, force=True)
-    checkpointer.close()
-    grid = log_samples(state, final_step) if final_step > start or sample_fn is not None else None
-    metrics.close()
-    summary = {"step": final_step, "stopped_by": stopped_by, "seconds": time.time() - t0,
-               "samples": str(grid) if grid else None, "data": dataset.source.describe() if dataset.source else ""}
+    try:
+        with _StopFlag() as flag:
+            for step in range(start, max_steps):
+                batch = parallel.shard_batch(next(batches), run.mesh)
+                state, m, nonfinite_run = run.step_fn(state, batch, base_key, nonfinite_run)
+                loss_acc, n_acc, skipped = loss_acc + m["loss"], n_acc + 1, skipped + m["nonfinite"]
+                done = step + 1
+                bar.update(1)
+                if done % log_every == 0 or done == max_steps:
+                    check_divergence(nonfinite_run, done)
+                    now = time.time()
+                    rate = (done - last_step) / max(now - last_t, 1e-9)
+                    loss = float(loss_acc) / n_acc
+                    row = {"loss": loss, "steps_per_sec": rate, "images_per_sec": rate * run.batch_size,
+                           "nonfinite_steps": int(skipped), **{k: float(v) for k, v in m.items()
+                                                               if k not in ("loss", "nonfinite")}}
+                    if steps_per_epoch:
+                        row["epoch"] = done / steps_per_epoch
+                    row.update({f"data/{k}": v for k, v in batches.stats().items()})
+                    metrics.write(done, row)
+                    bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}")
+                    loss_acc, n_acc, skipped, last_t, last_step = 0.0, 0, 0, now, done
+                if flag.stop:
+                    stopped_by = flag.stop
+                    break
+                if done % ckpt_every == 0:
+                    check_divergence(nonfinite_run, done)
+                    save(state, done)
+                if sample_every > 0 and done % sample_every == 0:
+                    write_grids(state, done)
+                if eval_every > 0 and done % eval_every == 0:
+                    metrics.write(done, {f"eval/{k}": v for k, v in task.evaluate(state, done).items()})
+                if max_seconds and time.time() - t0 > max_seconds:
+                    stopped_by = "max_minutes"
+                    break
+        bar.close()
+        check_divergence(nonfinite_run, step + 1)
+        final_step = int(jax.device_get(state.step))
+        if checkpointer.latest_step() != final_step:
+            save(state, final_step, force=True)
+        checkpointer.close()
+    finally:
+        bar.close()
+        metrics.close()
+        batches.close()
+    # after a signal the user wants the process gone: no final grid
+    grid = write_grids(state, final_step) if stopped_by in ("max_steps", "max_minutes") else None
+    summary = {"step": final_step, "stopped_by": stopped_by, "seconds": time.time() - t0, "samples": grid,
+               "data": data_description}
     if is_main:
         print(json.dumps(summary))
     return summary

@@ -1,10 +1,39 @@
-"""Metrics to `<workdir>/metrics.jsonl` and TensorBoard event files (tensorboardX)."""
+"""Metrics to `<workdir>/metrics.jsonl` (valid JSON: non-finite values are written as null) and
+TensorBoard event files (tensorboardX)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Mapping
+
+
+def _finite_or_none(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def truncate_after(path: Path, step: int) -> int:
+    """Drop rows logged after `step` (a resumed run replays them); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill: drop it
+            dropped += 1
+            continue
+        if row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
 
 
 class MetricsWriter:
@@ -20,11 +49,12 @@ class MetricsWriter:
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        values = {k: _finite_or_none(v) for k, v in scalars.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in scalars.items():
-            self._tb.add_scalar(k, float(v), int(step))
+            f.write(json.dumps({"step": int(step), **values}) + "\n")
+        for k, v in values.items():
+            if v is not None:
+                self._tb.add_scalar(k, v, int(step))
 
     def close(self) -> None:
         if self._tb is not None:

@@ -13,21 +13,17 @@ from sgm_jax.engine import DiffusionEngine
 from .state import TrainState, ema_decay, ema_update
 
 
-def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *, frozen_params: Any = None,
+def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *,
                     ema_rate: float | None = None) -> Callable[[TrainState, Mapping[str, Any], jax.Array], tuple]:
-    """Returns `train_step(state, batch, base_key) -> (state, metrics)` (not yet jitted).
+    """Returns `train_step(state, batch, key) -> (state, metrics)` (not yet jitted).
 
-    The step's randomness is `fold_in(base_key, step)`, so a resumed run draws exactly what
-    an uninterrupted one would. `frozen_params` (e.g. {"first_stage": VAE}) join the params
-    for the forward pass but are neither differentiated nor updated.
+    `key` is this step's randomness; the loop derives it as `fold_in(base_key, step)`, so a
+    resumed run draws exactly what an uninterrupted one would.
     """
-    frozen_params = dict(frozen_params or {})
 
-    def train_step(state: TrainState, batch: Mapping[str, Any], base_key: jax.Array):
-        key = jax.random.fold_in(base_key, state.step)
-
+    def train_step(state: TrainState, batch: Mapping[str, Any], key: jax.Array):
         def loss_fn(params):
-            mean, per_example = engine.loss({**params, **frozen_params}, batch, key)
+            mean, per_example = engine.loss(params, batch, key)
             return mean, per_example
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,0 +1,103 @@
+"""The Task for the seed's DiffusionEngine: optimiser, EMA, the jitted loss/update, sample grids."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgm_jax.engine import DiffusionEngine, build_engine
+
+from .images import make_grid
+from .state import TrainState, make_optimizer, trainable_tree
+from .step import init_train_state, make_train_step
+
+
+def make_sample_fn(engine: DiffusionEngine, latent_shape: tuple[int, ...], sampler: Any = None):
+    """jit: (params, cond_batch, key) -> images [N, H, W, C]; uc zeroes the ucg'd embeddings, as the seed."""
+    ucg_keys = tuple(s.input_key for s in engine.conditioner.specs if s.ucg_rate > 0 and s.input_key)
+
+    @jax.jit
+    def sample(params, batch, key):
+        noise_key, sampler_key = jax.random.split(key)
+        cond = engine.condition(params, batch)
+        uc = engine.condition(params, batch, force_zero_embeddings=ucg_keys)
+        noise = jax.random.normal(noise_key, latent_shape, jnp.float32)
+        return engine.sample(params, cond, uc, noise, key=sampler_key, sampler=sampler)
+
+    return sample
+
+
+def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """The fixed conditioning of the sample grids and the text under each tile.
+
+    `training.sample_classes` / `training.sample_prompts` (cycled to num_samples) say what a
+    grid shows; otherwise the first examples of the data set condition it.
+    """
+    n = int(tc.num_samples)
+    batch = {k: v[:n] for k, v in dataset.example_batch(n).items()}
+    reads = {s.input_key for s in engine.conditioner.specs}
+    labels = None
+    if tc.sample_classes and "cls" in reads:
+        batch["cls"] = np.resize(np.asarray(tc.sample_classes, np.int32), n)
+    if tc.sample_prompts and "txt" in reads:
+        batch["txt"] = np.resize(np.asarray(list(tc.sample_prompts), dtype=object), n)
+    if "cls" in reads and "cls" in batch:
+        labels = [str(int(c)) for c in batch["cls"]]
+    elif "txt" in reads and "txt" in batch:
+        labels = [str(t) for t in batch["txt"]]
+    return batch, labels
+
+
+class DiffusionTask:
+    """Trains `model.params` of a DiffusionEngine config: the UNet and the is_trainable embedders."""
+
+    name = "diffusion"
+
+    def __init__(self, config: Any, dataset: Any):
+        self.config, self.dataset = config, dataset
+        tc = config.training
+        self.engine = build_engine(config.model, dtype=tc.dtype)
+        mp = config.model.params
+        self.ema_rate = float(mp.get("ema_decay_rate", 0.9999)) if mp.get("use_ema", False) else None
+        self._tx = None
+        self._sample_fn = None
+        self._grid: tuple[dict[str, np.ndarray], list[str] | None] | None = None
+
+    def _optimizer(self, params: Any):
+        if self._tx is None:
+            tc = self.config.training
+            self._tx = make_optimizer(float(self.config.model.base_learning_rate),
+                                      trainable_tree(self.engine.conditioner, params),
+                                      weight_decay=float(tc.weight_decay), grad_clip=float(tc.grad_clip),
+                                      grad_accum=int(tc.grad_accum), warmup_steps=int(tc.warmup_steps))
+        return self._tx
+
+    def init_state(self, key: jax.Array, example_batch: Mapping[str, Any]) -> TrainState:
+        params = self.engine.init_params(key, example_batch)
+        return init_train_state(params, self._optimizer(params), self.ema_rate is not None)
+
+    def train_step(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array):
+        step = make_train_step(self.engine, self._optimizer(state.params), ema_rate=self.ema_rate)
+        return step(state, batch, key)
+
+    def sampling_params(self, state: TrainState) -> Any:
+        return state.ema_params if state.ema_params is not None else state.params
+
+    def log_images(self, state: TrainState, step: int) -> dict[str, Any]:
+        if self.engine.sampler is None:
+            return {}
+        tc = self.config.training
+        if self._grid is None:
+            self._grid = grid_batch(self.engine, self.dataset, tc)
+            shape = (int(tc.num_samples),) + tuple(self.dataset.image_shape)
+            self._sample_fn = make_sample_fn(self.engine, self.engine.latent_shape(shape))
+        batch, labels = self._grid
+        images = jax.device_get(self._sample_fn(self.sampling_params(state), batch, jax.random.key(int(tc.seed) + 7)))
+        scale = 2 if images.shape[1] <= 64 else 1
+        return {"": make_grid(np.asarray(images), int(tc.sample_nrow), labels, scale=scale)}
+
+    def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
+        return {}

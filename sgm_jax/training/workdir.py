@@ -1,0 +1,59 @@
+"""A training workdir's guards: one trainer at a time (a lock file), and the run record
+(`run.json`) that a resumed run must agree with."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sgm_jax.errors import UserError
+
+LOCK_NAME = "train.lock"
+
+
+class WorkdirLock:
+    """An exclusive flock on `<workdir>/train.lock`, released when the process ends (even by kill -9)."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is in use by another training (pid {holder}); "
+                            "wait for it to finish or choose another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(value if isinstance(value, str) else json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def check_run_record(workdir: Path, data_description: str) -> None:
+    """A resumed run must read the data the run was started on (run.json's "data")."""
+    record = workdir / "run.json"
+    if not record.is_file():
+        return
+    recorded = json.loads(record.read_text()).get("data", "")
+    if recorded and data_description and recorded != data_description:
+        raise UserError(f"{workdir} was trained on '{recorded}' but this run would read '{data_description}'; "
+                        "point the data config at the original data or use a new --workdir")
