@@ -61,7 +61,7 @@ def from_config(
         raise UserError(f"config.data needs a 'target' (one of {sorted(DATASETS) + sorted(STREAMING_TARGETS)})")
     target, params = str(config["target"]), dict(config.get("params") or {})
     if target in STREAMING_TARGETS:
-        from sgm_jax.data.pipeline import streaming_from_config
+        from sgm_jax.data.streaming import streaming_from_config
 
         return streaming_from_config(target, params, split=split, process_index=process_index,
                                      process_count=process_count)

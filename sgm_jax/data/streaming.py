@@ -1,0 +1,222 @@
+"""Streaming datasets from the seed's data config: what `from_config` returns for
+`sgm.data.dataset.StableDataModuleFromConfig` (and the short targets webdataset / arrayrecord / tfds).
+
+    data:
+      target: sgm.data.dataset.StableDataModuleFromConfig
+      params:
+        train:
+          datapipeline:
+            urls: [shards/data-{000000..000127}.tar]     # paths, globs, braces, folders, gs://
+                                                         # *.array_record files, or "tfds:<name>"
+            pipeline_config:
+              shardshuffle: 10000        # > 0: a new shard order every epoch
+              sample_shuffle: 10000      # window of consecutive samples shuffled together
+              required_keys: [jpg, txt]  # a sample missing one is bad (skipped, counted)
+              skip_bad_samples: true     # false: the first bad sample stops the run
+              aspect_buckets: []         # [[H, W], ...]: each batch from one bucket (SDXL)
+            decoders: [pil]              # pil / rgb8: RGB; l8: grayscale
+            postprocessors: [...]        # the seed's, see sgm_jax.data.transforms
+          loader: {batch_size: 64, num_workers: 6}
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+
+from sgm_jax.data import transforms as T
+from sgm_jax.data import webdataset as W
+from sgm_jax.data.base import DataSource
+from sgm_jax.data.pipeline import BatchIterator, StreamSpec
+from sgm_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+_MODES = {"pil": "RGB", "rgb": "RGB", "rgb8": "RGB", "pilrgb": "RGB", "l": "L", "l8": "L", "pill": "L"}
+
+
+class BatchIterDataset(grain.IterDataset):
+    """Grain source of one host's batches; Grain's mp_prefetch slices it over its workers."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec, self.slice = spec, slice(None)
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        self.slice = sl
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self.spec, self.slice)
+
+
+def _json_safe(x: Any) -> Any:
+    """Grain's states may hold tuples or non-str keys; JSON keeps them as lists / str keys."""
+    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+class StreamIterator:
+    """This host's batches of a stream (the loop's iterator contract; see base.StepIterator)."""
+
+    def __init__(self, spec: StreamSpec, num_workers: int, prefetch: int, start_step: int = 0):
+        ds: Any = BatchIterDataset(spec)
+        if num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; scripts here use argparse
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                             per_worker_buffer_size=max(prefetch, 1)))
+        self._it = iter(ds)
+        self.step, self.totals = 0, collections.Counter()
+        if start_step:
+            log.warning("stream iterator asked to start at step %d without a saved state: replaying", start_step)
+            for _ in range(int(start_step)):
+                next(self)
+
+    def __iter__(self) -> "StreamIterator":
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self._it))
+        self.totals.update(batch.pop("__stats__", {}))
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "stats": dict(self.totals), "grain": _json_safe(self._it.get_state())}
+
+    def set_state(self, state: dict) -> None:
+        grain_state = state["grain"]
+        try:
+            self._it.set_state(grain_state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"the saved data iterator state does not fit this data config ({type(e).__name__}: {e}); "
+                            "resume with the same urls and num_workers") from None
+        self.step, self.totals = int(state["step"]), collections.Counter(state.get("stats", {}))
+
+    def stats(self) -> dict[str, float]:
+        out = {f"data/{k}": float(v) for k, v in sorted(self.totals.items())}
+        out["data/skipped_samples"] = float(sum(v for k, v in self.totals.items() if k != "truncated_shards"))
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+class StreamingDataset:
+    """A streamed image / image-text dataset (same interface as ArrayDataset; no epochs)."""
+
+    def __init__(self, spec: StreamSpec, *, batch_size: int, num_workers: int, prefetch: int,
+                 process_index: int, process_count: int, source: DataSource, example_items: tuple):
+        self.spec, self.batch_size, self.num_workers, self.prefetch = spec, batch_size, num_workers, prefetch
+        self.process_index, self.process_count, self.source = process_index, process_count, source
+        self._example_items = example_items
+        self._example: dict | None = None
+
+    def steps_per_epoch(self, batch_size: int) -> None:
+        return None
+
+    def iterator(self, batch_size: int, seed: int = 0, start_step: int = 0) -> StreamIterator:
+        if batch_size % self.process_count:
+            raise UserError(f"global batch_size {batch_size} not divisible by {self.process_count} processes")
+        import dataclasses
+
+        spec = dataclasses.replace(self.spec, seed=int(seed), local_batch=batch_size // self.process_count)
+        return StreamIterator(spec, self.num_workers, self.prefetch, start_step)
+
+    def example_batch(self, n: int) -> dict[str, np.ndarray]:
+        """The first n usable samples in file order (all hosts alike), unshuffled; with aspect
+        buckets all are cropped to the largest bucket (shapes for init, sample-grid conditioning)."""
+        import dataclasses
+
+        buckets = self.spec.buckets
+        largest = (max(buckets, key=lambda b: b[0] * b[1]),) if buckets else ()
+        spec = dataclasses.replace(self.spec, items=self._example_items, shardshuffle=False, sample_shuffle=0,
+                                   local_batch=int(n), buckets=largest, seed=0)
+        it = BatchIterator(spec)
+        try:
+            batch = next(it)
+        finally:
+            it.close()
+        batch.pop("__stats__", None)
+        return batch
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if self.spec.buckets:
+            h, w = max(self.spec.buckets, key=lambda b: b[0] * b[1])
+            return (int(h), int(w), 1 if self.spec.image_mode == "L" else 3)
+        if self._example is None:
+            self._example = self.example_batch(1)
+        return tuple(self._example["jpg"].shape[1:])  # type: ignore[return-value]
+
+
+def streaming_from_config(target: str, params: Mapping[str, Any], *, split: str = "train",
+                          process_index: int | None = None, process_count: int | None = None) -> StreamingDataset:
+    """StreamingDataset from the seed's `data.params` (see the module docstring)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    section = params.get(split) or params.get("train") or params
+    if "datapipeline" not in section:
+        raise UserError(f"data.params.{split} needs 'datapipeline' (urls, postprocessors, ...) and 'loader'")
+    pipe, loader = dict(section["datapipeline"]), dict(section.get("loader") or {})
+    pc = dict(pipe.get("pipeline_config") or {})
+    batch_size, num_workers = int(loader.get("batch_size", 64)), int(loader.get("num_workers", 0))
+    if batch_size <= 0 or batch_size % process_count:
+        raise UserError(f"data loader batch_size {batch_size} must be positive and divisible by {process_count} hosts")
+    decoders = [str(d).lower() for d in pipe.get("decoders") or ["pil"]]
+    if decoders[0] not in _MODES:
+        raise UserError(f"data decoders {decoders}: supported {', '.join(sorted(_MODES))}")
+    buckets = tuple((int(b[0]), int(b[1])) for b in pc.get("aspect_buckets") or ())
+    urls = pipe.get("urls")
+    urls = [urls] if isinstance(urls, str) else list(urls or [])
+    common = dict(seed=0, local_batch=batch_size // process_count, shardshuffle=bool(pc.get("shardshuffle", 1)),
+                  sample_shuffle=int(pc.get("sample_shuffle", 0)),
+                  postprocessors=tuple(pipe.get("postprocessors") or ()), image_mode=_MODES[decoders[0]],
+                  required=tuple(pc.get("required_keys", ("jpg", "txt"))), buckets=buckets,
+                  skip_bad_samples=bool(pc.get("skip_bad_samples", True)))
+    T.build_steps(common["postprocessors"], buckets or None)  # config errors now, not in a worker
+    if len(urls) == 1 and str(urls[0]).startswith("tfds:"):
+        name = str(urls[0])[5:]
+        records = W.TfdsSamples(name, split, pipe.get("tfds_data_dir"))
+        kind, record_args, n = "tfds", (name, split, pipe.get("tfds_data_dir")), len(records)
+        source = DataSource(name, "tfds", records.describe())
+    elif urls and all(".array_record" in str(u) or "arrayrecord" in target for u in urls):
+        paths = W.expand_urls(urls, suffixes=(".array_record",))
+        records = W.ArrayRecordSamples(paths)
+        kind, record_args, n = "array_record", tuple(paths), len(records)
+        source = DataSource("arrayrecord", "array_record", records.describe())
+    else:
+        shards = W.expand_urls(urls)
+        host_shards = tuple(enumerate(shards))[process_index::process_count]
+        if not host_shards:
+            raise UserError(f"{len(shards)} shards cannot feed {process_count} hosts: write at least one shard per host")
+        if num_workers > len(host_shards):
+            log.warning("%d data workers but %d shards per host: using %d workers", num_workers, len(host_shards),
+                        len(host_shards))
+            num_workers = len(host_shards)
+        spec = StreamSpec(kind="tar", items=host_shards, record_args=(), **common)
+        source = DataSource("webdataset", "tar", f"{len(shards)} shards: {shards[0]}"
+                            + (f" ... {shards[-1]}" if len(shards) > 1 else ""))
+        return _dataset(spec, batch_size, num_workers, loader, process_index, process_count, source,
+                        tuple(enumerate(shards)))
+    if n < process_count:
+        raise UserError(f"{source.describe()}: fewer examples than hosts")
+    spec = StreamSpec(kind=kind, items=(process_index, n, process_count), record_args=record_args, **common)
+    return _dataset(spec, batch_size, num_workers, loader, process_index, process_count, source, (0, n, 1))
+
+
+def _dataset(spec: StreamSpec, batch_size: int, num_workers: int, loader: dict, process_index: int,
+             process_count: int, source: DataSource, example_items: tuple) -> StreamingDataset:
+    return StreamingDataset(spec, batch_size=batch_size, num_workers=num_workers,
+                            prefetch=int(loader.get("prefetch_factor", 2)), process_index=process_index,
+                            process_count=process_count, source=source, example_items=example_items)
