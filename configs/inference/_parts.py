@@ -69,6 +69,13 @@ def engine(network: dict, denoiser: dict, cond: dict, first_stage: dict, scale_f
         "first_stage_config": first_stage}}
 
 
+# The seed demo's SD_XL_BASE_RATIOS (scripts/demo/sampling.py): (width, height), aspect 0.5 ... 3.0
+SDXL_RESOLUTIONS = ((704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152), (896, 1152),
+                    (896, 1088), (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
+                    (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1344, 704), (1408, 704),
+                    (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576))
+
+
 def inference(width: int, height: int, tokenizers: list[str], **overrides: Any) -> dict[str, Any]:
     """Sampling defaults, as the seed's scripts/demo/sampling.py sets them.
 
@@ -92,6 +99,12 @@ def inference(width: int, height: int, tokenizers: list[str], **overrides: Any) 
         "tokenizers": tokenizers,
         "tokenizer_path": None,
         "checkpoint": None,                   # Orbax directory written by convert_torch_weights.py
+        "img2img_strength": 0.75,             # streamlit_helpers' img2img strength default
+        "refiner_strength": 0.15,             # share of the schedule a refiner runs (sampling.py default)
+        "refiner_config": None,               # a refiner config name / file for the base -> refiner hand-off
+        "refiner_checkpoint": None,
+        "batch_per_device": 2,                # images per device per compiled call (CFG doubles it)
+        "resolutions": (),                    # (width, height) choices offered by the demo
     }
     out.update(overrides)
     return out

@@ -41,5 +41,6 @@ def model() -> dict:
 def get_config() -> ConfigDict:
     config = ConfigDict()
     config.model = model()
-    config.inference = P.inference(1024, 1024, ["tokenizer", "tokenizer_2"], crop_coords_top_left=[0, 0])
+    config.inference = P.inference(1024, 1024, ["tokenizer", "tokenizer_2"], crop_coords_top_left=[0, 0],
+                                   resolutions=P.SDXL_RESOLUTIONS, refiner_config="inference/sd_xl_refiner")
     return config

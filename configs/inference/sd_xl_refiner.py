@@ -38,6 +38,7 @@ def get_config() -> ConfigDict:
     config = ConfigDict()
     config.model = model()
     # scripts/demo/sampling.py: refinement strength 0.15, aesthetic 6.0 / negative 2.5.
-    config.inference = P.inference(1024, 1024, ["tokenizer_2"], crop_coords_top_left=[0, 0], strength=0.15,
+    config.inference = P.inference(1024, 1024, ["tokenizer_2"], crop_coords_top_left=[0, 0],
+                                   refiner_strength=0.15, resolutions=P.SDXL_RESOLUTIONS,
                                    aesthetic_score=6.0, negative_aesthetic_score=2.5)
     return config

@@ -31,5 +31,5 @@ def model(scaling: str = "EpsScaling") -> dict:
 def get_config() -> ConfigDict:
     config = ConfigDict()
     config.model = model()
-    config.inference = P.inference(64, 64, ["tokenizer"], num_steps=4, dtype="float32")
+    config.inference = P.inference(64, 64, ["tokenizer"], num_steps=4, dtype="float32", batch_per_device=8)
     return config

@@ -43,5 +43,6 @@ def get_config() -> ConfigDict:
     config = ConfigDict()
     config.model = model()
     config.inference = P.inference(64, 64, ["tokenizer", "tokenizer_2"], num_steps=4, dtype="float32",
-                                   crop_coords_top_left=[0, 0])
+                                   crop_coords_top_left=[0, 0], batch_per_device=8,
+                                   resolutions=((64, 64), (96, 64), (64, 96)))
     return config

@@ -1,7 +1,8 @@
 """Denoisers: wrap a network F into D(x, sigma) = c_skip x + c_out F(c_in x, c_noise), as the seed.
 
 A network function here has the signature `network(x_in, c_noise, cond) -> output`, with
-`x_in: [B, H, W, C]`, `c_noise: [B]`; `sgm_jax.diffusion.wrappers` builds one from a UNet.
+`x_in: [B, H, W, C]`, `c_noise: [B]`; `DiffusionEngine.network_fn` (sgm_jax/engine.py) builds one from
+a UNet.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ seed does), `sigma: [B]`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import jax
@@ -57,7 +57,6 @@ class BaseDiffusionSampler:
     num_steps: int | None = None
     discretization: Discretization = EDMDiscretization()
     guider: Any = IdentityGuider()
-    verbose: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.num_steps is not None:

@@ -46,6 +46,7 @@ class SampleResult:
     images: np.ndarray | None
     latents: np.ndarray
     sigmas: dict[str, np.ndarray] = field(default_factory=dict)
+    captions: list[str] = field(default_factory=list)  # per image: its class / prompt (trained workdirs)
 
 
 def _model_params(config: Any) -> dict[str, Any]:
@@ -99,7 +100,7 @@ class Pipeline:
         self.config, self.name = config, name
         self.inference = dict(config.get("inference") or {})
         if dtype is None:
-            dtype = "float32" if jax.default_backend() == "cpu" else self.inference.get("dtype", "bfloat16")
+            dtype = "float32" if jax.default_backend() == "cpu" else self.inference["dtype"]
         self.dtype = dtype
         self.engine = engine_for_sampling(config, dtype)
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
@@ -139,8 +140,8 @@ class Pipeline:
                 decode: bool = True, stage: int = 0, **run_kw: Any) -> SampleResult:
         """Text to image. With spec.stage2_strength set and decode=False: noisy latents for a refiner.
         run_kw: batch_size, progress (SamplingRunner.run)."""
-        width = int(width or self.inference.get("width", 1024))
-        height = int(height or self.inference.get("height", 1024))
+        width = int(width or self.inference["width"])
+        height = int(height or self.inference["height"])
         self.check_size(width, height)
         spec = spec or self.default_spec()
         c, uc = self.condition(self.values(prompt, negative_prompt, width, height))
@@ -170,21 +171,26 @@ class Pipeline:
         latents = np.asarray(latents, np.float32)
         _, vae_factor, _ = size_multiple(self.engine)
         height, width = latents.shape[1] * vae_factor, latents.shape[2] * vae_factor
-        strength = float(self.inference.get("strength", 0.15) if strength is None else strength)
+        strength = float(self.inference["refiner_strength"] if strength is None else strength)
         spec = dataclasses.replace(spec or self.default_spec(), img2img_strength=strength)
         c, uc = self.condition(self.values(prompt, negative_prompt, width, height))
         return self._run(spec, c, uc, len(latents), latents.shape[1:], latents, add_noise, True, seed, stage,
                          cfg_scale, run_kw)
 
+    def batch_size(self, num: int) -> int:
+        """Images per compiled call for a request of `num`: inference.batch_per_device per device."""
+        return min(int(self.inference["batch_per_device"]) * self.mesh.size, num)
+
     def default_spec(self) -> SamplerSpec:
-        return SamplerSpec.create(self.inference.get("sampler", "euler_edm"), self.inference.get("num_steps", 50),
-                                  self.inference.get("discretization", "legacy_ddpm"))
+        inf = self.inference
+        return SamplerSpec.create(inf["sampler"], inf["num_steps"], inf["discretization"])
 
     def _run(self, spec: SamplerSpec, c: Cond, uc: Cond, num: int, latent_shape: tuple[int, ...], x0: Any,
              add_noise: bool, decode: bool, seed: int, stage: int, cfg_scale: float | None,
              run_kw: dict[str, Any]) -> SampleResult:
         # stage: base 0, refiner 1 -> independent random streams from one seed
-        scale = float(self.inference.get("cfg_scale", 5.0) if cfg_scale is None else cfg_scale)
+        scale = float(self.inference["cfg_scale"] if cfg_scale is None else cfg_scale)
+        run_kw = {**run_kw, "batch_size": run_kw.get("batch_size") or self.batch_size(num)}
         out = self.runner.run(self.sampling_params, spec, c, uc, num=num, latent_shape=tuple(latent_shape), x0=x0,
                               add_noise=add_noise, decode=decode, cfg_scale=scale,
                               seed_key=jax.random.fold_in(jax.random.key(seed), stage), **run_kw)

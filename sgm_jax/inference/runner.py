@@ -137,8 +137,12 @@ class SamplingRunner:
 
     def run(self, params: Any, spec: SamplerSpec, c: Cond, uc: Cond, *, num: int, latent_shape: tuple[int, ...],
             seed_key: jax.Array, cfg_scale: float, x0: Any = None, add_noise: bool = True, decode: bool = True,
-            batch_size: int | None = None, progress: Callable[[StepEvent], None] | None = None) -> np.ndarray:
+            batch_size: int | None = None, progress: Callable[[StepEvent], None] | None = None,
+            first_index: int = 0) -> np.ndarray:
         """All `num` images of one stage, in chunks of `batch_size` (rounded up to the device count).
+
+        first_index: these are images first_index ... first_index + num - 1 of a larger request
+        (a multiple of the chunk size): the same pixels as that request's, without holding it all.
 
         params: {"model", "first_stage"} on the mesh; c / uc: batch-1 conditioning; latent_shape:
         [h, w, c] of one latent; x0: None (txt2img) or latents [1 or num, h, w, c]. Returns
@@ -152,6 +156,8 @@ class SamplingRunner:
         noise_key, sampler_key = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
         scale = jax.device_put(jnp.asarray(cfg_scale, jnp.float32), replicated(self.mesh))
         steps, chunks = spec.num_loop, -(-num // bs)
+        if first_index % bs:
+            raise ValueError(f"first_index {first_index} must be a multiple of the batch size {bs}")
         outs = []
         try:
             for chunk, start in enumerate(range(0, num, bs)):
@@ -159,11 +165,12 @@ class SamplingRunner:
                     lambda i, c_=chunk: progress(StepEvent(self.name, c_, chunks, i, steps)))
                 self.relay.listener = report
                 rows = np.arange(start, start + bs, dtype=np.int32)  # rows >= num are padding
+                index = np.arange(first_index + start, first_index + start + bs, dtype=np.int32)
                 args = (params,
                         None if x0 is None else self.batched(x0, rows),
-                        self.noise(noise_key, rows, tuple(latent_shape)) if x0 is None or add_noise else None,
+                        self.noise(noise_key, index, tuple(latent_shape)) if x0 is None or add_noise else None,
                         self.batched(c, rows), self.batched(uc, rows),
-                        jax.random.fold_in(sampler_key, chunk), scale)
+                        jax.random.fold_in(sampler_key, (first_index + start) // bs), scale)
                 exe = self._executable(fn, static, args)
                 t0 = time.perf_counter()
                 out = np.asarray(jax.block_until_ready(exe(*args)))

@@ -53,8 +53,7 @@ EMBEDDER_REGISTRY: dict[str, type[nn.Module]] = {}
 # name -> module path, imported on first use so this file loads before/without text.py.
 _LAZY_EMBEDDERS: dict[str, str] = {
     name: "sgm_jax.nn.text"
-    for name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2", "FrozenOpenCLIPEmbedder",
-                 "FrozenT5Embedder", "FrozenByT5Embedder", "FrozenCLIPT5Encoder")
+    for name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2", "FrozenOpenCLIPEmbedder")
 }
 TEXT_EMBEDDERS = frozenset(_LAZY_EMBEDDERS)
 # Constructor arguments of the seed that only make sense in PyTorch; dropped when the Flax
@@ -72,11 +71,6 @@ def register_embedder(cls: type[nn.Module] | None = None, *, name: str | None = 
         return c
 
     return add(cls) if cls is not None else add
-
-
-def register_lazy_embedder(name: str, module: str) -> None:
-    """Register `module.name` to be imported only when a spec first asks for it."""
-    _LAZY_EMBEDDERS[name] = module
 
 
 def get_embedder_class(target: str) -> type[nn.Module]:

@@ -1,0 +1,374 @@
+"""sgm-sample / python sample.py: sample SDXL / SD 2.1 (converted weights) or a train.py workdir.
+
+    sgm-sample --config inference/sd_xl_base --checkpoint checkpoints/sd_xl_base \
+        --prompt "an astronaut riding a horse" --num 4 --steps 40 --seed 42 --out outputs/
+    sgm-sample ... --refiner checkpoints/sd_xl_refiner --refiner-strength 0.15     # base -> refiner
+    sgm-sample ... --init-image photo.png --strength 0.75                          # img2img
+    sgm-sample --workdir workdir/mnist_cond_cpu --classes 0,1,2 --num 4 --out grid.png
+
+One surface for both: every default comes from the config's `inference` section (the
+configs/inference/* file, or a workdir's config.json and its sampler), each flag below is a
+shorthand for one of its fields, and any field can be set with --config.inference.FIELD=V.
+--num is the number of images per prompt / class; --out is a folder (one PNG per image) or a
+.png (the image, or a grid of them). Every PNG carries the settings in its text metadata; the
+same arguments and seed give the same images. Errors are one line (SGM_JAX_TRACEBACK=1: traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from sgm_jax.errors import UserError, run_cli
+
+from .configs import apply_overrides, config_name, load_config, split_overrides
+
+SAMPLERS = ("euler_edm", "heun_edm", "euler_ancestral", "dpmpp2s_ancestral", "dpmpp2m", "linear_multistep")
+# flag -> the inference field it sets
+FIELDS = {"num": "num_samples", "seed": "seed", "steps": "num_steps", "sampler": "sampler", "cfg_scale": "cfg_scale",
+          "discretization": "discretization", "width": "width", "height": "height", "strength": "img2img_strength",
+          "refiner_strength": "refiner_strength", "negative_prompt": "negative_prompt",
+          "checkpoint": "checkpoint", "refiner": "refiner_checkpoint", "refiner_config": "refiner_config"}
+BLOCK_BATCHES = 4  # compiled batches sampled (and held in memory) before their PNGs are written
+POSITIVE = ("num_samples", "num_steps", "width", "height", "batch_per_device")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgm-sample", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    model = p.add_argument_group("model: --config with converted weights, or --workdir")
+    model.add_argument("--config", help="inference config: file or shipped name (inference/sd_xl_base)")
+    model.add_argument("--checkpoint", help="converted weights directory (convert_torch_weights.py)")
+    model.add_argument("--workdir", help="a train.py run (its config.json and checkpoints)")
+    model.add_argument("--step", type=int, help="workdir: sample this checkpoint step (default: the newest)")
+    model.add_argument("--no-ema", action="store_true", help="workdir: the raw weights, not the EMA ones")
+    model.add_argument("--tokenizer", help="CLIP tokenizer: folder, diffusers folder or bpe_simple_vocab_16e6.txt.gz")
+    model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="compute dtype (default: inference.dtype on GPU/TPU, float32 on CPU)")
+    model.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), help="cast weights on load")
+    model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="merge a LoRA file (kohya-ss or diffusers layout) at SCALE (default 1); repeatable")
+    req = p.add_argument_group("request")
+    req.add_argument("--prompt", action="append", help="text prompt; repeat for several prompts")
+    req.add_argument("--classes", help="workdir: comma-separated class ids (default 0..9 for a class model)")
+    req.add_argument("--negative-prompt", help="the unconditional branch of CFG (inference.negative_prompt)")
+    req.add_argument("--width", type=int, help="pixels (inference.width)")
+    req.add_argument("--height", type=int, help="pixels (inference.height)")
+    req.add_argument("--num", type=int, help="images per prompt / class (inference.num_samples)")
+    req.add_argument("--batch-size", type=int,
+                     help="images per compiled call (default inference.batch_per_device x devices)")
+    req.add_argument("--seed", type=int, help="inference.seed")
+    smp = p.add_argument_group("sampler")
+    smp.add_argument("--sampler", choices=SAMPLERS, help="inference.sampler")
+    smp.add_argument("--steps", type=int, help="inference.num_steps")
+    smp.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (inference.cfg_scale)")
+    smp.add_argument("--discretization", choices=("legacy_ddpm", "edm"), help="noise schedule (inference.discretization)")
+    smp.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
+                     help="a sampler's own parameter: s_churn, s_tmin, s_tmax, s_noise, eta, order")
+    i2i = p.add_argument_group("img2img")
+    i2i.add_argument("--init-image", help="start from this image (resized to --width/--height if given)")
+    i2i.add_argument("--strength", type=float, help="share of the schedule run from the image (inference.img2img_strength)")
+    ref = p.add_argument_group("refiner (SDXL base -> refiner hand-off)")
+    ref.add_argument("--refiner", help="converted refiner weights directory (inference.refiner_checkpoint)")
+    ref.add_argument("--refiner-config", help="refiner config (inference.refiner_config)")
+    ref.add_argument("--refiner-strength", type=float, help="share of the schedule the refiner runs")
+    ref.add_argument("--refiner-steps", type=int, help="default: --steps")
+    ref.add_argument("--refiner-cfg-scale", type=float, help="default: --cfg-scale")
+    out = p.add_argument_group("output and runtime")
+    out.add_argument("--out", default="outputs", help="folder (one PNG per image) or .png (one image or a grid)")
+    out.add_argument("--cache-dir", default="~/.cache/sgm_jax/jax_cache", help="JAX persistent compilation cache")
+    out.add_argument("--no-cache", action="store_true", help="disable the persistent compilation cache")
+    out.add_argument("--progress-steps", action="store_true",
+                     help="per-step progress from inside the compiled loop even with the cache on (recompiles)")
+    out.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status (also for tests); errors are one `error:` line on stderr."""
+    try:
+        rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(rest)
+        if args.debug:
+            os.environ["SGM_JAX_TRACEBACK"] = "1"
+        run_cli(lambda: run(args, overrides))
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- request
+
+
+def parse_options(items: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value) if name.strip() != "order" else int(value)
+        except ValueError:
+            raise UserError(f"--sampler-option {item}: expected NAME=NUMBER, e.g. s_churn=0.5") from None
+        if not eq:
+            raise UserError(f"--sampler-option {item}: expected NAME=NUMBER, e.g. eta=1.0")
+    return out
+
+
+def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> Any:
+    """The config with --config.* overrides and then the flags folded into `inference`, checked."""
+    if bool(args.workdir) == bool(args.config):
+        raise UserError("pass --config (SDXL / SD 2.1 inference config) or --workdir (a train.py run), one of them")
+    if args.workdir:
+        from sgm_jax.inference.models import load_workdir_config
+
+        for flag in ("checkpoint", "refiner", "init_image", "tokenizer"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag.replace('_', '-')} is for converted models (--config); "
+                                f"a --workdir brings its own weights")
+        config = load_workdir_config(args.workdir)
+    else:
+        if args.classes or args.no_ema or args.step is not None:
+            raise UserError("--classes / --no-ema / --step are for a train.py --workdir; converted models take --prompt")
+        config = load_config(args.config)
+    apply_overrides(config, overrides)
+    inf = config.inference
+    for flag, key in FIELDS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            inf[key] = value
+    for key in POSITIVE:
+        if key in inf and (not isinstance(inf[key], int) or inf[key] <= 0):
+            raise UserError(f"{key} must be a positive integer, got {inf[key]!r} (flag --"
+                            f"{next((f for f, k in FIELDS.items() if k == key), key).replace('_', '-')})")
+    for flag in ("batch_size", "refiner_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if int(inf["seed"]) < 0:
+        raise UserError(f"--seed must be >= 0, got {inf['seed']}")
+    for key in ("img2img_strength", "refiner_strength"):
+        if key in inf and not 0.0 <= float(inf[key]) <= 1.0:
+            raise UserError(f"{key} must be in [0, 1], got {inf[key]}")
+    return config
+
+
+def workdir_conditions(config: Any, args: argparse.Namespace) -> list[Any]:
+    """The classes / prompts of a workdir request, from its conditioner (no weights read)."""
+    emb = config.model.params.get("conditioner_config") or {}
+    specs = [s for s in (emb.get("params") or {}).get("emb_models", []) if s.get("input_key") in ("cls", "txt")]
+    key = specs[0]["input_key"] if specs else None
+    if key == "cls":
+        if args.prompt:
+            raise UserError(f"the model in {args.workdir} is class-conditional: give --classes, not --prompt")
+        if args.classes:
+            return [c.strip() for c in args.classes.split(",") if c.strip()]
+        return list(range(min(int((specs[0].get("params") or {}).get("n_classes", 10)), 10)))
+    if key == "txt":
+        if args.classes or not args.prompt:
+            raise UserError(f"the model in {args.workdir} is text-conditional: give --prompt")
+        return list(args.prompt)
+    if args.classes or args.prompt:
+        raise UserError(f"the model in {args.workdir} is unconditional: drop --classes / --prompt")
+    return []
+
+
+def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from sgm_jax.inference.models import parse_loras
+    from sgm_jax.inference.outputs import output_paths, save_grid, save_images
+
+    config = request_config(args, overrides)
+    inf = config.inference
+    options = parse_options(args.sampler_option)
+    loras = parse_loras(args.lora)
+    if args.workdir:
+        if loras:
+            raise UserError("--lora applies to converted SDXL / SD 2.1 models, not to a --workdir")
+        name, conds = Path(args.workdir).resolve().name, workdir_conditions(config, args)
+    else:
+        name, conds = config_name(args.config), list(args.prompt or [""])
+    # the output location is checked before the weights load or anything compiles
+    num = int(inf["num_samples"])
+    paths, grid = output_paths(args.out, max(len(conds), 1) * num, f"{name}_s{inf['seed']}")
+    if not args.no_cache:
+        from sgm_jax.inference.loading import enable_compilation_cache
+
+        enable_compilation_cache(args.cache_dir)
+    step_progress = True if args.progress_steps else None
+    t0 = time.perf_counter()
+    if args.workdir:
+        meta, models, blocks = sample_workdir(config, args, conds, options, step_progress)
+    else:
+        meta, models, blocks = sample_converted(config, name, conds, args, options, loras, step_progress)
+    written, kept, captions = [], [], []
+    for first, images, caps in blocks:  # saved block by block: a long request never sits in memory
+        if grid is not None:
+            kept.append(images)
+            captions += caps
+        else:
+            written += save_images(images, paths[first:first + len(images)], meta, caps, first=first)
+    if grid is not None:
+        written = [save_grid(np.concatenate(kept), grid, num, meta, captions)]
+    report_timings(models, time.perf_counter() - t0, max(len(conds), 1) * num)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def blocks_of(total: int, batch: int) -> list[tuple[int, int]]:
+    """(first, count) blocks of a request: whole compiled batches, a few at a time."""
+    block = batch * BLOCK_BATCHES
+    return [(first, min(block, total - first)) for first in range(0, total, block)]
+
+
+def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], options: dict[str, float],
+                   step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
+    from sgm_jax.inference.workdir import TrainedModel
+
+    inf = config.inference
+    model = TrainedModel.load(args.workdir, use_ema=not args.no_ema, step=args.step, config=config,
+                              step_progress=step_progress)
+    model.check_conditions(conds)
+    spec = model.spec(**options)
+    num = int(inf["num_samples"])
+    total = max(len(conds), 1) * num
+    batch = args.batch_size or model.batch_size(total)
+    print(f"{model.name} (step {model.step}): {len(conds) or 1} condition(s) x {num}, {spec.name} "
+          f"{spec.steps} steps, cfg {inf['cfg_scale']}, {model.mesh.size} device(s)")
+    meta = {"model": model.name, "workdir": str(args.workdir), "step": model.step, "ema": not args.no_ema,
+            "seed": inf["seed"], "sampler": spec.name, "steps": spec.steps, "cfg_scale": inf["cfg_scale"],
+            "size": f"{model.image_shape[1]}x{model.image_shape[0]}", "options": dict(spec.options)}
+    if conds:
+        meta["conditions"] = ",".join(map(str, conds))
+
+    def blocks() -> Iterator:
+        bars = ProgressBars()
+        for first, count in blocks_of(total, batch):
+            result = model.sample(conds, num=num, seed=int(inf["seed"]), spec=spec, batch_size=batch,
+                                  negative_prompt=str(inf.get("negative_prompt", "")), progress=bars,
+                                  start=first, count=count)
+            yield first, result.images, result.captions
+        bars.close()
+
+    return meta, [model], blocks()
+
+
+def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.Namespace,
+                     options: dict[str, float], loras: list[tuple[str, float]],
+                     step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
+    import jax
+
+    from sgm_jax.inference import SamplerSpec, load_image, txt2img_with_refiner
+    from sgm_jax.inference.models import load_pipeline
+    from sgm_jax.inference.pipeline import check_size, engine_for_sampling, size_multiple
+    from sgm_jax.parallel import make_mesh
+
+    inf = config.inference
+    engine = engine_for_sampling(config, "float32")
+    image = None
+    if args.init_image:
+        image = load_image(args.init_image, args.width, args.height, size_multiple(engine)[0])
+        height, width = image.shape[1:3]
+    else:
+        width, height = int(inf["width"]), int(inf["height"])
+    check_size(engine, width, height, name)
+    refiner_config = None
+    if inf.get("refiner_checkpoint"):
+        if not inf.get("refiner_config"):
+            raise UserError(f"{name} names no refiner config: pass --refiner-config")
+        refiner_config = load_config(inf["refiner_config"])
+        check_size(engine_for_sampling(refiner_config, "float32"), width, height, config_name(inf["refiner_config"]))
+    mesh = make_mesh(devices=jax.local_devices())
+    kw = dict(tokenizer=args.tokenizer, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh,
+              step_progress=step_progress)
+    base = load_pipeline(config, inf.get("checkpoint"), config_label=str(args.config), name=name, loras=loras, **kw)
+    refiner = None
+    if refiner_config is not None:
+        refiner = load_pipeline(refiner_config, inf["refiner_checkpoint"], config_label=str(inf["refiner_config"]),
+                                **kw)
+    num, seed, scale = int(inf["num_samples"]), int(inf["seed"]), float(inf["cfg_scale"])
+    spec = SamplerSpec.create(inf["sampler"], int(inf["num_steps"]), inf["discretization"], **options)
+    refiner_spec = SamplerSpec.create(inf["sampler"], int(args.refiner_steps or inf["num_steps"]),
+                                      inf["discretization"], **options)
+    batch = args.batch_size or base.batch_size(num)
+    negative, img2img = str(inf["negative_prompt"]), float(inf["img2img_strength"])
+    print(f"{name}: {width}x{height}, {len(prompts)} prompt(s) x {num}, {spec.name} {spec.steps} steps, "
+          f"cfg {scale}, {mesh.size} {jax.default_backend()} device(s)")
+    meta: dict[str, Any] = {"prompt": prompts[0] if len(prompts) == 1 else " | ".join(prompts),
+                            "negative_prompt": negative, "seed": seed, "sampler": spec.name, "steps": spec.steps,
+                            "cfg_scale": scale, "width": width, "height": height, "size": f"{width}x{height}",
+                            "model": name, "checkpoint": str(inf.get("checkpoint")),
+                            "discretization": inf["discretization"], "dtype": base.dtype,
+                            "options": dict(spec.options)}
+    if loras:
+        meta["loras"] = ", ".join(f"{Path(p).name}:{s:g}" for p, s in loras)
+    if image is not None:
+        meta.update(init_image=str(args.init_image), strength=img2img)
+    if refiner is not None:
+        meta.update(refiner=refiner.name, refiner_checkpoint=str(inf["refiner_checkpoint"]),
+                    refiner_strength=inf["refiner_strength"])
+
+    def one(prompt: str, count: int, run_kw: dict[str, Any]) -> np.ndarray:
+        if refiner is not None:
+            return txt2img_with_refiner(
+                base, refiner, prompt, negative, strength=float(inf["refiner_strength"]), width=width, height=height,
+                num=count, seed=seed, base_spec=spec, refiner_spec=refiner_spec, cfg_scale=scale,
+                refiner_cfg_scale=args.refiner_cfg_scale, init_image=image, img2img_strength=img2img,
+                **run_kw).images
+        if image is not None:
+            return base.img2img(image, prompt, negative, strength=img2img, num=count, seed=seed, spec=spec,
+                                cfg_scale=scale, **run_kw).images
+        return base.txt2img(prompt, negative, width=width, height=height, num=count, seed=seed, spec=spec,
+                            cfg_scale=scale, **run_kw).images
+
+    def blocks() -> Iterator:
+        bars = ProgressBars()
+        for p, prompt in enumerate(prompts):  # each prompt: the images of its own request
+            for first, count in blocks_of(num, batch):
+                images = one(prompt, count, {"batch_size": batch, "progress": bars, "first_index": first})
+                yield p * num + first, images, [prompt] * count if len(prompts) > 1 else []
+        bars.close()
+
+    return meta, [base] + ([refiner] if refiner else []), blocks()
+
+
+class ProgressBars:
+    """One tqdm bar per stage over all its sampler steps (every chunk)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.stage: str | None = None
+
+    def __call__(self, ev: Any) -> None:
+        from tqdm import tqdm
+
+        if ev.stage != self.stage or self.bar is None:
+            self.close()
+            self.stage = ev.stage
+            self.bar = tqdm(total=ev.steps * ev.chunks, desc=f"{ev.stage} steps", unit="step", leave=True)
+        self.bar.update(1)
+        if self.bar.n >= self.bar.total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.stage = None, None
+
+
+def report_timings(models: Sequence[Any], total: float, num: int) -> None:
+    compile_s = sum(t.compile_s for m in models for t in m.timings)
+    sample_s = sum(t.run_s for m in models for t in m.timings if t.stage.endswith("sample"))
+    print(f"compile {compile_s:.2f} s, sampling {sample_s:.2f} s ({sample_s / max(num, 1):.2f} s/image), "
+          f"total {total:.2f} s")
+
+
+if __name__ == "__main__":
+    console_main()

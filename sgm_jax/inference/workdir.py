@@ -1,0 +1,258 @@
+"""Sample a model trained with train.py: its workdir's config.json, run.json and checkpoints.
+
+    model = TrainedModel.load("workdir/mnist_cond_cpu")
+    result = model.sample(conditions=[3, 7], num=4, seed=42)   # uint8 [8, 28, 28, 1], rows 3,3,3,3,7,...
+
+Conditions are class ids for a class-conditional model (`cls`), prompts for a text-conditional
+one (`txt`), or nothing for an unconditional one. Only the weights are restored (the EMA
+ones by default), never the optimiser state, and the checkpoint's tree is checked against
+the config before anything compiles. Sampling goes through the same compiled-once runner as
+the SDXL pipelines (sgm_jax.inference.runner): a new condition, seed or CFG scale reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from sgm_jax.diffusion.guiders import VanillaCFG
+from sgm_jax.engine import DiffusionEngine, build_engine
+from sgm_jax.errors import UserError
+from sgm_jax.nn.conditioner import get_unconditional_conditioning, text_tokenizers, tokenize_batch
+from sgm_jax.parallel import make_mesh, replicated
+
+from .pipeline import SampleResult
+from .runner import SamplingRunner, StepEvent
+from .sampling import SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization
+
+AS_TRAINED = "config"  # inference.discretization of a workdir: the training config's own schedule
+
+
+def read_workdir_config(workdir: str | Path) -> ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a train.py --workdir?")
+    return ConfigDict(json.loads(path.read_text()))
+
+
+def example_batch(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """A 1-example batch with the inputs the conditioner reads (class labels / text)."""
+    batch: dict[str, Any] = {engine.input_key: np.zeros((1,) + tuple(image_shape), np.float32)}
+    for spec in engine.conditioner.specs:
+        if spec.input_key == "cls":
+            batch["cls"] = np.zeros((1,), np.int32)
+        elif spec.input_key == "txt":
+            batch["txt"] = [""]
+    return batch
+
+
+def inference_defaults(engine: DiffusionEngine, image_shape: Sequence[int]) -> dict[str, Any]:
+    """The `inference` section a workdir's config gets (what configs/inference/* hold for SDXL):
+    the training config's sampler, steps and CFG scale; overridable with --config.inference.x=y."""
+    smp = engine.sampler
+    guider = getattr(smp, "guider", None)
+    return {
+        "sampler": canonical_sampler_name(type(smp).__name__) if smp is not None else "euler_edm",
+        "num_steps": int(getattr(smp, "num_steps", None) or 50),
+        "discretization": AS_TRAINED,
+        "cfg_scale": float(guider.scale) if isinstance(guider, VanillaCFG) else 1.0,
+        "height": int(image_shape[0]), "width": int(image_shape[1]),
+        "num_samples": 1, "seed": 42,
+        "batch_per_device": 64,
+    }
+
+
+def _abstract_params(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> Any:
+    return jax.eval_shape(engine.init_params, jax.random.key(0), example_batch(engine, image_shape))
+
+
+def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[int, ...], use_ema: bool = True,
+                    step: int | None = None) -> tuple[int, Any]:
+    """(step, params): the checkpoint's tree is checked against the config (one line naming the
+    first mismatched key, no compile), then only params / ema_params are read."""
+    from sgm_jax.training.checkpoint import check_tree_matches, restore_params, step_dirs
+
+    ckpt_dir = workdir / "checkpoints"
+    steps = step_dirs(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with train.py --workdir {workdir}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint {step} in {ckpt_dir}; there are: {', '.join(map(str, steps))}")
+    check_tree_matches(ckpt_dir / str(step if step is not None else steps[0]),
+                       {"params": _abstract_params(engine, image_shape)}, prefixes=("params.",))
+    return restore_params(ckpt_dir, step=step, use_ema=use_ema)
+
+
+class TrainedModel:
+    """A train.py workdir ready to sample (weights on a data-parallel mesh, compiled once)."""
+
+    def __init__(self, workdir: str | Path, config: Any, engine: DiffusionEngine, params: Any, step: int,
+                 image_shape: tuple[int, ...], mesh: jax.sharding.Mesh | None = None, clip_tokenizer: Any = None,
+                 step_progress: bool | None = None) -> None:
+        self.workdir, self.config, self.engine, self.step = Path(workdir), config, engine, step
+        self.image_shape = tuple(image_shape)
+        self.name = self.workdir.name
+        self.mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
+        self.params = jax.device_put(params, replicated(self.mesh))
+        self.inference = dict(config.get("inference") or {})
+        self.runner = SamplingRunner(engine, self.mesh, self.name, step_progress)
+        self.timings = self.runner.timings
+        specs = [s for s in engine.conditioner.specs if s.input_key in ("cls", "txt")]
+        self.condition_key: str | None = specs[0].input_key if specs else None
+        self.n_classes = int(specs[0].params.get("n_classes", 1000)) if self.condition_key == "cls" else None
+        self.zero_uc_keys = tuple(s.input_key for s in engine.conditioner.specs if s.ucg_rate > 0 and s.input_key)
+        self._tokenizers = text_tokenizers(engine.conditioner, clip_tokenizer) if self.condition_key == "txt" else None
+        self._encode: Callable = jax.jit(lambda p, b, bu: get_unconditional_conditioning(
+            engine.conditioner, p, b, bu, force_uc_zero_embeddings=self.zero_uc_keys))
+
+    @classmethod
+    def load(cls, workdir: str | Path, *, use_ema: bool = True, step: int | None = None, config: Any = None,
+             **kw: Any) -> "TrainedModel":
+        """config: the workdir's config.json with --config overrides applied (read_workdir_config
+        + sgm_jax.cli.configs.apply_overrides); None reads it as saved. kw: mesh, clip_tokenizer,
+        step_progress."""
+        workdir = Path(workdir)
+        config = config if config is not None else with_inference_section(workdir, read_workdir_config(workdir))
+        engine = build_engine(config.model, dtype=config.get("training", {}).get("dtype", "float32"))
+        image_shape = workdir_image_shape(workdir)
+        step, params = restore_weights(workdir, engine, image_shape, use_ema, step)
+        return cls(workdir, config, engine, params, step, image_shape, **kw)
+
+    @property
+    def conditional(self) -> bool:
+        return self.condition_key is not None
+
+    def default_spec(self) -> SamplerSpec:
+        return self.spec()
+
+    def spec(self, sampler: str | None = None, steps: int | None = None, discretization: str | None = None,
+             **options: Any) -> SamplerSpec:
+        """SamplerSpec from the inference section; the trained sampler's own options and schedule
+        unless another sampler / discretization is named."""
+        inf = self.inference
+        name = canonical_sampler_name(sampler or inf["sampler"])
+        disc_name = discretization or inf["discretization"]
+        trained = self.engine.sampler
+        if disc_name == AS_TRAINED:
+            disc = trained.discretization if trained is not None else make_discretization("edm")
+        else:
+            disc = make_discretization(disc_name)
+        if trained is not None and canonical_sampler_name(type(trained).__name__) == name:
+            options = {**{k: getattr(trained, k) for k in SAMPLER_DEFAULTS[name] if hasattr(trained, k)}, **options}
+        return SamplerSpec.create(name, int(steps or inf["num_steps"]), disc, guided=self.conditional, **options)
+
+    def check_conditions(self, conditions: Sequence[Any]) -> list[Any]:
+        if not self.conditional:
+            if any(c not in (None, "") for c in conditions):
+                raise UserError(f"the model in {self.workdir} is unconditional: it takes no classes or prompts")
+            return [None]
+        if not conditions:
+            raise UserError(f"the model in {self.workdir} is conditioned on "
+                            f"{'classes' if self.condition_key == 'cls' else 'prompts'}: give at least one")
+        if self.condition_key == "cls":
+            out = []
+            for c in conditions:
+                if isinstance(c, str) and not c.strip().lstrip("-").isdigit():
+                    raise UserError(f"class {c!r} is not an integer")
+                c = int(c)
+                if not 0 <= c < int(self.n_classes):  # type: ignore[arg-type]
+                    raise UserError(f"class {c} out of range: this model has {self.n_classes} classes (0..."
+                                    f"{int(self.n_classes) - 1})")  # type: ignore[arg-type]
+                out.append(c)
+            return out
+        return [str(c) for c in conditions]
+
+    def condition(self, condition: Any, negative_prompt: str = "") -> tuple[dict, dict]:
+        """c, uc (batch 1) for one class id / prompt (uc: the embeddings zeroed as in training's ucg)."""
+        batch: dict[str, Any] = {}
+        batch_uc: dict[str, Any] = {}
+        if self.condition_key == "cls":
+            batch = {"cls": np.asarray([condition], np.int32)}
+            batch_uc = batch
+        elif self.condition_key == "txt":
+            batch = tokenize_batch(self.engine.conditioner, {"txt": [condition]}, self._tokenizers)
+            batch_uc = tokenize_batch(self.engine.conditioner, {"txt": [negative_prompt]}, self._tokenizers)
+        return self._encode(self.params.get("conditioner", {}), batch, batch_uc)
+
+    def batch_size(self, total: int) -> int:
+        """Images per compiled call for a request of `total`: inference.batch_per_device per device."""
+        return min(int(self.inference["batch_per_device"]) * self.mesh.size, total)
+
+    def sample(self, conditions: Sequence[Any] = (), *, num: int = 1, seed: int = 42, spec: SamplerSpec | None = None,
+               cfg_scale: float | None = None, negative_prompt: str = "", batch_size: int | None = None,
+               progress: Callable[[StepEvent], None] | None = None, start: int = 0,
+               count: int | None = None) -> SampleResult:
+        """`num` images per condition, condition-major: uint8 [len(conditions) * num, H, W, C].
+
+        Image i's noise depends on (seed, i) only; batch_size: images per compiled call
+        (default `batch_size(total)`). start / count: only images start ... start + count - 1 of
+        the request (start a multiple of the batch size), the same pixels, for long requests."""
+        conditions = self.check_conditions(conditions)
+        total = len(conditions) * num
+        count = total - start if count is None else min(count, total - start)
+        rows = np.arange(start, start + count) // num  # the condition of each image asked for
+        used = sorted(set(rows.tolist()))
+        encoded = {i: self.condition(conditions[i], negative_prompt) for i in used}
+        c, uc = (jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[np.searchsorted(used, rows)],
+                                        *[encoded[i][k] for i in used]) for k in (0, 1))
+        spec = spec or self.default_spec()
+        scale = float(self.inference["cfg_scale"] if cfg_scale is None else cfg_scale)
+        latent = tuple(self.engine.latent_shape((1,) + self.image_shape))[1:]
+        images = self.runner.run(self.params, spec, c, uc, num=count, latent_shape=latent, cfg_scale=scale,
+                                 seed_key=jax.random.key(seed), batch_size=batch_size or self.batch_size(total),
+                                 progress=progress, first_index=start)
+        captions = [str(conditions[i]) for i in rows] if self.conditional else []
+        return SampleResult(images=images, latents=np.empty((0,), np.float32), sigmas={self.name: spec.sigmas()},
+                            captions=captions)
+
+
+def workdir_image_shape(workdir: Path) -> tuple[int, ...]:
+    run = Path(workdir) / "run.json"
+    shape = json.loads(run.read_text()).get("image_shape") if run.is_file() else None
+    if not shape:
+        raise FileNotFoundError(f"{run} (written by train.py, it records the image shape) is missing or empty")
+    return tuple(int(x) for x in shape)
+
+
+def with_inference_section(workdir: Path, config: ConfigDict) -> ConfigDict:
+    """The workdir config with an `inference` section (its own sampler defaults) when it has none."""
+    if "inference" not in config:
+        engine = build_engine(config.model)
+        config.inference = inference_defaults(engine, workdir_image_shape(workdir))
+    return config
+
+
+# --- the functions sgm_jax.training.restore exported (tests and benchmarks use them) -------------
+
+
+def load_trained(workdir: str | Path, use_ema: bool = True, step: int | None = None):
+    """(config, engine, params, run_info) of a training run (weights only; EMA when asked and present)."""
+    workdir = Path(workdir)
+    config = read_workdir_config(workdir)
+    engine = build_engine(config.model, dtype=config.get("training", {}).get("dtype", "float32"))
+    _, params = restore_weights(workdir, engine, workdir_image_shape(workdir), use_ema, step)
+    run = json.loads((workdir / "run.json").read_text())
+    return config, engine, params, run
+
+
+def sample_trained(workdir: str | Path, classes: list[int], num_per_class: int = 1, sampler: str | None = None,
+                   steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
+                   use_ema: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """images [N, H, W, C] in [-1, 1] (the uint8 PNG values) and labels [N], N = len(classes) * num_per_class."""
+    model = TrainedModel.load(workdir, use_ema=use_ema)
+    try:
+        result = model.sample(classes, num=num_per_class, seed=seed, spec=model.spec(sampler, steps),
+                              cfg_scale=cfg_scale)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    labels = np.repeat(np.asarray(classes if model.conditional else [0], np.int32), num_per_class)
+    return result.images.astype(np.float32) / 127.5 - 1.0, labels
+
+
+__all__ = ["TrainedModel", "example_batch", "inference_defaults", "load_trained", "read_workdir_config",
+           "restore_weights", "sample_trained", "with_inference_section"]
