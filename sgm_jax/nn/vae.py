@@ -185,6 +185,9 @@ class Decoder(nn.Module):
         if self.give_pre_end:
             return h
         h = nn.swish(_norm("norm_out")(h))
+        # The input of the last layer, kept only when "intermediates" is mutable: the
+        # autoencoder's adaptive GAN weight needs gradients at conv_out (get_last_layer).
+        self.sow("intermediates", "conv_out_input", h)
         h = _conv(self.out_ch, 3, "conv_out", self.dtype)(h)
         return jnp.tanh(h) if self.tanh_out else h
 
@@ -250,11 +253,29 @@ def normalize_ddconfig(ddconfig: Any) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in items}
 
 
-class AutoencoderKL(nn.Module):
-    """The seed's AutoencoderKL (AutoencodingEngineLegacy with a DiagonalGaussianRegularizer).
+def _common_args(cfg: Mapping[str, Any], dtype: Dtype) -> dict[str, Any]:
+    """Encoder / Decoder keyword arguments shared by both, from the seed's ddconfig."""
+    attn_type = "linear" if cfg.get("use_linear_attn", False) else cfg.get("attn_type", "vanilla")
+    return dict(
+        ch=int(cfg["ch"]),
+        ch_mult=tuple(int(m) for m in cfg.get("ch_mult", (1, 2, 4, 8))),
+        num_res_blocks=int(cfg["num_res_blocks"]),
+        attn_resolutions=tuple(int(r) for r in cfg.get("attn_resolutions", ())),
+        resolution=int(cfg["resolution"]),
+        z_channels=int(cfg["z_channels"]),
+        dropout=float(cfg.get("dropout", 0.0)),
+        attn_type=attn_type,
+        dtype=dtype,
+    )
 
-    Params (float32): `encoder`, `decoder`, `quant_conv`, `post_quant_conv`. Compute dtype
-    `dtype`; group norms run in float32. Usage:
+
+class AutoencoderKL(nn.Module):
+    """The seed's AutoencoderKL (AutoencodingEngineLegacy with a DiagonalGaussianRegularizer),
+    and its AutoencodingEngine (`use_quant_conv=False`, `decoder_config` = the decoder's params
+    when they differ from the encoder's `ddconfig`); build either with `autoencoder_from_config`.
+
+    Params (float32): `encoder`, `decoder`, `quant_conv`, `post_quant_conv` (the last two only
+    with `use_quant_conv`). Compute dtype `dtype`; group norms run in float32. Usage:
       moments = model.apply({"params": p}, x, method=AutoencoderKL.encode)  # [B,h,w,2*embed_dim]
       z = DiagonalGaussianDistribution.from_moments(moments).sample(key)  # or .mode()
       x_rec = model.apply({"params": p}, z, method=AutoencoderKL.decode)  # [B,H,W,out_ch]
@@ -264,41 +285,36 @@ class AutoencoderKL(nn.Module):
     embed_dim: int
     ddconfig: Any
     dtype: Dtype = jnp.float32
+    decoder_config: Any = None  # None: the decoder reads `ddconfig` too (AutoencoderKL)
+    use_quant_conv: bool = True  # False: the AutoencodingEngine (no quant_conv / post_quant_conv)
 
     def __post_init__(self) -> None:
         # A hashable copy (FrozenDict, tuples) keeps the module usable as a static jit argument.
         object.__setattr__(self, "ddconfig", FrozenDict(normalize_ddconfig(self.ddconfig)))
+        if self.decoder_config is not None:
+            object.__setattr__(self, "decoder_config", FrozenDict(normalize_ddconfig(self.decoder_config)))
         super().__post_init__()
 
     def setup(self) -> None:
-        cfg = dict(self.ddconfig)
-        attn_type = cfg.get("attn_type", "vanilla")
-        common = dict(
-            ch=int(cfg["ch"]),
-            ch_mult=tuple(int(m) for m in cfg.get("ch_mult", (1, 2, 4, 8))),
-            num_res_blocks=int(cfg["num_res_blocks"]),
-            attn_resolutions=tuple(int(r) for r in cfg.get("attn_resolutions", ())),
-            resolution=int(cfg["resolution"]),
-            z_channels=int(cfg["z_channels"]),
-            dropout=float(cfg.get("dropout", 0.0)),
-            attn_type="linear" if cfg.get("use_linear_attn", False) else attn_type,
-            dtype=self.dtype,
-        )
-        self.double_z = bool(cfg.get("double_z", True))
-        self.encoder = Encoder(double_z=self.double_z, **common)
+        enc, dec = _common_args(self.ddconfig, self.dtype), _common_args(self.decoder_config or self.ddconfig, self.dtype)
+        self.double_z = bool(self.ddconfig.get("double_z", True))
+        self.encoder = Encoder(double_z=self.double_z, **enc)
+        dec_cfg = self.decoder_config or self.ddconfig
         self.decoder = Decoder(
-            out_ch=int(cfg["out_ch"]),
-            give_pre_end=bool(cfg.get("give_pre_end", False)),
-            tanh_out=bool(cfg.get("tanh_out", False)),
-            **common,
+            out_ch=int(dec_cfg["out_ch"]),
+            give_pre_end=bool(dec_cfg.get("give_pre_end", False)),
+            tanh_out=bool(dec_cfg.get("tanh_out", False)),
+            **dec,
         )
-        moments = (1 + self.double_z) * self.embed_dim
-        self.quant_conv = nn.Conv(moments, (1, 1), dtype=self.dtype, name="quant_conv")
-        self.post_quant_conv = nn.Conv(common["z_channels"], (1, 1), dtype=self.dtype, name="post_quant_conv")
+        if self.use_quant_conv:
+            moments = (1 + self.double_z) * self.embed_dim
+            self.quant_conv = nn.Conv(moments, (1, 1), dtype=self.dtype, name="quant_conv")
+            self.post_quant_conv = nn.Conv(dec["z_channels"], (1, 1), dtype=self.dtype, name="post_quant_conv")
 
     def encode(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """Image `[B, H, W, in_channels]` -> moments `[B, H/f, W/f, 2*embed_dim]` (mean, logvar)."""
-        return self.quant_conv(self.encoder(x, deterministic))
+        h = self.encoder(x, deterministic)
+        return self.quant_conv(h) if self.use_quant_conv else h
 
     def encode_posterior(self, x: jax.Array, deterministic: bool = True) -> DiagonalGaussianDistribution:
         """Image -> the posterior over latents (logvar clamped)."""
@@ -306,7 +322,8 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
         """Latent `[B, h, w, embed_dim]` (unscaled) -> image `[B, h*f, w*f, out_ch]`."""
-        return self.decoder(self.post_quant_conv(z.astype(self.dtype)), deterministic)
+        z = z.astype(self.dtype)
+        return self.decoder(self.post_quant_conv(z) if self.use_quant_conv else z, deterministic)
 
     def __call__(
         self, x: jax.Array, key: jax.Array | None = None, deterministic: bool = True
@@ -316,3 +333,34 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode_posterior(x, deterministic)
         z = posterior.mode() if key is None else posterior.sample(key)
         return z, self.decode(z, deterministic), posterior
+
+
+# The seed's first-stage classes whose weights are an Encoder / Decoder pair (+ quant convs).
+LEGACY_TARGETS = ("AutoencoderKL", "AutoencodingEngineLegacy", "AutoencoderKLModeOnly")
+ENGINE_TARGETS = ("AutoencodingEngine",)
+
+
+def autoencoder_from_config(first_stage_config: Mapping[str, Any], dtype: Dtype = jnp.float32) -> AutoencoderKL:
+    """The Flax module for a seed first-stage config `{"target": ..., "params": {...}}`:
+    AutoencoderKL / AutoencodingEngineLegacy (`embed_dim`, `ddconfig`: with quant convs) or
+    AutoencodingEngine (`encoder_config`, `decoder_config`: no quant convs; the latent has
+    z_channels channels). Other targets raise ValueError."""
+    target = str(first_stage_config.get("target", "")).rsplit(".", 1)[-1]
+    params = first_stage_config.get("params", {}) or {}
+    if target in LEGACY_TARGETS:
+        return AutoencoderKL(embed_dim=int(params["embed_dim"]), ddconfig=params["ddconfig"], dtype=dtype)
+    if target in ENGINE_TARGETS:
+        enc = dict(params["encoder_config"].get("params", {}))
+        dec = dict(params["decoder_config"].get("params", {}))
+        reg = str((params.get("regularizer_config") or {}).get("target", "DiagonalGaussianRegularizer"))
+        if not reg.endswith("DiagonalGaussianRegularizer"):
+            raise ValueError(f"regularizer {reg!r} is not supported; sgm_jax implements DiagonalGaussianRegularizer")
+        for name, part in (("encoder_config", params["encoder_config"]), ("decoder_config", params["decoder_config"])):
+            part_target = str(part.get("target", "")).rsplit(".", 1)[-1]
+            if part_target not in ("Encoder", "Decoder", ""):
+                raise ValueError(f"{name} target {part['target']!r} is not supported (use the seed's Encoder/Decoder)")
+        return AutoencoderKL(embed_dim=int(enc["z_channels"]), ddconfig=enc,
+                             decoder_config=None if normalize_ddconfig(dec) == normalize_ddconfig(enc) else dec,
+                             use_quant_conv=False, dtype=dtype)
+    raise ValueError(f"first stage {first_stage_config.get('target')!r} is not an autoencoder sgm_jax implements "
+                     f"({', '.join(LEGACY_TARGETS + ENGINE_TARGETS)})")
