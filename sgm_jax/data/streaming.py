@@ -72,15 +72,19 @@ class StreamIterator:
                                                              per_worker_buffer_size=max(prefetch, 1)))
         self._it = iter(ds)
         self.step, self.totals = 0, collections.Counter()
-        if start_step:
-            log.warning("stream iterator asked to start at step %d without a saved state: replaying", start_step)
-            for _ in range(int(start_step)):
-                next(self)
+        # Without a saved state (set_state before the first batch), starting at step k means
+        # replaying k batches: exact, but it reads the data again.
+        self._replay = int(start_step)
 
     def __iter__(self) -> "StreamIterator":
         return self
 
     def __next__(self) -> dict:
+        if self._replay:
+            n, self._replay = self._replay, 0
+            log.warning("stream iterator started at step %d without a saved state: replaying %d batches", n, n)
+            for _ in range(n):
+                next(self)
         batch = dict(next(self._it))
         self.totals.update(batch.pop("__stats__", {}))
         self.step += 1
@@ -93,14 +97,16 @@ class StreamIterator:
         grain_state = state["grain"]
         try:
             self._it.set_state(grain_state)
+            self._replay = 0
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"the saved data iterator state does not fit this data config ({type(e).__name__}: {e}); "
                             "resume with the same urls and num_workers") from None
         self.step, self.totals = int(state["step"]), collections.Counter(state.get("stats", {}))
 
     def stats(self) -> dict[str, float]:
-        out = {f"data/{k}": float(v) for k, v in sorted(self.totals.items())}
-        out["data/skipped_samples"] = float(sum(v for k, v in self.totals.items() if k != "truncated_shards"))
+        """Counters since the run began (the loop logs them as data/<name>)."""
+        out = {k: float(v) for k, v in sorted(self.totals.items())}
+        out["skipped_samples"] = float(sum(v for k, v in self.totals.items() if k != "truncated_shards"))
         return out
 
     def close(self) -> None:
