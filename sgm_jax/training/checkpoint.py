@@ -162,8 +162,9 @@ def _metadata_shapes(step_dir: Path) -> dict[str, tuple] | None:
     """{keypath: shape} of the state item from Orbax's metadata, without reading arrays."""
     try:
         tree = _read_metadata(step_dir / _item_names(step_dir)[0])
-        return {_norm(jax.tree_util.keystr(p)): tuple(m.shape)
-                for p, m in jax.tree_util.tree_leaves_with_path(tree) if hasattr(m, "shape")}
+        shapes = {_norm(jax.tree_util.keystr(p)): tuple(m.shape)
+                  for p, m in jax.tree_util.tree_leaves_with_path(tree) if getattr(m, "shape", None) is not None}
+        return shapes or None  # damaged metadata: the restore decides (corruption, not a mismatch)
     except Exception:  # unreadable metadata: the restore itself will report it
         return None
 

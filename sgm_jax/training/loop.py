@@ -67,13 +67,7 @@ class _StopFlag:
 def _dataset(config: Any) -> Any:
     from sgm_jax import data
 
-    if hasattr(data, "from_config"):
-        return data.from_config(config.data, split="train")
-    params = dict(config.data.params)  # until the streaming pipeline's from_config lands
-    params["path"] = params.get("path") or None
-    ds = data.build_dataset(config.data.target, split="train", **params)
-    ds.batch_size = int(params["batch_size"])
-    return ds
+    return data.from_config(config.data, split="train")
 
 
 @dataclasses.dataclass
