@@ -16,49 +16,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import linen as nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-class Classifier(nn.Module):
-    @nn.compact
-    def __call__(self, x):  # [B, 28, 28, 1] in [-1, 1]
-        x = nn.relu(nn.Conv(32, (3, 3))(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
-        x = nn.relu(nn.Conv(64, (3, 3))(x))
-        x = nn.max_pool(x, (2, 2), (2, 2))
-        x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
-        return nn.Dense(10)(x)
-
-
-def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 3, seed: int = 0):
-    """Returns (params, held-out accuracy): trains on 85% of the given digits."""
-    n_train = int(0.85 * len(images))
-    model, tx = Classifier(), optax.adam(1e-3)
-    params = model.init(jax.random.key(seed), images[:1])
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, opt, x, y):
-        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
-        grads = jax.grad(loss_fn)(params)
-        updates, opt = tx.update(grads, opt)
-        return optax.apply_updates(params, updates), opt
-
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(n_train)
-        for i in range(0, n_train - 63, 64):
-            idx = order[i:i + 64]
-            params, opt = step(params, opt, images[idx], labels[idx])
-    predict = jax.jit(lambda p, x: jnp.argmax(model.apply(p, x), -1))
-    acc = float((np.asarray(predict(params, images[n_train:])) == labels[n_train:]).mean())
-    return (lambda x: np.asarray(predict(params, x))), acc
+from sgm_jax.evaluation.classifier import ClassifierEvaluator  # noqa: E402  (the classifier score's evaluator)
 
 
 def main() -> None:
@@ -88,10 +51,11 @@ def main() -> None:
     config.training.update(sample_every=0, num_samples=10, sample_nrow=10)
 
     held_out = MnistDataset(args.data, split="test")
-    batch = held_out.batch_at(0, len(held_out) // 64 * 64, shuffle=False)
     t0 = time.time()
-    classify, clf_acc = train_classifier(batch["jpg"], batch["cls"])
-    print(f"classifier: held-out accuracy {clf_acc:.4f} ({time.time() - t0:.0f} s); data: {held_out.source.describe()}")
+    evaluator = ClassifierEvaluator.from_mnist(args.data, split="test", limit=len(held_out) // 64 * 64)
+    classify = evaluator.predict
+    print(f"classifier: held-out accuracy {evaluator.accuracy:.4f} ({time.time() - t0:.0f} s); "
+          f"data: {held_out.source.describe()}")
 
     rows, spent = [], 0.0
     for budget in [float(b) for b in args.budgets.split(",")]:

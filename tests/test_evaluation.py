@@ -1,0 +1,299 @@
+"""Evaluation: FID's InceptionV3 and Fréchet distance against pytorch-fid's own code, the CLIP
+towers against transformers, SSIM against scikit-image, the MNIST classifier on real digits,
+and evaluate.py end to end on real MNIST folders (random Inception weights: plumbing only).
+
+pytorch-fid imports torchvision, whose PyPI wheel does not load beside the CPU build of torch
+(its C extension wants libtorch_cuda). Its Python code is all pytorch-fid's InceptionV3 needs,
+so the reference runs in a subprocess that imports torchvision with its C-op registrations
+skipped; pytorch-fid and torchvision live outside the venv (they would break transformers'
+import there):
+    pip install --no-deps --target ~/.cache/sgm_jax/torch_refs pytorch-fid==0.3.0 torchvision==0.28.0
+($SGM_JAX_TORCH_REFS overrides the folder; a working torchvision + pytorch-fid install is used as is.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, REPO
+from sgm_jax.convert.common import CheckpointMismatchError
+from sgm_jax.convert.files import save_safetensors
+from sgm_jax.convert.inception import FID_WEIGHTS_NAME, convert_inception, export_inception, load_inception_params
+from sgm_jax.evaluation.fid import (GaussianStats, InceptionFeatures, feature_statistics, frechet_distance,
+                                    frechet_distance_stats, load_statistics)
+from sgm_jax.evaluation.inception import bilinear_matrix, random_inception_params
+
+TORCH_REFS = Path(os.environ.get("SGM_JAX_TORCH_REFS", Path.home() / ".cache" / "sgm_jax" / "torch_refs"))
+MNIST = DATA / "mnist"
+
+# Runs pytorch-fid's real InceptionV3 (use_fid_inception=True: its FIDInceptionA/C/E blocks,
+# resize and input scaling; weights read by its own loader from TORCH_HOME) and its
+# calculate_frechet_distance; writes the random weights, inputs and outputs to argv[1].
+_REFERENCE = r'''
+import os, sys
+import numpy as np, torch
+register_fake = torch.library.register_fake
+def skip_torchvision_ops(op, func=None, /, *args, **kwargs):  # C ops absent: nothing to register
+    if isinstance(op, str) and op.startswith("torchvision::"):
+        return func if func is not None else (lambda fn: fn)
+    return register_fake(op, func, *args, **kwargs)
+torch.library.register_fake = skip_torchvision_ops
+import torchvision
+torch.library.register_fake = register_fake
+from pytorch_fid import inception as pfi
+from pytorch_fid.fid_score import calculate_frechet_distance
+out = sys.argv[1]
+skeleton = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, init_weights=False, weights=None)
+gen = torch.Generator().manual_seed(0)
+weights = {}
+for k, v in skeleton.state_dict().items():
+    if k.endswith("num_batches_tracked"):
+        weights[k] = v
+    elif k.endswith("conv.weight"):
+        weights[k] = torch.randn(v.shape, generator=gen) * (2.0 / v[0].numel()) ** 0.5
+    elif k.endswith(("running_var", "bn.weight")):
+        weights[k] = 0.5 + torch.rand(v.shape, generator=gen)
+    else:
+        weights[k] = 0.1 * torch.randn(v.shape, generator=gen)
+home = os.path.join(os.path.dirname(out), "torch_home")
+os.makedirs(os.path.join(home, "hub", "checkpoints"))
+torch.save(weights, os.path.join(home, "hub", "checkpoints", pfi.FID_WEIGHTS_URL.split("/")[-1]))
+os.environ["TORCH_HOME"] = home
+model = pfi.InceptionV3([pfi.InceptionV3.DEFAULT_BLOCK_INDEX]).eval()
+rng = np.random.default_rng(0)
+x = rng.random((2, 3, 37, 45)).astype(np.float32)
+with torch.no_grad():
+    features = model(torch.from_numpy(x))[0][:, :, 0, 0].numpy()
+stats, distances = {}, []
+for i, (d, n1, n2, tiny) in enumerate([(64, 500, 400, 0.0), (256, 100, 120, 0.0), (128, 400, 300, 1e-10)]):
+    mix = rng.normal(size=(d, d))
+    if tiny:  # near-singular: all but 8 directions squashed to 1e-10
+        mix[8:] *= tiny
+    a = rng.normal(size=(n1, d)) @ mix * 0.1
+    b = rng.normal(size=(n2, d)) @ mix * 0.1 + 0.05
+    stats.update({f"a{i}": a, f"b{i}": b})
+    m1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    m2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    distances.append(calculate_frechet_distance(m1, s1, m2, s2))
+np.savez(out, x=x, features=features, distances=np.array(distances), **stats,
+         **{"w/" + k: v.numpy() for k, v in weights.items()})
+'''
+
+
+def _reference_env() -> dict[str, str] | None:
+    """Environment in which pytorch_fid imports (installed, or from TORCH_REFS); None if neither."""
+    pytest.importorskip("torch")
+    env = dict(os.environ)
+    probe = [sys.executable, "-c", "import pytorch_fid, torchvision.models"]
+    for path in ("", str(TORCH_REFS)):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH", "")) if p)
+        if path and not (TORCH_REFS / "pytorch_fid").is_dir():
+            continue
+        if path or subprocess.run(probe, env=env, capture_output=True).returncode == 0:
+            return env
+    return None
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid_reference(tmp_path_factory):
+    env = _reference_env()
+    if env is None:
+        pytest.skip(f"pytorch-fid is not installed: pip install --no-deps --target {TORCH_REFS} "
+                    "pytorch-fid==0.3.0 torchvision==0.28.0")
+    out = tmp_path_factory.mktemp("pytorch_fid") / "reference.npz"
+    subprocess.run([sys.executable, "-c", _REFERENCE, str(out)], env=env, check=True, timeout=300)
+    return dict(np.load(out))
+
+
+def test_inception_matches_pytorch_fid(pytorch_fid_reference):
+    ref = pytorch_fid_reference
+    state_dict = {k[2:]: v for k, v in ref.items() if k.startswith("w/")}
+    params = convert_inception(state_dict)  # pytorch-fid's file layout, fc.* ignored
+    images = np.transpose(ref["x"], (0, 2, 3, 1)) * 2.0 - 1.0  # [0, 1] NCHW -> sgm_jax's [-1, 1] NHWC
+    features = InceptionFeatures(params, batch_size=2)(images)
+    err = np.abs(features - ref["features"]).max() / np.abs(ref["features"]).max()
+    assert features.shape == (2, 2048) and err < 1e-4, err
+
+
+def test_frechet_distance_matches_pytorch_fid(pytorch_fid_reference):
+    ref = pytorch_fid_reference
+    for i, expected in enumerate(ref["distances"]):
+        a, b = ref[f"a{i}"], ref[f"b{i}"]
+        full = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+        factored = frechet_distance_stats(GaussianStats.from_features(a), GaussianStats.from_features(b))
+        mixed = frechet_distance_stats(GaussianStats(*feature_statistics(a)), GaussianStats.from_features(b))
+        for value in (full, factored, mixed):
+            assert abs(value - expected) <= 1e-6 * abs(expected) + 1e-9, (i, value, expected)
+    assert ref["distances"][1] > 1.0  # the cases are not trivially zero
+
+
+def test_resize_matches_torch_interpolate():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    for h, w in [(28, 28), (512, 333), (17, 300)]:
+        x = rng.random((1, 2, h, w)).astype(np.float32)
+        expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=(299, 299), mode="bilinear",
+                                                   align_corners=False).numpy()
+        got = np.einsum("oh,bchw,pw->bcop", bilinear_matrix(h, 299), x, bilinear_matrix(w, 299), optimize=True)
+        np.testing.assert_allclose(got, expected, atol=5e-6)  # float32 rounding of the grid
+
+
+def test_inception_weights_missing_and_mismatched(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SGM_JAX_FID_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match=FID_WEIGHTS_NAME) as err:
+        load_inception_params()
+    assert "\n" not in str(err.value) and str(tmp_path / ".cache" / "sgm_jax") in str(err.value)
+    state_dict = export_inception(random_inception_params(0))
+    state_dict["Mixed_5b.branch1x1.conv.weights"] = state_dict.pop("Mixed_5b.branch1x1.conv.weight")
+    with pytest.raises(CheckpointMismatchError, match="missing keys.*Mixed_5b.branch1x1.conv.weight"):
+        convert_inception(state_dict)
+
+
+def test_clip_towers_match_transformers():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from sgm_jax.convert.clip_vision import convert_clip_text, convert_clip_vision
+    from sgm_jax.evaluation.clip_image import CLIPVisionTower
+    from sgm_jax.evaluation.clip_score import clip_score_from_embeddings, text_embeddings
+    from sgm_jax.nn.text import CLIPTextTransformer
+
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=100, max_position_embeddings=16, eos_token_id=2, bos_token_id=0),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=42, patch_size=14), projection_dim=24)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+    tower = CLIPVisionTower(image_size=42, patch_size=14, width=48, layers=2, heads=4, embed_dim=24, mlp_ratio=2.0)
+    text = CLIPTextTransformer(vocab_size=100, width=32, layers=2, heads=4, max_length=16, intermediate_size=64)
+    pixels = np.random.default_rng(0).normal(size=(3, 3, 42, 42)).astype(np.float32)
+    ids = np.full((3, 16), 99, np.int64)
+    ids[:, :4] = [[0, 5, 7, 99], [0, 3, 4, 5], [0, 1, 99, 99]]
+    with torch.no_grad():
+        img_ref = model.get_image_features(pixel_values=torch.from_numpy(pixels))
+        txt_ref = model.get_text_features(input_ids=torch.from_numpy(ids))
+    img_ref = getattr(img_ref, "pooler_output", img_ref).numpy()
+    txt_ref = getattr(txt_ref, "pooler_output", txt_ref).numpy()
+    img = np.asarray(tower.apply({"params": convert_clip_vision(state_dict, tower)}, pixels.transpose(0, 2, 3, 1)))
+    txt = np.asarray(text_embeddings(text, convert_clip_text(state_dict, text), ids.astype(np.int32)))
+    assert np.abs(img - img_ref).max() < 1e-4 * np.abs(img_ref).max()
+    assert np.abs(txt - txt_ref).max() < 1e-4 * np.abs(txt_ref).max()
+    # torchmetrics' CLIPScore: 100 * max(cos, 0) per pair, from the normalised embeddings.
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(img_ref), torch.from_numpy(txt_ref)).numpy()
+    np.testing.assert_allclose(np.asarray(clip_score_from_embeddings(img, txt)), np.maximum(100 * cos, 0), atol=1e-3)
+
+
+def test_clip_weights_missing_one_line(tmp_path, monkeypatch):
+    from sgm_jax.convert.clip_vision import open_clip_checkpoint
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SGM_JAX_CLIP_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="model.safetensors of openai/clip-vit-large-patch14") as err:
+        open_clip_checkpoint()
+    assert "\n" not in str(err.value)
+
+
+def test_ssim_psnr_match_skimage():
+    skimage = pytest.importorskip("skimage")
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from sgm_jax.evaluation.reconstruction import reconstruction_metrics
+
+    clean = skimage.data.astronaut()[::4, ::4]
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 20, clean.shape), 0, 255).astype(np.uint8)
+    got = reconstruction_metrics(noisy[None], clean[None])
+    ssim = structural_similarity(noisy / 255.0, clean / 255.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, data_range=1.0, channel_axis=-1)
+    assert abs(got["ssim"] - ssim) < 1e-5 and 0.3 < ssim < 0.9
+    assert abs(got["psnr"] - peak_signal_noise_ratio(clean / 255.0, noisy / 255.0, data_range=1.0)) < 1e-4
+
+
+def _mnist_or_skip():
+    from sgm_jax.data import MnistDataset
+
+    if not (MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST not found in {MNIST}")
+    return MnistDataset(str(MNIST), split="test")
+
+
+def test_classifier_evaluator_on_real_digits():
+    from sgm_jax.evaluation.classifier import ClassifierEvaluator
+
+    data = _mnist_or_skip()
+    evaluator = ClassifierEvaluator.from_mnist(str(MNIST), limit=3000, epochs=1)
+    images, labels = data.images[5000:5200], data.labels[5000:5200]  # digits it did not train on
+    right = evaluator(images, list(labels))
+    wrong = evaluator(images, list((labels + 1) % 10))
+    assert evaluator.accuracy > 0.85 and right["class_accuracy"] > 0.85 and wrong["class_accuracy"] < 0.1
+
+
+def test_training_evaluator(tmp_path):
+    from sgm_jax.evaluation.in_training import make_training_evaluator
+
+    data = _mnist_or_skip()
+    assert make_training_evaluator({"every": 0, "metrics": ["fid"]}, (28, 28, 1)) is None
+    with pytest.raises(ValueError, match="unknown field"):
+        make_training_evaluator({"every": 5, "num_sample": 8}, (28, 28, 1))
+    with pytest.raises(ValueError, match="28x28x1"):
+        make_training_evaluator({"every": 5, "metrics": ["classifier"]}, (32, 32, 3))
+    evaluator = make_training_evaluator(
+        {"every": 5, "num_samples": 8, "metrics": ["reconstruction"], "ref": f"mnist:test:{MNIST}"}, (28, 28, 1))
+    calls = []
+
+    def generate(n, seed):  # the test split's first n digits, in [-1, 1]: a perfect "model"
+        calls.append((n, seed))
+        return data.images[:n].astype(np.float32) / 127.5 - 1.0, [int(c) for c in data.labels[:n]]
+
+    metrics = evaluator(generate, 10)
+    assert evaluator.due(10) and not evaluator.due(7) and calls == [(8, 0)]
+    assert metrics["eval/psnr"] > 100 and metrics["eval/ssim"] > 0.9999 and metrics["eval/num_images"] == 8
+
+
+def test_evaluate_cli_on_mnist_folders(tmp_path):
+    """Two disjoint halves of real digits are close; real vs a noised copy is far (random weights)."""
+    from sgm_jax.evaluation.cli import main
+    from sgm_jax.evaluation.images import save_image_folder
+
+    data = _mnist_or_skip()
+    digits = data.images[:24]
+    noised = np.clip(digits[16:].astype(np.float32) + np.random.default_rng(0).normal(0, 80, (8, 28, 28, 1)), 0, 255)
+    for name, images in (("a", digits[:8]), ("b", digits[8:16]), ("noised", noised.astype(np.uint8))):
+        save_image_folder(tmp_path / name, images)
+    weights = save_safetensors(export_inception(random_inception_params(0)), tmp_path / "inception.safetensors")
+    common = ["--inception-weights", str(weights), "--batch-size", "8"]
+    for argv in (["--images", str(tmp_path / "b"), "--ref", str(tmp_path / "a"), "--save-ref-stats",
+                  str(tmp_path / "a.npz"), "--out", str(tmp_path / "b.json")],
+                 ["--images", str(tmp_path / "noised"), "--ref", str(tmp_path / "a.npz"), "--out",
+                  str(tmp_path / "noised.json")]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv + common)
+        assert exit_.value.code == 0
+    close = json.loads((tmp_path / "b.json").read_text())["metrics"]["fid"]
+    far = json.loads((tmp_path / "noised.json").read_text())["metrics"]["fid"]
+    mu, sigma = load_statistics(tmp_path / "a.npz")
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    assert 0 < close and far > 2 * close, (close, far)
+
+
+def test_evaluate_cli_missing_weights_one_line(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    env = dict(os.environ, HOME=str(tmp_path), TORCH_HOME=str(tmp_path / "torch"), SGM_JAX_FID_WEIGHTS="")
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--images", str(tmp_path / "imgs"),
+                           "--ref", str(tmp_path / "imgs")], env=env, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: FID InceptionV3 weights not found") and FID_WEIGHTS_NAME in lines[0]
