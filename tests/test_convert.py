@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import convert_torch_weights as cli
+from sgm_jax.cli import convert as cli
 from sgm_jax.configs.inference import sd_2_1, sd_xl_base, sd_xl_refiner, tiny_sd_2_1, tiny_sdxl
 from sgm_jax.convert import checkpoint as ck
 from sgm_jax.convert.common import flatten_params, unflatten_params

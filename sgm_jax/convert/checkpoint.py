@@ -19,6 +19,7 @@ The layout (which prefix each network has, which extra keys are ignored and why)
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -33,7 +34,9 @@ from sgm_jax.convert.common import (
 )
 from sgm_jax.convert.files import CheckpointFileError, open_checkpoint, save_safetensors
 from sgm_jax.convert.layout import Part, checkpoint_shapes, engine_parts, guess_family, is_ignored
-from sgm_jax.convert.params_dir import check_output, load_params, read_metadata, save_params, to_numpy_dtype
+from sgm_jax.convert.atomic import stop_on_signals
+from sgm_jax.convert.params_dir import (SHARD_BYTES, check_output, load_params, read_metadata, save_params,
+                                        to_numpy_dtype)
 
 __all__ = [
     "CheckpointFileError", "CheckpointMismatchError", "check_output", "checkpoint_shapes", "convert_checkpoint",
@@ -144,8 +147,12 @@ def _get(tree: Mapping[str, Any], path: FlaxPath) -> Any:
 
 def convert_file(checkpoint: str | os.PathLike, config: Any, output: str | os.PathLike, *, dtype: Any = "keep",
                  allow_pickle: bool = False, overwrite: bool = False, use_ema: bool = False,
-                 metadata: Mapping[str, Any] | None = None) -> Path:
-    """checkpoint file -> Orbax params directory `output` (atomic; untouched on any error)."""
+                 metadata: Mapping[str, Any] | None = None, shard_bytes: int = SHARD_BYTES,
+                 handle_signals: bool = True) -> Path:
+    """checkpoint file -> Orbax params directory `output`, atomically: on any error `output`
+    is untouched and nothing is left beside it. With `handle_signals` (main thread only),
+    SIGTERM / SIGINT stop the write at the next shard, remove the partial output and raise
+    `atomic.Interrupted` (a UserError); temp dirs of runs killed outright are removed here."""
     check_output(output, overwrite)
     sd = open_checkpoint(checkpoint, allow_pickle=allow_pickle)
     try:
@@ -158,6 +165,8 @@ def convert_file(checkpoint: str | os.PathLike, config: Any, output: str | os.Pa
                 "dtype": str(dtype), "use_ema": use_ema, "prefixes": {p.name: p.prefix for p in parts}}
         meta.update(metadata or {})
         # Streamed: tensors are read, converted and written shard by shard.
-        return save_params(iter_converted(sd, parts, dtype), output, meta, overwrite=overwrite)
+        with stop_on_signals() if handle_signals else nullcontext() as stop:
+            return save_params(iter_converted(sd, parts, dtype), output, meta, overwrite=overwrite,
+                               shard_bytes=shard_bytes, stop=stop)
     finally:
         sd.close()

@@ -76,6 +76,21 @@ def unflatten_params(flat: Mapping[FlaxPath, Any]) -> dict[str, Any]:
     return tree
 
 
+def replace_leaves(tree: Mapping[str, Any], values: Mapping[FlaxPath, Any]) -> dict[str, Any]:
+    """A copy of `tree` with the leaves at `values`' paths replaced; only the dicts on those
+    paths are copied, every other subtree and leaf is shared (works on tracers under jit)."""
+    out = dict(tree)
+    for path, value in values.items():
+        node, src = out, tree
+        for name in path[:-1]:
+            src = src[name]
+            if node[name] is src:
+                node[name] = dict(src)
+            node = node[name]
+        node[path[-1]] = value
+    return out
+
+
 def _shape_of(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
     shape_fn: Callable[[str], Sequence[int]] | None = getattr(state_dict, "shape_of", None)
     if shape_fn is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -183,15 +182,18 @@ def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
     """Write a flat `{key: array}` state dict as `.safetensors`, atomically (temp file + rename)."""
     from safetensors.numpy import save_file
 
+    from sgm_jax.convert.atomic import commit, remove_path, remove_stale_temps, sibling_temp
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass --overwrite / overwrite=True to replace it)")
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"  # same file system: atomic rename
+    remove_stale_temps(path)
+    tmp = sibling_temp(path, "tmp")  # same file system: atomic rename
     try:
-        tensors = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+        tensors = {k: np.asarray(v, order="C") for k, v in state_dict.items()}  # keeps 0-d arrays 0-d
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
+        commit(tmp, path, overwrite)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        remove_path(tmp)
         raise
     return path

@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.convert.common import FlaxPath, KeyMap, flatten_params, torch_shape
-from sgm_jax.convert.text import abstract_embedder_params, text_key_map
+from sgm_jax.convert.text import (CLIP_IGNORED_SUFFIXES, OPENCLIP_IGNORED_SUFFIXES, abstract_embedder_params,
+                                  clip_text_prefix, text_key_map)
 from sgm_jax.convert.unet import flax_path_to_torch, unet_abstract_params, unet_key_map
 from sgm_jax.convert.vae import VAE_PREFIX, abstract_vae_params, vae_key_map
 from sgm_jax.engine import DiffusionEngine, build_engine
@@ -56,8 +57,6 @@ DDPM_BUFFERS = frozenset({
     "logvar", "lvlb_weights", "scale_factor",
 })
 IGNORED_PREFIXES = ("model_ema.", "denoiser.", "loss.", "first_stage_model.loss.")
-CLIP_IGNORED_SUFFIXES = ("position_ids",)
-OPENCLIP_IGNORED_SUFFIXES = ("logit_scale", "attn_mask")
 PARAM_FREE_EMBEDDERS = frozenset({"ConcatTimestepEmbedderND", "IdentityEncoder"})
 # Example inputs (shape, dtype) to trace the init of non-text embedders that own params.
 _EMBEDDER_INPUTS = {"ClassEmbedder": ((1,), jnp.int32), "ClassEmbedderForMultiCond": ((1,), jnp.int32)}
@@ -134,9 +133,7 @@ def _embedder_part(i: int, spec: Any, keys: Collection[str] | None) -> Part | No
     if spec.target == "FrozenCLIPEmbedder":
         tower = _abstract(abstract_embedder_params, embedder)["transformer"]
         # transformers 4.x (every released SDXL file) nests the model under `text_model.`.
-        flat = base + "transformer."
-        prefix = flat if _has_prefix(keys, flat) and not _has_prefix(keys, flat + "text_model.") \
-            else flat + "text_model."
+        prefix = clip_text_prefix(keys, base + "transformer.")
         return Part(name, path + ("transformer",), prefix, text_key_map(tower), _shapes(tower), CLIP_IGNORED_SUFFIXES)
     if spec.target in ("FrozenOpenCLIPEmbedder2", "FrozenOpenCLIPEmbedder"):
         tower = _abstract(abstract_embedder_params, embedder)["model"]

@@ -10,23 +10,27 @@ tree in one call needs twice its size in RAM (14 GB for SDXL in float16). Writin
 shards one after another, freeing each, keeps conversion near the size of one shard and
 loading near the size of the tree. `load_params` merges the shards back into one tree.
 
-Writes are atomic: everything goes to a hidden sibling temp dir that is renamed into place
-only when complete, so a failed or interrupted save leaves OUT exactly as it was.
+Writes are atomic (sgm_jax.convert.atomic): everything goes to a hidden sibling temp dir
+that is renamed into place only when complete, so a failed or interrupted save leaves OUT
+exactly as it was and nothing beside it; temp dirs of killed runs go at the next save.
+
+Loading restores each shard in groups of ~64 MB (Orbax partial restores), casting to the
+requested dtype inside the restore: peak memory stays near the size of the result, not the
+result plus a shard (or the whole tree) in the stored dtype.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 
-from sgm_jax.convert.common import FlaxPath, flatten_params
+from sgm_jax.convert.atomic import StopFlag, commit, remove_path, remove_stale_temps, sibling_temp
+from sgm_jax.convert.common import FlaxPath, flatten_params, unflatten_params
 from sgm_jax.convert.files import CheckpointFileError
 
 PARAMS_SUBDIR = "params"
@@ -36,6 +40,7 @@ FORMAT_VERSION = 1
 SHARD_BYTES = 1 << 30
 SAVE_CONCURRENT_GB = 1
 RESTORE_CONCURRENT_GB = 2
+RESTORE_GROUP_BYTES = 64 << 20
 
 Leaves = Iterable[tuple[FlaxPath, Any]]
 
@@ -48,29 +53,6 @@ def _checkpointer() -> Any:
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB,
                                           restore_concurrent_gb=RESTORE_CONCURRENT_GB, use_compression=False)
     return ocp.Checkpointer(handler)
-
-
-def _sibling_temp(path: Path, tag: str) -> Path:
-    # Same parent: the final rename stays on one file system, hence atomic.
-    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
-
-
-def _commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished `tmp` to `out`; an existing `out` is replaced only with `overwrite`
-    and is put back if the swap fails."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out} already exists (pass --overwrite / overwrite=True to replace it)")
-    old = _sibling_temp(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -98,36 +80,30 @@ def _shards(leaves: Leaves, limit: int) -> Iterator[list[tuple[FlaxPath, np.ndar
         yield batch
 
 
-def _nest(pairs: Iterable[tuple[FlaxPath, Any]]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in pairs:
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
-
-
 def save_params(params: Mapping[str, Any] | Leaves, out_dir: str | os.PathLike,
                 metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,
-                shard_bytes: int = SHARD_BYTES) -> Path:
+                shard_bytes: int = SHARD_BYTES, stop: StopFlag | None = None) -> Path:
     """Write a params tree as an Orbax directory, atomically.
 
     params: a nested dict of arrays, or an iterable of (Flax path, array) pairs, which is
     consumed lazily (a converter can stream, so the whole tree never sits in memory).
     metadata (JSON-serialisable) goes to metadata.json, with `format`, `format_version`,
     `num_params`, `num_tensors`, `dtypes` and `shards` added. Refuses to replace an
-    existing `out_dir` unless `overwrite`; on any failure `out_dir` is left untouched.
+    existing `out_dir` unless `overwrite`; on any failure `out_dir` is left untouched and
+    the temp dir removed. `stop` (from `atomic.stop_on_signals`) is checked between shards.
     """
     out = check_output(out_dir, overwrite).absolute()
+    remove_stale_temps(out)
     leaves = flatten_params(params).items() if isinstance(params, Mapping) else params
-    tmp = _sibling_temp(out, "tmp")
+    tmp = sibling_temp(out, "tmp")
     (tmp / PARAMS_SUBDIR).mkdir(parents=True)
     try:
         checkpointer, shards, count, n_params, dtypes = _checkpointer(), [], 0, 0, set()
         for shard in _shards(leaves, shard_bytes):
+            if stop is not None:
+                stop.check()
             name = f"{len(shards):03d}"
-            checkpointer.save(tmp / PARAMS_SUBDIR / name, _nest(shard))
+            checkpointer.save(tmp / PARAMS_SUBDIR / name, unflatten_params(dict(shard)))
             shards.append(name)
             count += len(shard)
             n_params += sum(int(a.size) for _, a in shard)
@@ -137,9 +113,11 @@ def save_params(params: Mapping[str, Any] | Leaves, out_dir: str | os.PathLike,
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, num_params=n_params, num_tensors=count,
                     dtypes=sorted(dtypes), shards=shards)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        _commit_dir(tmp, out, overwrite)
+        if stop is not None:
+            stop.check()
+        commit(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         raise
     return out
 
@@ -159,20 +137,49 @@ def load_params(out_dir: str | os.PathLike, *, dtype: Any = None) -> dict[str, A
     """The params tree saved by `save_params`, e.g. `{"model": ..., "conditioner":
     {"embedders_0": ...}, "first_stage": ...}`, as numpy arrays in host memory (hand them
     to jit or `jax.device_put`). `dtype` ("float32", "bfloat16", "float16" or a numpy dtype)
-    casts floating leaves shard by shard; None keeps the stored dtype."""
+    casts floating leaves while they are read; None keeps the stored dtype."""
     meta = read_metadata(out_dir)
     target = None if dtype is None else to_numpy_dtype(dtype)
     checkpointer = _checkpointer()
     flat: dict[FlaxPath, np.ndarray] = {}
     for name in meta["shards"]:
-        shard = checkpointer.restore((Path(out_dir) / PARAMS_SUBDIR / name).absolute())
-        for path, array in flatten_params(shard).items():
-            array = np.asarray(array)
-            if target is not None and _is_float(array.dtype):
-                array = array.astype(target, copy=False)
-            flat[path] = array
-        del shard
-    return _nest(flat.items())
+        shard_dir = (Path(out_dir) / PARAMS_SUBDIR / name).absolute()
+        for group in _restore_groups(checkpointer, shard_dir):
+            flat.update(_restore_group(checkpointer, shard_dir, group, target))
+    return unflatten_params(flat)
+
+
+def _restore_groups(checkpointer: Any, shard_dir: Path) -> Iterator[list[tuple[FlaxPath, np.dtype]]]:
+    """The shard's leaves (path, stored dtype) in groups of ~RESTORE_GROUP_BYTES stored bytes."""
+    tree = checkpointer.metadata(shard_dir)
+    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+    group: list[tuple[FlaxPath, np.dtype]] = []
+    size = 0
+    for path, leaf in flatten_params(tree).items():
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        if group and size + nbytes > RESTORE_GROUP_BYTES:
+            yield group
+            group, size = [], 0
+        group.append((path, np.dtype(leaf.dtype)))
+        size += nbytes
+    if group:
+        yield group
+
+
+def _restore_group(checkpointer: Any, shard_dir: Path, group: list[tuple[FlaxPath, np.dtype]],
+                   target: np.dtype | None) -> dict[FlaxPath, np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    def args(stored: np.dtype) -> Any:
+        cast = target if target is not None and _is_float(stored) and stored != target else None
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=cast)
+
+    item = unflatten_params({path: np.empty(0, stored) for path, stored in group})  # which leaves, not values
+    restore_args = unflatten_params({path: args(stored) for path, stored in group})
+    restored = checkpointer.restore(shard_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    out = flatten_params(restored)
+    return {path: np.asarray(out[path]) for path, _ in group}
 
 
 def _is_float(dtype: np.dtype) -> bool:

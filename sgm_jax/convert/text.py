@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import flax.linen as nn
 import jax
@@ -28,8 +28,8 @@ OPENCLIP_G_PREFIX = "conditioner.embedders.1.model."
 OPENCLIP_H_PREFIX = "cond_stage_model.model."
 
 _TEXT_MODEL = "text_model."
-_CLIP_IGNORED = ("position_ids",)
-_OPENCLIP_IGNORED = ("logit_scale", "attn_mask")
+CLIP_IGNORED_SUFFIXES = ("position_ids",)  # transformers' arange buffer
+OPENCLIP_IGNORED_SUFFIXES = ("logit_scale", "attn_mask")  # contrastive temperature, causal mask
 _INDEXED = re.compile(r"^(layers|resblocks)_(\d+)$")  # "layers_3" -> "layers.3"
 
 
@@ -53,10 +53,19 @@ def abstract_embedder_params(embedder: nn.Module) -> Mapping[str, Any]:
     return jax.eval_shape(lambda t: embedder.init(jax.random.key(0), t), tokens)["params"]
 
 
-def _clip_prefix(state_dict: Mapping[str, Any], prefix: str) -> str:
-    """`prefix + "text_model."` when the checkpoint nests the model there (transformers 4.x)."""
-    nested = prefix + _TEXT_MODEL + "final_layer_norm.weight"
-    return prefix + _TEXT_MODEL if nested in state_dict else prefix
+def clip_text_prefix(keys: Collection[str] | None, prefix: str) -> str:
+    """Where a CLIP text model's parameters sit: `prefix + "text_model."` (transformers 4.x,
+    every released SDXL file) or `prefix` (transformers 5). Decided by a real parameter
+    (any key under the prefix other than the `position_ids` buffer), so a stray buffer does
+    not choose the layout. Without keys, or with no parameter under either, the released
+    layout (nested)."""
+    nested = prefix + _TEXT_MODEL
+    if keys is None:
+        return nested
+    has_param = lambda p: any(k.startswith(p) and not k.endswith(CLIP_IGNORED_SUFFIXES) for k in keys)
+    if not has_param(nested) and has_param(prefix):
+        return prefix
+    return nested
 
 
 def convert_clip_l(
@@ -72,7 +81,7 @@ def convert_clip_l(
     abstract = abstract_embedder_params(embedder)["transformer"]
     tower = convert_state_dict(
         state_dict, text_key_map(abstract), abstract,
-        prefix=_clip_prefix(state_dict, prefix), ignore_unexpected=_CLIP_IGNORED, dtype=dtype,
+        prefix=clip_text_prefix(state_dict.keys(), prefix), ignore_unexpected=CLIP_IGNORED_SUFFIXES, dtype=dtype,
     )
     return {"transformer": tower}
 
@@ -98,7 +107,7 @@ def convert_openclip(
     mis-shaped keys."""
     abstract = abstract_embedder_params(embedder)["model"]
     tower = convert_state_dict(
-        state_dict, text_key_map(abstract), abstract, prefix=prefix, ignore_unexpected=_OPENCLIP_IGNORED, dtype=dtype
+        state_dict, text_key_map(abstract), abstract, prefix=prefix, ignore_unexpected=OPENCLIP_IGNORED_SUFFIXES, dtype=dtype
     )
     return {"model": tower}
 

@@ -7,7 +7,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -53,15 +53,47 @@ def check_checkpoint(checkpoint: str | os.PathLike | None, config_path: str | os
 
 
 def load_checkpoint(checkpoint: str | os.PathLike | None, config_path: str | os.PathLike,
-                    dtype: str | None = None) -> dict[str, Any]:
-    """Converted params (sgm_jax.convert.load_params) or SetupError naming the convert command."""
+                    dtype: str | None = None, *, loras: Sequence[tuple[str | os.PathLike, float]] = (),
+                    lora_strict: bool = True) -> dict[str, Any]:
+    """Converted params (sgm_jax.convert.load_params) or SetupError naming the convert command.
+
+    loras: [(LoRA .safetensors path, scale), ...] merged into the weights once
+    (`sgm_jax.lora.apply_loras`); the LoRA files are checked (readable, every key fits this
+    model, or with lora_strict=False skipped with a warning) before the weights are read.
+    """
     from sgm_jax.convert.checkpoint import CheckpointFileError, load_params
 
     path = check_checkpoint(checkpoint, config_path)
+    lora_files = read_loras(loras)
     try:
-        return load_params(path, dtype=dtype)
+        params = load_params(path, dtype=dtype)
     except (CheckpointFileError, FileNotFoundError) as err:
         raise SetupError(f"{err}; (re)create it with `{convert_command(config_path, path)} --overwrite`") from None
+    return merge_loras(params, lora_files, strict=lora_strict)
+
+
+def read_loras(loras: Sequence[tuple[Any, float]]) -> list[tuple[Any, float]]:
+    """[(path, scale)] -> [(parsed LoraFile, scale)]; SetupError (one line) for a bad file."""
+    from sgm_jax.errors import UserError
+    from sgm_jax.lora import LoraFile, read_lora
+
+    try:
+        return [(src if isinstance(src, LoraFile) else read_lora(src), float(scale)) for src, scale in loras]
+    except UserError as err:
+        raise SetupError(str(err)) from None
+
+
+def merge_loras(params: dict[str, Any], loras: Sequence[tuple[Any, float]], *, strict: bool = True) -> dict[str, Any]:
+    """params with the LoRA files merged (sgm_jax.lora.apply_loras); SetupError when one does not fit."""
+    from sgm_jax.errors import UserError
+    from sgm_jax.lora import apply_loras
+
+    if not loras:
+        return params
+    try:
+        return apply_loras(params, loras, strict=strict)
+    except UserError as err:
+        raise SetupError(str(err)) from None
 
 
 def load_clip_tokenizer(config: Any, source: str | os.PathLike | None) -> Any:
