@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # configs/ and sample.py
+sys.path.insert(0, str(REPO))  # sample.py
 DATA = Path(os.environ.get("SGM_JAX_SHARED", REPO.parent / "shared")) / "data"
 
 from sgm_jax.configs.inference import _parts as P  # noqa: E402
@@ -55,7 +55,7 @@ def tiny_refiner_config():
         P.size_embedder("aesthetic_score", t.SIZE_DIM),
     )
     cfg.inference.tokenizers = ["tokenizer_2"]
-    cfg.inference.update(strength=0.15, aesthetic_score=6.0, negative_aesthetic_score=2.5)
+    cfg.inference.update(refiner_strength=0.15, aesthetic_score=6.0, negative_aesthetic_score=2.5)
     return cfg
 
 
@@ -256,6 +256,18 @@ def test_missing_checkpoint_and_tokenizer_lines(models, capsys, tmp_path):
     assert len(err.splitlines()) == 1 and "no CLIP tokenizer" in err
     assert sample.main(["--workdir", str(tmp_path / "no_run"), "--no-cache"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_weights_of_another_model_are_one_line_before_any_compile(models, capsys, tmp_path):
+    import sample
+
+    # SD 2.1-shaped weights with the SDXL config: the first differing key, nothing written
+    assert sample.main(["--config", str(SDXL_CFG), "--checkpoint", str(models["dirs"]["sd21"]), "--no-cache",
+                        "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"the weights in {models['dirs']['sd21']} do not fit" in err, err
+    assert "conditioner.embedders_" in err or "model." in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_sd21_eps_and_persistent_cache(models):

@@ -9,6 +9,7 @@ functions) across requests, counting loads, so a server never reloads for a new 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,17 @@ from sgm_jax.errors import UserError
 
 from .pipeline import Pipeline
 from .workdir import TrainedModel, read_workdir_config, with_inference_section
+
+
+@contextlib.contextmanager
+def user_errors():
+    """loading.py's SetupError (missing weights, tokenizer, init image) as UserError: one line at the CLI."""
+    from .loading import SetupError
+
+    try:
+        yield
+    except SetupError as e:
+        raise UserError(str(e)) from None
 
 
 def expected_param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -69,9 +81,10 @@ def load_pipeline(config: Any, checkpoint: str | os.PathLike | None, *, config_l
     from .loading import check_checkpoint, load_checkpoint, load_clip_tokenizer
 
     checkpoint = checkpoint or (config.get("inference") or {}).get("checkpoint")
-    path = check_checkpoint(checkpoint, config_label)
-    clip_tokenizer = load_clip_tokenizer(config, tokenizer)
-    params = load_checkpoint(path, config_label, param_dtype)
+    with user_errors():
+        path = check_checkpoint(checkpoint, config_label)
+        clip_tokenizer = load_clip_tokenizer(config, tokenizer)
+        params = load_checkpoint(path, config_label, param_dtype)
     check_params(params, config, path, config_label)
     if loras:
         from sgm_jax.lora.merge import apply_loras

@@ -1,0 +1,215 @@
+"""What the web demo does per request, without any web framework (tests call it directly).
+
+`DemoService` holds the models a demo offers (train.py workdirs and converted SDXL / SD 2.1
+directories), loads each at most once (`ModelCache`: weights and compiled functions live across
+requests) and turns a `DemoRequest` into PNG files with the settings in their metadata. It calls
+exactly what sample.py calls with the same defaults (config.inference), so the same settings and
+seed give the same pixels in both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sgm_jax.cli.configs import config_name, load_config
+from sgm_jax.errors import UserError
+
+from .models import ModelCache, load_workdir_config, parse_loras
+from .loading import load_image
+from .outputs import save_images, to_pil
+from .pipeline import check_size, engine_for_sampling, size_multiple, txt2img_with_refiner
+from .runner import StepEvent
+from .sampling import SAMPLER_DEFAULTS, SamplerSpec
+from .workdir import AS_TRAINED
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the demo offers: a train.py workdir, or converted weights with their config."""
+
+    label: str
+    kind: str                 # "workdir" or "converted"
+    path: str
+    config: str | None = None  # converted: config name / file
+
+    @classmethod
+    def parse(cls, spec: str) -> "ModelSource":
+        """'DIR' (a workdir, or converted weights naming their config) or 'CONFIG=DIR'."""
+        config, eq, path = spec.partition("=")
+        if not eq:
+            config, path = None, spec
+        p = Path(path).expanduser()
+        if (p / "config.json").is_file() and config is None:
+            return cls(f"{p.name} (trained)", "workdir", str(p))
+        if config is None:
+            meta = p / "metadata.json"
+            config = json.loads(meta.read_text()).get("config") if meta.is_file() else None
+            if not config:
+                raise UserError(f"{p} is neither a train.py workdir nor converted weights naming their config; "
+                                "give CONFIG=DIR")
+        return cls(f"{p.name} ({config_name(config)})", "converted", str(p), str(config))
+
+
+def discover(folders: list[str]) -> list[ModelSource]:
+    """Workdirs (config.json) and converted weights (metadata.json naming a config) in `folders`."""
+    found = []
+    for folder in folders:
+        for p in sorted(Path(folder).expanduser().glob("*")) if Path(folder).expanduser().is_dir() else []:
+            if (p / "config.json").is_file() or (p / "metadata.json").is_file():
+                try:
+                    found.append(ModelSource.parse(str(p)))
+                except UserError:
+                    pass
+    return found
+
+
+@dataclass
+class DemoRequest:
+    model: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    classes: list[Any] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    discretization: str | None = None
+    options: dict[str, float] = field(default_factory=dict)
+    seed: int = 42
+    num: int = 1
+    init_image: np.ndarray | None = None   # uint8 [H, W, 3] as uploaded (floored to the size multiple)
+    strength: float | None = None
+    refiner: str | None = None
+    refiner_strength: float | None = None
+    loras: list[str] = field(default_factory=list)
+
+
+class DemoService:
+    def __init__(self, sources: list[ModelSource], out_dir: str | os.PathLike | None = None,
+                 tokenizer: str | None = None) -> None:
+        if not sources:
+            raise UserError("no models: pass --model DIR (a train.py workdir or converted weights) or put them "
+                            "under ./workdir or ./checkpoints")
+        self.sources = {s.label: s for s in sources}
+        self.cache = ModelCache()
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="sgm_jax_demo_"))
+        self._configs: dict[str, Any] = {}
+
+    def source(self, label: str) -> ModelSource:
+        if label not in self.sources:
+            raise UserError(f"unknown model {label!r}; choose one of: {', '.join(self.sources)}")
+        return self.sources[label]
+
+    def config(self, label: str) -> Any:
+        """The model's config (with its `inference` defaults); read once, no weights."""
+        if label not in self._configs:
+            s = self.source(label)
+            self._configs[label] = load_workdir_config(s.path) if s.kind == "workdir" else load_config(s.config)
+        return self._configs[label]
+
+    def info(self, label: str) -> dict[str, Any]:
+        """What the UI shows for a model: conditioning, classes, sizes and sampler defaults."""
+        s, config = self.source(label), self.config(label)
+        inf = dict(config.inference)
+        emb = (config.model.params.get("conditioner_config") or {}).get("params", {}).get("emb_models", [])
+        keys = [e.get("input_key") for e in emb]
+        n_classes = next((int((e.get("params") or {}).get("n_classes", 10)) for e in emb
+                          if e.get("input_key") == "cls"), 0)
+        return {"kind": s.kind, "text": "txt" in keys, "classes": list(range(n_classes)),
+                "resolutions": [f"{w}x{h}" for w, h in inf.get("resolutions") or ()],
+                "width": inf["width"], "height": inf["height"], "sampler": inf["sampler"],
+                "steps": inf["num_steps"], "cfg_scale": inf["cfg_scale"], "discretization": inf["discretization"],
+                "seed": inf["seed"], "strength": inf.get("img2img_strength", 0.75),
+                "refiner_strength": inf.get("refiner_strength", 0.15), "img2img": s.kind == "converted"}
+
+    def _pipeline(self, label: str, loras: list[str] = ()):  # type: ignore[assignment]
+        s = self.source(label)
+        if s.kind != "converted":
+            raise UserError(f"{label} is a trained workdir; refiners and LoRA need converted weights")
+        return self.cache.pipeline(s.config, s.path, tokenizer=self.tokenizer, loras=tuple(parse_loras(loras)))
+
+    def generate(self, req: DemoRequest, progress: Callable[[StepEvent], None] | None = None) -> tuple[list[Path], dict]:
+        """PNG paths (uint8 pixels as sample.py writes them) and the request's metadata."""
+        if req.num <= 0 or (req.steps is not None and req.steps <= 0) or req.seed < 0:
+            raise UserError("count and steps must be positive, the seed >= 0")
+        s = self.source(req.model)
+        t0 = time.perf_counter()
+        if s.kind == "workdir":
+            images, captions, meta = self._trained(s, req, progress)
+        else:
+            images, captions, meta = self._converted(s, req, progress)
+        meta.update(seed=req.seed, model=config_name(s.path), seconds=round(time.perf_counter() - t0, 3))
+        folder = self.out_dir / f"{int(time.time() * 1000)}"
+        paths = save_images(images, [folder / f"{config_name(s.path)}_s{req.seed}_{i:03d}.png"
+                                     for i in range(len(images))], meta, captions)
+        return paths, meta
+
+    def _trained(self, s: ModelSource, req: DemoRequest, progress) -> tuple[np.ndarray, list[str], dict]:
+        model = self.cache.trained(s.path)
+        spec = model.spec(req.sampler, req.steps, req.discretization, **self._options(req, model.spec().name))
+        conds = list(req.classes) if model.condition_key == "cls" else ([req.prompt] if model.conditional else [])
+        result = model.sample(conds, num=req.num, seed=req.seed, spec=spec, cfg_scale=req.cfg_scale,
+                              negative_prompt=req.negative_prompt, progress=progress)
+        scale = model.inference["cfg_scale"] if req.cfg_scale is None else req.cfg_scale
+        meta = {"sampler": spec.name, "steps": spec.steps, "cfg_scale": scale, "step": model.step,
+                "discretization": req.discretization or AS_TRAINED, "conditions": ",".join(map(str, conds)),
+                "size": f"{model.image_shape[1]}x{model.image_shape[0]}", "options": dict(spec.options)}
+        return result.images, result.captions, meta
+
+    def _options(self, req: DemoRequest, default_sampler: str) -> dict[str, float]:
+        name = req.sampler or default_sampler
+        return {k: v for k, v in req.options.items() if k in SAMPLER_DEFAULTS.get(name, {}) and v is not None}
+
+    def _converted(self, s: ModelSource, req: DemoRequest, progress) -> tuple[np.ndarray, list[str], dict]:
+        config = self.config(s.label)
+        inf = config.inference
+        base = self._pipeline(s.label, req.loras)
+        width, height = int(req.width or inf["width"]), int(req.height or inf["height"])
+        image = None
+        if req.init_image is not None:  # through load_image, as sample.py reads --init-image
+            upload = self.out_dir / "uploads" / f"{int(time.time() * 1000)}.png"
+            upload.parent.mkdir(parents=True, exist_ok=True)
+            to_pil(np.asarray(req.init_image, np.uint8)).convert("RGB").save(upload)
+            image = load_image(upload, None, None, size_multiple(base.engine)[0])
+            height, width = image.shape[1:3]
+        check_size(base.engine, width, height, config_name(s.config))
+        name = req.sampler or inf["sampler"]
+        options = self._options(req, SamplerSpec.create(name).name)
+        spec = SamplerSpec.create(name, int(req.steps or inf["num_steps"]),
+                                  req.discretization or inf["discretization"], **options)
+        scale = float(inf["cfg_scale"] if req.cfg_scale is None else req.cfg_scale)
+        negative = req.negative_prompt
+        strength = float(inf["img2img_strength"] if req.strength is None else req.strength)
+        meta: dict[str, Any] = {"prompt": req.prompt, "negative_prompt": negative, "sampler": spec.name,
+                                "steps": spec.steps, "cfg_scale": scale, "size": f"{width}x{height}",
+                                "discretization": spec.discretization.__class__.__name__,
+                                "options": dict(spec.options)}
+        if req.loras:
+            meta["loras"] = ", ".join(req.loras)
+        if req.refiner:
+            refiner = self._pipeline(req.refiner)
+            check_size(engine_for_sampling(self.config(req.refiner), "float32"), width, height, req.refiner)
+            rs = float(inf["refiner_strength"] if req.refiner_strength is None else req.refiner_strength)
+            images = txt2img_with_refiner(base, refiner, req.prompt, negative, strength=rs, width=width,
+                                          height=height, num=req.num, seed=req.seed, base_spec=spec,
+                                          refiner_spec=spec, cfg_scale=scale, init_image=image,
+                                          img2img_strength=strength, progress=progress).images
+            meta.update(refiner=req.refiner, refiner_strength=rs)
+        elif image is not None:
+            images = base.img2img(image, req.prompt, negative, strength=strength, num=req.num,
+                                  seed=req.seed, spec=spec, cfg_scale=scale, progress=progress).images
+            meta["strength"] = strength
+        else:
+            images = base.txt2img(req.prompt, negative, width=width, height=height, num=req.num, seed=req.seed,
+                                  spec=spec, cfg_scale=scale, progress=progress).images
+        return images, [], meta

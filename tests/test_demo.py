@@ -1,0 +1,228 @@
+"""The web demo (sgm_jax.cli.demo over sgm_jax.inference.service) and trained-workdir sampling.
+
+A tiny class-conditional model is trained here for two steps (train.py's loop), and a tiny SDXL
+gets random weights through the converter. The demo's images must equal sample.py's for the
+same settings and seed, a new class / prompt / seed / scale must neither reload nor recompile,
+and a real headless Chromium (Debian's `chromium`, driven by playwright; nothing downloads a
+browser) must show those images. Its screenshot is kept in $SGM_JAX_TEST_ARTIFACTS (default
+.pytest_cache/artifacts/, ignored by git). Without a browser or Gradio the browser test skips, saying why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DATA, REPO
+from test_inference import BPE, SDXL_CFG, write_random_checkpoint
+
+from sgm_jax.cli.configs import load_config
+from sgm_jax.convert.checkpoint import convert_file
+from sgm_jax.inference.service import DemoRequest, DemoService, ModelSource
+
+CHROMIUM = next((p for p in (os.environ.get("SGM_JAX_CHROMIUM"), "/usr/bin/chromium", "/usr/bin/chromium-browser")
+                 if p and Path(p).is_file()), None)
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(os.environ.get("SGM_JAX_TEST_ARTIFACTS", REPO / ".pytest_cache" / "artifacts"))
+PROMPT, SEED = "a photo of a cat", 5
+
+
+def tiny_train_config(max_steps: int = 2):
+    config = load_config("mnist_cond")
+    net = config.model.params.network_config.params
+    net.update(num_res_blocks=1, channel_mult=(1,))
+    config.model.params.sampler_config.params.num_steps = 3
+    mnist = DATA / "mnist"
+    config.data.params.update(batch_size=8, path=str(mnist) if mnist.is_dir() else "")
+    config.training.update(max_steps=max_steps, checkpoint_every=1000, sample_every=0, log_every=1, name="tiny")
+    return config
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from sgm_jax.training.loop import train
+
+    root = tmp_path_factory.mktemp("demo")
+    workdir = root / "tiny_mnist"
+    train(tiny_train_config(), workdir)
+    sources = [ModelSource.parse(str(workdir))]
+    if BPE.is_file():
+        os.environ.setdefault("SGM_JAX_CLIP_BPE", str(BPE))
+        st = write_random_checkpoint(load_config(SDXL_CFG), root / "sdxl.safetensors", 0)
+        sdxl = convert_file(st, load_config(SDXL_CFG), root / "tiny_sdxl", metadata={"config": "inference/tiny_sdxl"})
+        sources.append(ModelSource.parse(str(sdxl)))
+    service = DemoService(sources, root / "demo_out")
+    return {"root": root, "workdir": workdir, "service": service, "sources": sources}
+
+
+@pytest.fixture(scope="module")
+def cli_images(models, tmp_path_factory):
+    """sample.py's PNGs for the requests the demo tests repeat (class 3 / the prompt, 2 images, seed 5)."""
+    out = tmp_path_factory.mktemp("cli")
+    images = {"mnist": sample_cli("--workdir", models["workdir"], "--classes", "3", "--num", "2", "--seed", SEED,
+                                  "--out", out / "mnist")}
+    if len(models["sources"]) > 1:
+        images["sdxl"] = sample_cli("--config", SDXL_CFG, "--checkpoint", models["sources"][1].path, "--prompt",
+                                    PROMPT, "--num", "2", "--steps", "2", "--seed", SEED, "--out", out / "sdxl")
+    return images
+
+
+def sample_cli(*args: str) -> list[np.ndarray]:
+    """Run sample.py (in this process) and read back its PNGs, in order."""
+    import sample
+
+    out = Path(args[args.index("--out") + 1])
+    assert sample.main([*map(str, args), "--no-cache"]) == 0
+    return [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
+
+
+def png_pixels(paths) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)) for p in paths]
+
+
+def test_demo_matches_sample_py_and_never_reloads_or_recompiles(models, cli_images, tmp_path):
+    service, workdir = models["service"], models["workdir"]
+    label = models["sources"][0].label
+    paths, meta = service.generate(DemoRequest(model=label, classes=[3], seed=SEED, num=2))
+    assert service.cache.loads == 1 and meta["conditions"] == "3" and meta["step"] == 2
+    compiled = service.cache.compiled()
+    cli = cli_images["mnist"]
+    demo = png_pixels(paths)
+    assert len(cli) == 2 and demo[0].shape == (28, 28) and demo[0].std() > 1
+    for a, b in zip(demo, cli):
+        np.testing.assert_array_equal(a, b)
+    # a new class, seed and CFG scale: the same weights and compiled loop
+    other, _ = service.generate(DemoRequest(model=label, classes=[7], seed=SEED + 1, num=2, cfg_scale=1.5))
+    assert service.cache.loads == 1 and service.cache.compiled() == compiled
+    assert np.abs(png_pixels(other)[0].astype(int) - demo[0]).mean() > 1
+    # --num beyond one block of compiled batches: streamed block by block, the same pixels as one call
+    model = service.cache.trained(str(workdir))
+    whole = model.sample([3, 7], num=5, seed=SEED, batch_size=1).images
+    streamed = sample_cli("--workdir", workdir, "--classes", "3,7", "--num", "5", "--batch-size", "1", "--seed",
+                          SEED, "--out", tmp_path / "b")
+    np.testing.assert_array_equal(np.stack(streamed), whole[..., 0])
+    if len(models["sources"]) > 1:  # the converted tiny SDXL
+        sdxl = models["sources"][1].label
+        paths, meta = service.generate(DemoRequest(model=sdxl, prompt=PROMPT, seed=SEED, num=2, steps=2))
+        for a, b in zip(png_pixels(paths), cli_images["sdxl"]):
+            np.testing.assert_array_equal(a, b)
+        loads, compiled = service.cache.loads, service.cache.compiled()
+        service.generate(DemoRequest(model=sdxl, prompt="a dog", negative_prompt="blurry", seed=1, num=2, steps=2,
+                                     cfg_scale=7.0))
+        assert (service.cache.loads, service.cache.compiled()) == (loads, compiled)
+
+
+def test_demo_bad_size_and_values_are_one_line(models):
+    from sgm_jax.errors import USER_EXCEPTIONS, one_line
+
+    service = models["service"]
+    with pytest.raises(USER_EXCEPTIONS) as info:
+        service.generate(DemoRequest(model=models["sources"][0].label, classes=[12]))
+    assert "class 12 out of range" in one_line(info.value)
+    with pytest.raises(USER_EXCEPTIONS, match="positive"):
+        service.generate(DemoRequest(model=models["sources"][0].label, classes=[1], num=0))
+    if len(models["sources"]) > 1:
+        with pytest.raises(USER_EXCEPTIONS, match="width 100 px"):
+            service.generate(DemoRequest(model=models["sources"][1].label, prompt="x", width=100, height=64))
+
+
+def test_workdir_checkpoint_checked_before_compile_and_weights_only(models, tmp_path, capsys):
+    import sample
+
+    workdir = models["workdir"]
+    rc = sample.main(["--workdir", str(workdir), "--no-cache", "--out", str(tmp_path),
+                      "--config.model.params.network_config.params.model_channels=64"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "params.model." in err and "different model" in err, err
+    assert not list(tmp_path.iterdir())  # nothing written
+    # a truncated newest checkpoint: the previous one is used; none left: one line
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    for f in (broken / "checkpoints").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[:100])
+    rc = sample.main(["--workdir", str(broken), "--no-cache", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "restores" in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_browser_generates_the_sample_py_images(models, cli_images, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("no Chromium at /usr/bin/chromium: install Debian's chromium (apt-get install chromium "
+                    "chromium-driver; .ci/run does when it can) or set SGM_JAX_CHROMIUM")
+    for module in ("gradio", "playwright"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from playwright.sync_api import sync_playwright
+
+    from sgm_jax.cli.demo import build_app
+
+    service = models["service"]
+    port = free_port()
+    app = build_app(service)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                       quiet=True, allowed_paths=[str(service.out_dir)])
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("#generate", timeout=30000)
+
+            def generate(n: int) -> list[np.ndarray]:
+                page.locator("#seed input").fill(str(SEED))
+                page.locator("#num input").fill(str(n))
+                before = page.locator("#gallery img").evaluate_all("els => els.map(e => e.src)")
+                page.locator("#generate").click()
+                # new images: n of them, none of those shown before (every request writes new files)
+                page.wait_for_function(
+                    "([n, before]) => { const s = [...document.querySelectorAll('#gallery img')].map(e => e.src);"
+                    " return s.length == n && s.every(x => !before.includes(x)); }", arg=[n, before], timeout=60000)
+                srcs = page.locator("#gallery img").evaluate_all("els => els.map(e => e.src)")
+                return [np.asarray(Image.open(_fetch(page, s))) for s in srcs]
+
+            page.locator("#classes").get_by_label("0", exact=True).uncheck()
+            page.locator("#classes").get_by_label("3", exact=True).check()
+            shown = generate(2)
+            assert len(shown) == 2
+            for a, b in zip(shown, cli_images["mnist"]):
+                np.testing.assert_array_equal(a, b)
+            page.screenshot(path=str(ARTIFACTS / "demo_mnist.png"), full_page=True)
+            if len(models["sources"]) > 1:
+                page.locator("#model input").click()
+                page.get_by_role("option", name=models["sources"][1].label).click()
+                page.wait_for_function("document.querySelector('#prompt textarea') !== null")
+                page.locator("#prompt textarea").fill(PROMPT)
+                page.locator("#steps input").fill("2")
+                shown = generate(2)
+                for a, b in zip(shown, cli_images["sdxl"]):
+                    np.testing.assert_array_equal(a, b)
+                page.screenshot(path=str(ARTIFACTS / "demo_sdxl.png"), full_page=True)
+            browser.close()
+    finally:
+        app.close()
+
+
+def _fetch(page, url: str):
+    import io
+
+    response = page.request.get(url)
+    assert response.ok, url
+    return io.BytesIO(response.body())
