@@ -6,6 +6,7 @@ the diffusers <-> seed UNet name map, and a tiny LoRA training run with kohya ex
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 
 import jax
@@ -96,7 +97,8 @@ def build_file(path, layout: str, sd_shapes: dict, seed: int, expected: dict, sc
     for i, (component, key, rows, seed_name, diffusers_name) in enumerate(entries):
         rank = 2 + i % 3
         down, up = random_factors(rng, sd_shapes[key], rank, rows)
-        alpha = float(rank) * (0.5 + i % 2) if layout == "kohya" else None
+        # kohya: an .alpha per module; diffusers: the UNet's lora_alpha in the file's metadata
+        alpha = float(rank) * (0.5 + i % 2) if layout == "kohya" else (3.0 if component == "unet" else None)
         if layout == "kohya":
             stem = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}[component] + seed_name.replace(".", "_")
             tensors.update({stem + ".lora_down.weight": down, stem + ".lora_up.weight": up,
@@ -105,7 +107,8 @@ def build_file(path, layout: str, sd_shapes: dict, seed: int, expected: dict, sc
             stem = {"unet": "unet.", "te1": "text_encoder.", "te2": "text_encoder_2."}[component] + diffusers_name
             tensors.update({stem + ".lora_A.weight": down, stem + ".lora_B.weight": up})
         rule(expected, key, down, up, scale * (alpha if alpha is not None else rank) / rank, rows)
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 3, "unet.r": 4})}
+              if layout == "diffusers" else None)
     return path
 
 

@@ -10,12 +10,14 @@ diffusers / peft (diffusers' training scripts, `save_lora_weights`):
     unet.<diffusers module>.lora_A.weight / .lora_B.weight   (down / up)
     text_encoder.<module>..., text_encoder_2.<module>...
   and diffusers' older spellings `.lora.down.weight` / `.lora.up.weight`,
-  `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`. peft files hold no
-  alpha unless a `.alpha` entry is present (alpha = r, i.e. a factor of 1).
+  `.lora_linear_layer.down.weight`, `.processor.to_q_lora.down.weight`. alpha: a `.alpha`
+  entry, else the `lora_adapter_metadata` JSON diffusers writes (`unet.lora_alpha`,
+  `unet.alpha_pattern`, the same for `text_encoder` / `text_encoder_2`), else r (factor 1).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ _KOHYA_COMPONENTS = (("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_",
 _DIFFUSERS_COMPONENTS = (("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
                          ("base_model.model.", "unet"))
 _ROLES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_A.weight", "down"),
-          (".lora_B.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+          (".lora_B.weight", "up"), (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"), (".lora.down.weight", "down"), (".lora.up.weight", "up"),
           (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"), (".alpha", "alpha"))
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")  # diffusers' LoRAAttnProcessor
 
@@ -109,8 +111,30 @@ def parse_lora(tensors: dict[str, np.ndarray], path: str = "<memory>",
             module.alpha = float(value.reshape(-1)[0])
         else:
             setattr(module, role, value)
+    _alpha_from_metadata(modules, metadata or {})
     layout = layouts.pop() if len(layouts) == 1 else ("mixed" if layouts else "none")
     return LoraFile(str(path), modules, unknown, layout, dict(metadata or {}))
+
+
+def _alpha_from_metadata(modules: dict[str, LoraModule], metadata: dict[str, str]) -> None:
+    """alpha of modules without a `.alpha` entry from diffusers' `lora_adapter_metadata`
+    (peft's LoraConfig per component: `lora_alpha`, and `alpha_pattern` {module suffix: alpha})."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        return
+    if not isinstance(config, dict):
+        return
+    for name, module in modules.items():
+        if module.alpha is not None:
+            continue
+        component, module_name = name.split(":", 1)
+        prefix = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}[component]
+        patterns = config.get(f"{prefix}.alpha_pattern") or {}
+        match = [a for p, a in patterns.items() if module_name.endswith(p.replace(".", "_"))]
+        alpha = match[0] if match else config.get(f"{prefix}.lora_alpha")
+        if alpha is not None:
+            module.alpha = float(alpha)
 
 
 def read_lora(path: str | os.PathLike) -> LoraFile:
