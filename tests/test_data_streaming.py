@@ -280,8 +280,8 @@ def test_array_record_source_matches_the_tar_shards(mnist_shards, mnist_digits, 
 
 
 def test_training_from_tar_shards_resumes_bit_identically(mnist_shards, tmp_path):
-    """A toy config trained from tar shards through config.data alone: 6 steps in one go vs
-    3 + a resumed 3 (the data position restored from the checkpoint) -> identical weights."""
+    """A toy config trained from tar shards through config.data alone: 4 steps in one go vs
+    2 + a resumed 2 (the data position restored from the checkpoint) -> identical weights."""
     import chex
 
     from sgm_jax.configs import mnist_cond, mnist_cond_tar
@@ -291,20 +291,57 @@ def test_training_from_tar_shards_resumes_bit_identically(mnist_shards, tmp_path
     def config(max_steps):
         c = mnist_cond_tar.get_config()
         c.model.params.network_config = mnist_cond.unet(num_res_blocks=1, channel_mult=[1], num_head_channels=32)
-        c.model.params.use_ema = False
-        c.model.params.sampler_config.params.num_steps = 2  # the final sample grid: tiny
+        params = c.model.params.to_dict()
+        params.pop("sampler_config")  # no sample grids: this test is about the data and the weights
+        c.model.params = {**params, "use_ema": False}
         c.data.params.train.datapipeline = mnist_cond_tar.datapipeline(mnist_shards, sample_shuffle=6)
         c.data.params.train.loader.batch_size = 8
-        c.training.update(max_steps=max_steps, log_every=3, checkpoint_every=1000, sample_every=0, warmup_steps=0,
-                          num_samples=2, sample_nrow=2)
+        c.training.update(max_steps=max_steps, log_every=2, checkpoint_every=1000, sample_every=0, warmup_steps=0)
         return c
 
-    full = train(config(6), tmp_path / "full")
-    assert full["step"] == 6 and full["data"].startswith("webdataset from tar: 8 shards")
-    assert train(config(3), tmp_path / "resumed")["step"] == 3
-    assert train(config(6), tmp_path / "resumed")["step"] == 6
+    full = train(config(4), tmp_path / "full")
+    assert full["step"] == 4 and full["data"].startswith("webdataset from tar: 8 shards")
+    assert train(config(2), tmp_path / "resumed")["step"] == 2
+    assert train(config(4), tmp_path / "resumed")["step"] == 4
     p_full = load_trained(tmp_path / "full", use_ema=False)[2]
     p_resumed = load_trained(tmp_path / "resumed", use_ema=False)[2]
     chex.assert_trees_all_equal(p_full, p_resumed)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert any(row.get("data/skipped_samples") == 0.0 for row in rows)
+
+
+def test_tfds_data_source(mnist_digits, tmp_path):
+    """A tfds data set prepared here as ArrayRecord (no TensorFlow), read with tfds.data_source."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    images, labels = mnist_digits
+
+    class SgmJaxTestDigits(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=10)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(32):
+                yield i, {"image": images[i][..., None], "label": int(labels[i])}
+
+    SgmJaxTestDigits(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = stream_config("tfds:sgm_jax_test_digits", batch_size=8, required_keys=["jpg", "cls"])
+    config["params"]["train"]["datapipeline"]["tfds_data_dir"] = str(tmp_path)
+    ds = from_config(config, process_index=0, process_count=1)
+    assert ds.source.describe() == "sgm_jax_test_digits from tfds: tfds sgm_jax_test_digits[train] (32 examples)"
+    batches, state = _run(ds, 4, 6, state_at=2)
+    ids = [i for b in batches[:4] for i in _digit_ids(b, images)]
+    assert sorted(ids) == list(range(32))  # one epoch: every digit once
+    for b in batches:
+        assert b["cls"].tolist() == labels[_digit_ids(b, images)].tolist()  # labels travel with their images
+    resumed = ds.iterator(8, seed=4)
+    resumed.set_state(state)
+    assert [_digit_ids(next(resumed), images) for _ in range(4)] == [_digit_ids(b, images) for b in batches[2:]]
+    with pytest.raises(UserError, match="not prepared"):
+        from_config(stream_config("tfds:no_such_set_here"), process_index=0, process_count=1)
