@@ -70,7 +70,7 @@ def decode(raw: dict, mode: str = "RGB", required: Sequence[str] = ("jpg",)) -> 
             else:
                 arr = np.asarray(image)
                 pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-            out["jpg"] = pil.convert(mode)
+            out["jpg"] = pil if pil.mode == mode else pil.convert(mode)
         except Exception as e:  # PIL raises many types for broken files
             raise BadSample("undecodable_image", f"{raw.get('__key__')}: {type(e).__name__}: {e}") from None
         out["__decoded_size__"] = (out["jpg"].height, out["jpg"].width)
@@ -181,19 +181,37 @@ def horizontal_flip(p: float = 0.5) -> Step:
     return step
 
 
+# ToTensor and Rescaler are elementwise: they are recorded in "__pixel_ops__" and applied,
+# in order and in float32 exactly as the seed computes them, once the image is cropped
+# (crops and flips commute with them; converting the cropped image only is the cheaper order).
+
+
 def to_tensor(s: dict, rng: np.random.Generator) -> dict:
     arr = np.asarray(s["jpg"], np.uint8)
-    s["jpg"] = (arr[..., None] if arr.ndim == 2 else arr).astype(np.float32) / np.float32(255.0)
+    s["jpg"] = arr[..., None] if arr.ndim == 2 else arr
+    s["__pixel_ops__"] = [("div", 255.0)]
     return s
 
 
 def rescaler(isfloat: bool = True, key: Any = "jpg") -> Step:
+    ops = [("mul", 2.0), ("sub", 1.0)] if isfloat else [("div", 127.5), ("sub", 1.0)]
+
     def step(s: dict, rng: np.random.Generator) -> dict:
-        x = np.asarray(s["jpg"], np.float32)
-        s["jpg"] = x * np.float32(2.0) - np.float32(1.0) if isfloat else x / np.float32(127.5) - np.float32(1.0)
+        if "__pixel_ops__" not in s:  # Rescaler without ToTensor: the seed rescales the raw values
+            s["jpg"], s["__pixel_ops__"] = np.asarray(s["jpg"]), []
+        s["__pixel_ops__"] += ops
         return s
 
     return step
+
+
+def pixel_values(image: np.ndarray, ops: Sequence[tuple[str, float]]) -> np.ndarray:
+    """float32 image after the recorded elementwise ops (x / 255, x * 2, x - 1, ...)."""
+    x = image.astype(np.float32)
+    for op, value in ops:
+        v = np.float32(value)
+        x = x / v if op == "div" else x * v if op == "mul" else x - v
+    return x
 
 
 def original_size_and_crop(h_key: str = "original_height", w_key: str = "original_width", use_data_key: bool = True,
@@ -270,7 +288,7 @@ def apply_steps(sample: dict, steps: Sequence[Step], rng: np.random.Generator) -
         sample = step(sample, rng)
     if isinstance(sample["jpg"], Image.Image):  # no ToTensor in the config: still [0, 1] floats
         sample = to_tensor(sample, rng)
-    sample["jpg"] = np.ascontiguousarray(sample["jpg"], np.float32)
+    sample["jpg"] = np.ascontiguousarray(pixel_values(np.asarray(sample["jpg"]), sample.pop("__pixel_ops__", [])))
     sample.setdefault("target_size_as_tuple", np.asarray(sample["jpg"].shape[:2], np.int32))
     return sample
 
