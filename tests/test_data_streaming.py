@@ -250,7 +250,7 @@ def test_bad_samples_are_skipped_counted_or_fatal(mnist_digits, tmp_path):
                          process_index=0, process_count=1)
     strict_it = strict.iterator(2, seed=0)
     assert _digit_ids(next(strict_it), images) == [0, 1]
-    with pytest.raises(UserError, match="bad sample 0003") as e:
+    with pytest.raises(UserError, match="bad sample 0003 in .*bad-0.tar: undecodable image") as e:
         next(strict_it)
     assert "\n" not in str(e.value)
     empty = tmp_path / "empty.tar"
@@ -345,3 +345,15 @@ def test_tfds_data_source(mnist_digits, tmp_path):
     assert [_digit_ids(next(resumed), images) for _ in range(4)] == [_digit_ids(b, images) for b in batches[2:]]
     with pytest.raises(UserError, match="not prepared"):
         from_config(stream_config("tfds:no_such_set_here"), process_index=0, process_count=1)
+
+
+def test_config_errors_are_one_line(mnist_shards):
+    bad = [dict(postprocessors=[{"target": "sdata.mappers.Unknown"}]),
+           dict(postprocessors=TO_TENSOR_RESCALE, aspect_buckets=[[32, 32]]),
+           dict(decoders=("cmyk",))]
+    for kwargs in bad:
+        with pytest.raises((UserError, ValueError)) as e:
+            from_config(stream_config(mnist_shards, **kwargs), process_index=0, process_count=1)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="divisible by 3 hosts"):
+        from_config(stream_config(mnist_shards, batch_size=8), process_index=0, process_count=3)

@@ -59,7 +59,7 @@ def decode(raw: dict, mode: str = "RGB", required: Sequence[str] = ("jpg",)) -> 
         try:
             meta = json.loads(meta)
         except ValueError:
-            raise BadSample("bad_json", f"{raw.get('__key__')}: metadata is not JSON") from None
+            raise BadSample("bad_json", "its .json metadata is not JSON") from None
     out["json"] = meta if isinstance(meta, dict) else {}
     image = next((raw[e] for e in IMAGE_EXTENSIONS + ("image",) if e in raw), None)
     if image is not None:
@@ -72,7 +72,7 @@ def decode(raw: dict, mode: str = "RGB", required: Sequence[str] = ("jpg",)) -> 
                 pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
             out["jpg"] = pil if pil.mode == mode else pil.convert(mode)
         except Exception as e:  # PIL raises many types for broken files
-            raise BadSample("undecodable_image", f"{raw.get('__key__')}: {type(e).__name__}: {e}") from None
+            raise BadSample("undecodable_image", f"undecodable image ({type(e).__name__})") from None
         out["__decoded_size__"] = (out["jpg"].height, out["jpg"].width)
     caption = raw.get("txt", raw.get("caption"))
     if caption is not None:
@@ -84,10 +84,10 @@ def decode(raw: dict, mode: str = "RGB", required: Sequence[str] = ("jpg",)) -> 
         try:
             out["cls"] = int(label.decode().strip() if isinstance(label, (bytes, bytearray)) else label)
         except ValueError:
-            raise BadSample("bad_class", f"{raw.get('__key__')}: class {label!r} is not an integer") from None
+            raise BadSample("bad_class", f"class {label!r} is not an integer") from None
     for key in required:
         if key not in out or (key == "txt" and not out["txt"]):
-            raise BadSample(f"missing_{key}", f"{raw.get('__key__')}: no {key}")
+            raise BadSample(f"missing_{key}", f"no {key} (required_keys)")
     return out
 
 
@@ -162,7 +162,7 @@ def crop(size: Any, random: bool) -> Step:
     def step(s: dict, rng: np.random.Generator) -> dict:
         h, w = _size(s["jpg"])
         if h < th or w < tw:
-            raise BadSample("too_small", f"{s.get('__key__')}: {h}x{w} image smaller than the {th}x{tw} crop")
+            raise BadSample("too_small", f"{h}x{w} image smaller than the {th}x{tw} crop")
         top, left = (int(rng.integers(0, h - th + 1)), int(rng.integers(0, w - tw + 1))) if random \
             else center_crop_origin(h, w, th, tw)
         s["jpg"] = _crop(s["jpg"], top, left, th, tw)
@@ -265,8 +265,7 @@ def build_steps(postprocessors: Sequence[dict], buckets: Sequence[tuple[int, int
     for entry in postprocessors:
         name, params = _name(entry["target"]), dict(entry.get("params") or {})
         if name == "TorchVisionImageTransforms":
-            transforms = params.get("transforms", [])
-            for t in [transforms] if isinstance(transforms, dict) else transforms:
+            for t in _transform_list(entry):
                 tname, tparams = _name(t["target"]), dict(t.get("params") or {})
                 if tname not in _TORCHVISION:
                     raise ValueError(f"unsupported transform {t['target']!r}; supported: {', '.join(_TORCHVISION)}")
@@ -279,7 +278,16 @@ def build_steps(postprocessors: Sequence[dict], buckets: Sequence[tuple[int, int
         else:
             raise ValueError(f"unsupported postprocessor {entry['target']!r}; supported: TorchVisionImageTransforms, "
                              "Rescaler, AddOriginalImageSizeAsTupleAndCropToSquare")
+    names = [_name(t["target"]) for e in postprocessors for t in ([e] + list(_transform_list(e)))]
+    if buckets and not {"Resize", "AddOriginalImageSizeAsTupleAndCropToSquare"} <= set(names):
+        raise ValueError("aspect_buckets need a Resize transform and AddOriginalImageSizeAsTupleAndCropToSquare "
+                         "in the postprocessors (they resize to cover the bucket, then crop to it)")
     return steps
+
+
+def _transform_list(entry: dict) -> list:
+    transforms = (entry.get("params") or {}).get("transforms", [])
+    return [transforms] if isinstance(transforms, dict) else list(transforms)
 
 
 def apply_steps(sample: dict, steps: Sequence[Step], rng: np.random.Generator) -> dict:
