@@ -2,13 +2,8 @@
 towers against transformers, SSIM against scikit-image, the MNIST classifier on real digits,
 and evaluate.py end to end on real MNIST folders (random Inception weights: plumbing only).
 
-pytorch-fid imports torchvision, whose PyPI wheel does not load beside the CPU build of torch
-(its C extension wants libtorch_cuda). Its Python code is all pytorch-fid's InceptionV3 needs,
-so the reference runs in a subprocess that imports torchvision with its C-op registrations
-skipped; pytorch-fid and torchvision live outside the venv (they would break transformers'
-import there):
-    pip install --no-deps --target ~/.cache/sgm_jax/torch_refs pytorch-fid==0.3.0 torchvision==0.28.0
-($SGM_JAX_TORCH_REFS overrides the folder; a working torchvision + pytorch-fid install is used as is.)
+pytorch-fid runs in a subprocess, from outside the venv: see sgm_jax/evaluation/pytorch_fid_ref.py
+(pip install --no-deps --target ~/.cache/sgm_jax/torch_refs pytorch-fid==0.3.0 torchvision==0.28.0).
 """
 
 from __future__ import annotations
@@ -29,43 +24,22 @@ from sgm_jax.convert.inception import FID_WEIGHTS_NAME, convert_inception, expor
 from sgm_jax.evaluation.fid import (GaussianStats, InceptionFeatures, feature_statistics, frechet_distance,
                                     frechet_distance_stats, load_statistics)
 from sgm_jax.evaluation.inception import bilinear_matrix, random_inception_params
+from sgm_jax.evaluation.pytorch_fid_ref import INSTALL_HINT, subprocess_env
 
-TORCH_REFS = Path(os.environ.get("SGM_JAX_TORCH_REFS", Path.home() / ".cache" / "sgm_jax" / "torch_refs"))
 MNIST = DATA / "mnist"
 
 # Runs pytorch-fid's real InceptionV3 (use_fid_inception=True: its FIDInceptionA/C/E blocks,
-# resize and input scaling; weights read by its own loader from TORCH_HOME) and its
-# calculate_frechet_distance; writes the random weights, inputs and outputs to argv[1].
+# resize and input scaling; random weights read by its own loader from TORCH_HOME) and its
+# calculate_frechet_distance; writes the weights, inputs and outputs to argv[1].
 _REFERENCE = r'''
 import os, sys
 import numpy as np, torch
-register_fake = torch.library.register_fake
-def skip_torchvision_ops(op, func=None, /, *args, **kwargs):  # C ops absent: nothing to register
-    if isinstance(op, str) and op.startswith("torchvision::"):
-        return func if func is not None else (lambda fn: fn)
-    return register_fake(op, func, *args, **kwargs)
-torch.library.register_fake = skip_torchvision_ops
-import torchvision
-torch.library.register_fake = register_fake
-from pytorch_fid import inception as pfi
+from sgm_jax.evaluation.pytorch_fid_ref import import_pytorch_fid, random_weights_file
+pfi = import_pytorch_fid()
 from pytorch_fid.fid_score import calculate_frechet_distance
 out = sys.argv[1]
-skeleton = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, init_weights=False, weights=None)
-gen = torch.Generator().manual_seed(0)
-weights = {}
-for k, v in skeleton.state_dict().items():
-    if k.endswith("num_batches_tracked"):
-        weights[k] = v
-    elif k.endswith("conv.weight"):
-        weights[k] = torch.randn(v.shape, generator=gen) * (2.0 / v[0].numel()) ** 0.5
-    elif k.endswith(("running_var", "bn.weight")):
-        weights[k] = 0.5 + torch.rand(v.shape, generator=gen)
-    else:
-        weights[k] = 0.1 * torch.randn(v.shape, generator=gen)
-home = os.path.join(os.path.dirname(out), "torch_home")
-os.makedirs(os.path.join(home, "hub", "checkpoints"))
-torch.save(weights, os.path.join(home, "hub", "checkpoints", pfi.FID_WEIGHTS_URL.split("/")[-1]))
-os.environ["TORCH_HOME"] = home
+os.environ["TORCH_HOME"] = os.path.join(os.path.dirname(out), "torch_home")
+weights = torch.load(random_weights_file(os.environ["TORCH_HOME"]))
 model = pfi.InceptionV3([pfi.InceptionV3.DEFAULT_BLOCK_INDEX]).eval()
 rng = np.random.default_rng(0)
 x = rng.random((2, 3, 37, 45)).astype(np.float32)
@@ -87,26 +61,12 @@ np.savez(out, x=x, features=features, distances=np.array(distances), **stats,
 '''
 
 
-def _reference_env() -> dict[str, str] | None:
-    """Environment in which pytorch_fid imports (installed, or from TORCH_REFS); None if neither."""
-    pytest.importorskip("torch")
-    env = dict(os.environ)
-    probe = [sys.executable, "-c", "import pytorch_fid, torchvision.models"]
-    for path in ("", str(TORCH_REFS)):
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, os.environ.get("PYTHONPATH", "")) if p)
-        if path and not (TORCH_REFS / "pytorch_fid").is_dir():
-            continue
-        if path or subprocess.run(probe, env=env, capture_output=True).returncode == 0:
-            return env
-    return None
-
-
 @pytest.fixture(scope="module")
 def pytorch_fid_reference(tmp_path_factory):
-    env = _reference_env()
+    pytest.importorskip("torch")
+    env = subprocess_env()
     if env is None:
-        pytest.skip(f"pytorch-fid is not installed: pip install --no-deps --target {TORCH_REFS} "
-                    "pytorch-fid==0.3.0 torchvision==0.28.0")
+        pytest.skip(f"pytorch-fid is not installed: {INSTALL_HINT}")
     out = tmp_path_factory.mktemp("pytorch_fid") / "reference.npz"
     subprocess.run([sys.executable, "-c", _REFERENCE, str(out)], env=env, check=True, timeout=300)
     return dict(np.load(out))
@@ -158,42 +118,48 @@ def test_inception_weights_missing_and_mismatched(tmp_path, monkeypatch):
         convert_inception(state_dict)
 
 
-def test_clip_towers_match_transformers():
+def test_clip_towers_and_score_match_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from sgm_jax.convert.clip_vision import convert_clip_text, convert_clip_vision
-    from sgm_jax.evaluation.clip_image import CLIPVisionTower
-    from sgm_jax.evaluation.clip_score import clip_score_from_embeddings, text_embeddings
+    from sgm_jax.evaluation.clip_image import CLIPVisionTower, preprocess
+    from sgm_jax.evaluation.clip_score import CLIPScore, load_clip_score_params, text_embeddings
+    from sgm_jax.evaluation.fid import prepare_images
     from sgm_jax.nn.text import CLIPTextTransformer
+    from sgm_jax.nn.tokenizer import load_tokenizer, tokenize
 
     torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=100, max_position_embeddings=16, eos_token_id=2, bos_token_id=0),
+    config = transformers.CLIPConfig(  # CLIP ViT-L/14's layout and vocabulary, tiny widths
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                            image_size=42, patch_size=14), projection_dim=24)
     model = transformers.CLIPModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
+    checkpoint = save_safetensors({k: v.numpy() for k, v in model.state_dict().items()},
+                                  tmp_path / "clip.safetensors")
     tower = CLIPVisionTower(image_size=42, patch_size=14, width=48, layers=2, heads=4, embed_dim=24, mlp_ratio=2.0)
-    text = CLIPTextTransformer(vocab_size=100, width=32, layers=2, heads=4, max_length=16, intermediate_size=64)
-    pixels = np.random.default_rng(0).normal(size=(3, 3, 42, 42)).astype(np.float32)
-    ids = np.full((3, 16), 99, np.int64)
-    ids[:, :4] = [[0, 5, 7, 99], [0, 3, 4, 5], [0, 1, 99, 99]]
+    text = CLIPTextTransformer(width=32, layers=2, heads=4, intermediate_size=64)
+    params = load_clip_score_params(str(checkpoint), tower, text)  # transformers layout, through the file reader
+    tokenizer = load_tokenizer(DATA / "clip" / "bpe_simple_vocab_16e6.txt.gz")
+    prompts = ["a handwritten digit seven", "zero", "a photograph of the number three, blurred"]
+    images = _mnist_or_skip().images[:3]
+    pixels = np.asarray(preprocess(prepare_images(images), 42))
+    ids = tokenize(tokenizer, prompts)
     with torch.no_grad():
-        img_ref = model.get_image_features(pixel_values=torch.from_numpy(pixels))
-        txt_ref = model.get_text_features(input_ids=torch.from_numpy(ids))
+        img_ref = model.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+        txt_ref = model.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
     img_ref = getattr(img_ref, "pooler_output", img_ref).numpy()
     txt_ref = getattr(txt_ref, "pooler_output", txt_ref).numpy()
-    img = np.asarray(tower.apply({"params": convert_clip_vision(state_dict, tower)}, pixels.transpose(0, 2, 3, 1)))
-    txt = np.asarray(text_embeddings(text, convert_clip_text(state_dict, text), ids.astype(np.int32)))
+    img = np.asarray(tower.apply({"params": params["vision"]}, pixels))
+    txt = np.asarray(text_embeddings(text, params["text"], ids))
     assert np.abs(img - img_ref).max() < 1e-4 * np.abs(img_ref).max()
     assert np.abs(txt - txt_ref).max() < 1e-4 * np.abs(txt_ref).max()
-    # torchmetrics' CLIPScore: 100 * max(cos, 0) per pair, from the normalised embeddings.
+    # torchmetrics' CLIPScore: mean over pairs of 100 * max(cos, 0) of the embeddings.
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(img_ref), torch.from_numpy(txt_ref)).numpy()
-    np.testing.assert_allclose(np.asarray(clip_score_from_embeddings(img, txt)), np.maximum(100 * cos, 0), atol=1e-3)
+    scorer = CLIPScore(params, tokenizer, vision=tower, text=text, batch_size=2)
+    np.testing.assert_allclose(scorer.per_image(images, prompts), np.maximum(100 * cos, 0), atol=1e-3)
+    assert abs(scorer(images, prompts) - np.maximum(100 * cos, 0).mean()) < 1e-3 and np.ptp(cos) > 0.01
 
 
 def test_clip_weights_missing_one_line(tmp_path, monkeypatch):

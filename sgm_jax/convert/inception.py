@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from sgm_jax.convert.common import KeyMap, convert_state_dict, export_state_dict, flatten_params
 from sgm_jax.convert.vae import torch_leaf
 
@@ -48,8 +50,12 @@ def convert_inception(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def export_inception(params: Mapping[str, Any]) -> dict[str, Any]:
-    """FIDInceptionV3 params -> Inception3-layout state dict (numpy, torch layouts)."""
-    return export_state_dict(params, inception_key_map(params))
+    """FIDInceptionV3 params -> Inception3-layout state dict (numpy, torch layouts) that
+    pytorch-fid loads; its 1008-way `fc` classifier, unused by FID, is written as zeros."""
+    state_dict = export_state_dict(params, inception_key_map(params))
+    state_dict["fc.weight"] = np.zeros((1008, 2048), np.float32)
+    state_dict["fc.bias"] = np.zeros((1008,), np.float32)
+    return state_dict
 
 
 def default_weight_paths() -> list[Path]:

@@ -1,11 +1,25 @@
 """Evaluation: FID (pytorch-fid's InceptionV3 in Flax), CLIP score (CLIP ViT-L/14), MNIST class
 accuracy, reconstruction metrics (MSE / PSNR / SSIM); used by evaluate.py and, through
-`in_training.make_training_evaluator`, by train.py's `config.eval`."""
+`in_training.make_training_evaluator`, by train.py's `config.eval`.
 
-from sgm_jax.evaluation.fid import (InceptionFeatures, feature_statistics, frechet_distance, load_statistics,
-                                    save_statistics)
-from sgm_jax.evaluation.in_training import make_training_evaluator
-from sgm_jax.evaluation.registry import EVALUATORS, EvalOptions, build_evaluators, evaluate_images
+Names are imported lazily, so `sgm_jax.evaluation.pytorch_fid_ref` loads without JAX.
+"""
 
-__all__ = ["EVALUATORS", "EvalOptions", "InceptionFeatures", "build_evaluators", "evaluate_images",
-           "feature_statistics", "frechet_distance", "load_statistics", "make_training_evaluator", "save_statistics"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "InceptionFeatures": "fid", "GaussianStats": "fid", "feature_statistics": "fid", "frechet_distance": "fid",
+    "frechet_distance_stats": "fid", "load_statistics": "fid", "save_statistics": "fid",
+    "make_training_evaluator": "in_training",
+    "EVALUATORS": "registry", "EvalOptions": "registry", "build_evaluators": "registry", "evaluate_images": "registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sgm_jax.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"sgm_jax.evaluation.{_EXPORTS[name]}"), name)
