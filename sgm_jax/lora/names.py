@@ -88,13 +88,15 @@ def unet_subtree(params: Mapping[str, Any]) -> tuple[FlaxPath, Mapping[str, Any]
 
 
 def num_res_blocks(unet: Mapping[str, Any]) -> int | None:
-    """The seed's num_res_blocks (the same at every level), read off the params tree: the first
-    input block holding a downsampling `op` is block n + 1. None when it cannot be told."""
+    """The seed's num_res_blocks, read off the params tree: with n res blocks per level the
+    downsampling `op` blocks are input blocks n+1, 2(n+1), ... None when the levels differ
+    (a per-level num_res_blocks, which diffusers' UNet cannot express) or nothing tells."""
     blocks = sorted(int(k.rsplit("_", 1)[1]) for k in unet if k.startswith("input_blocks_"))
-    for i in blocks[1:]:
-        if "op" in unet[f"input_blocks_{i}"].get("0", {}):
-            return i - 1
-    return len(blocks) - 1 if len(blocks) > 1 else None
+    ops = [i for i in blocks if "op" in unet[f"input_blocks_{i}"].get("0", {})]
+    n = ops[0] - 1 if ops else len(blocks) - 1
+    if n < 1 or ops != [k * (n + 1) for k in range(1, len(ops) + 1)] or len(blocks) != (len(ops) + 1) * (n + 1):
+        return None
+    return n
 
 
 def seed_to_diffusers(module: str, n: int) -> str | None:
