@@ -296,3 +296,29 @@ def test_cli_sharded_8_devices_matches_single_device_and_png_metadata(models, sd
         assert meta[0].get(key) == value, (key, meta[0])
     assert [m["index"] for m in meta] == [str(i) for i in range(NUM)]
     print(output)
+
+
+def test_cli_lora_files_are_merged(models, capsys, tmp_path):
+    """--lora FILE:SCALE: a LoCon file on the UNet's last conv (kohya layout); scale 0 leaves the
+    image as it was, scale 1 changes it; a missing file is one line."""
+    import sample
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_out_2.lora_down.weight": rng.standard_normal((2, 32, 3, 3)).astype(np.float32),
+               "lora_unet_out_2.lora_up.weight": rng.standard_normal((4, 2, 1, 1)).astype(np.float32),
+               "lora_unet_out_2.alpha": np.asarray(2.0, np.float32)}, str(lora))
+    base = ["--config", str(SDXL_CFG), "--checkpoint", str(models["dirs"]["sdxl"]), "--prompt", PROMPT,
+            "--steps", str(STEPS), "--seed", str(SEED), "--no-cache"]
+    images = {}
+    for name, extra in (("plain", []), ("zero", ["--lora", f"{lora}:0"]), ("one", ["--lora", f"{lora}:1.0"])):
+        assert sample.main([*base, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        images[name] = Image.open(tmp_path / f"{name}.png")
+    np.testing.assert_array_equal(np.asarray(images["zero"]), np.asarray(images["plain"]))
+    assert np.abs(np.asarray(images["one"], int) - np.asarray(images["plain"])).mean() > 1.0
+    assert images["one"].text["loras"] == "style.safetensors:1"
+    capsys.readouterr()
+    assert sample.main([*base, "--lora", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "LoRA file" in err and "not found" in err
