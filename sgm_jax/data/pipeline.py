@@ -213,7 +213,7 @@ class BatchIterator(grain.DatasetIterator):
 
     def transform(self, identity: Sequence[int], raw: dict) -> dict:
         sample = T.decode(raw, self.spec.image_mode, ("jpg",) + tuple(self.spec.required))
-        return T.apply_steps(sample, self.steps, T.sample_rng(self.spec.seed, identity))
+        return T.apply_steps(sample, self.steps, T.sample_rng(self.spec.seed, identity), to_float=False)
 
     def __next__(self) -> dict:
         while True:
@@ -234,7 +234,8 @@ class BatchIterator(grain.DatasetIterator):
                 return self._collate([s for _, s in bucket])
 
     def _collate(self, samples: list[dict]) -> dict:
-        batch: dict[str, Any] = {"jpg": np.stack([s["jpg"] for s in samples])}
+        images = np.stack([s["jpg"] for s in samples])  # uint8 after the crop: converted once, in place
+        batch: dict[str, Any] = {"jpg": T.pixel_values(images, samples[0]["__pixel_ops__"])}
         for key in self.spec.required:
             if key == "txt":
                 batch["txt"] = np.asarray([s["txt"] for s in samples])

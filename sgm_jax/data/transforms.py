@@ -206,11 +206,12 @@ def rescaler(isfloat: bool = True, key: Any = "jpg") -> Step:
 
 
 def pixel_values(image: np.ndarray, ops: Sequence[tuple[str, float]]) -> np.ndarray:
-    """float32 image after the recorded elementwise ops (x / 255, x * 2, x - 1, ...)."""
-    x = image.astype(np.float32)
+    """float32 image(s) after the recorded elementwise ops (x / 255, x * 2, x - 1, ...), each
+    computed in float32 as the seed's tensors are (in place: one conversion, no temporaries)."""
+    x = np.array(image, np.float32)
     for op, value in ops:
-        v = np.float32(value)
-        x = x / v if op == "div" else x * v if op == "mul" else x - v
+        ufunc = {"div": np.divide, "mul": np.multiply, "sub": np.subtract}[op]
+        ufunc(x, np.float32(value), out=x)
     return x
 
 
@@ -290,13 +291,17 @@ def _transform_list(entry: dict) -> list:
     return [transforms] if isinstance(transforms, dict) else list(transforms)
 
 
-def apply_steps(sample: dict, steps: Sequence[Step], rng: np.random.Generator) -> dict:
-    """Run the steps, then add target_size_as_tuple and make "jpg" a float32 HWC array."""
+def apply_steps(sample: dict, steps: Sequence[Step], rng: np.random.Generator, to_float: bool = True) -> dict:
+    """Run the steps, then add target_size_as_tuple and make "jpg" a float32 HWC array (with
+    to_float False it stays the cropped uint8 array plus "__pixel_ops__", for the batcher to
+    convert a whole batch at once)."""
     for step in steps:
         sample = step(sample, rng)
     if isinstance(sample["jpg"], Image.Image):  # no ToTensor in the config: still [0, 1] floats
         sample = to_tensor(sample, rng)
-    sample["jpg"] = np.ascontiguousarray(pixel_values(np.asarray(sample["jpg"]), sample.pop("__pixel_ops__", [])))
+    sample.setdefault("__pixel_ops__", [])
+    if to_float:
+        sample["jpg"] = pixel_values(sample["jpg"], sample.pop("__pixel_ops__"))
     sample.setdefault("target_size_as_tuple", np.asarray(sample["jpg"].shape[:2], np.int32))
     return sample
 
