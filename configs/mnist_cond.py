@@ -45,6 +45,7 @@ def training(**overrides):
         eval_every=0,           # run the task's held-out evaluation every N steps (0 = never)
         max_nonfinite_steps=10, # skip this many non-finite updates in a row, then stop with an error
         log_every=50,
+        tokenizer="",           # CLIP BPE file / tokenizer folder for text embedders ("" = the usual places)
         dtype="float32",        # compute dtype of the networks (bfloat16 on accelerators)
         weight_decay=0.01,      # torch.optim.AdamW default
         grad_clip=0.0,

@@ -2,7 +2,7 @@
 
 It holds no parameters. Parameters live in one tree, laid out like the seed's checkpoint:
 `{"model": UNet params, "conditioner": {"embedders_<i>": ...}, "first_stage": VAE params}`
-(`first_stage` only when the config has an AutoencoderKL; it is never trained here).
+(`first_stage` only when the config has an AutoencoderKL / AutoencodingEngine; it is never trained here).
 """
 
 from __future__ import annotations
@@ -99,8 +99,9 @@ class DiffusionEngine:
         """Mean loss over the batch and the per-example losses [B] (float32)."""
         if self.loss_fn is None:
             raise ValueError("this engine has no loss_fn_config: it can sample but not train")
-        ucg_key, loss_key, dropout_key = jax.random.split(key, 3)
-        x = self.encode_first_stage(params, jnp.asarray(batch[self.input_key]))
+        ucg_key, loss_key, dropout_key, posterior_key = jax.random.split(key, 4)
+        # the seed's first stage samples its posterior in training (DiagonalGaussianRegularizer(sample=True))
+        x = jax.lax.stop_gradient(self.encode_first_stage(params, jnp.asarray(batch[self.input_key]), posterior_key))
         cond = self.condition(params, batch, ucg_key)
 
         def denoise_fn(model_params, noised, sigmas, cond_):
@@ -158,14 +159,10 @@ def build_engine(model_config: Mapping[str, Any], dtype: Any = "float32") -> Dif
     network = UNetModel(**network_cfg.get("params", {}), dtype=compute_dtype)
     first_stage = None
     fs_cfg = cfg.get("first_stage_config")
-    if _target_name(fs_cfg) == "AutoencoderKL" or _target_name(fs_cfg) == "AutoencodingEngine":
-        from sgm_jax.nn.vae import AutoencoderKL  # only configs with a VAE need it
+    if fs_cfg is not None and _target_name(fs_cfg) not in ("IdentityFirstStage", ""):
+        from sgm_jax.nn.vae import autoencoder_from_config  # only configs with a VAE need it
 
-        fs_params = dict(fs_cfg.get("params", {}))
-        first_stage = AutoencoderKL(embed_dim=fs_params["embed_dim"], ddconfig=fs_params["ddconfig"],
-                                    dtype=compute_dtype)
-    elif fs_cfg is not None and _target_name(fs_cfg) not in ("IdentityFirstStage", ""):
-        raise ValueError(f"unsupported first stage {fs_cfg['target']!r}; use AutoencoderKL or IdentityFirstStage")
+        first_stage = autoencoder_from_config(fs_cfg, dtype=compute_dtype)
     emb_models = (cfg.get("conditioner_config") or {}).get("params", {}).get("emb_models", [])
     return DiffusionEngine(
         network=network,

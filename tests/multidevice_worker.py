@@ -60,7 +60,7 @@ def main() -> None:
     nonfinite = jax.numpy.zeros((), jax.numpy.int32)
     for step in steps:
         batch = parallel.shard_batch(run.dataset.batch_at(step, 16), run.mesh)
-        state, metrics, nonfinite = run.step_fn(state, batch, key, nonfinite)
+        state, metrics, nonfinite = run.step_fn(state, batch, key, nonfinite, None)
         losses.append(float(metrics["loss"]))
     if kind == "save":
         ckpt = Checkpointer(out / "ckpt")

@@ -52,10 +52,10 @@ def test_gradient_accumulation_is_one_update_with_the_mean_gradient():
     base_key = jax.random.key(3)
     b0, b1 = batch(1), batch(2)
 
-    state1, _ = step(state0, b0, base_key)
+    state1, _ = step(state0, b0, jax.random.fold_in(base_key, 0))  # the loop folds the step into the key
     # the first micro-step only accumulates: params unchanged, EMA sees the same params
     chex.assert_trees_all_equal(state1.params, state0.params)
-    state2, _ = step(state1, b1, base_key)
+    state2, _ = step(state1, b1, jax.random.fold_in(base_key, 1))
 
     # reference: the mean of the two micro-batch gradients (each with its own step's noise)
     grad = lambda b, s: jax.grad(lambda p: engine.loss(p, b, jax.random.fold_in(base_key, s))[0])(state0.params)

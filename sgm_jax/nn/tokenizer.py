@@ -89,7 +89,9 @@ def _from_hf_cache(repo_id: str, subfolder: str | None = None) -> CLIPTokenizer 
 
 
 def _default_bpe_paths() -> list[Path]:
-    paths = [USER_BPE_PATH]
+    # the workplace's shared data beside a source checkout (as MNIST's ../shared/data/mnist)
+    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "clip" / BPE_FILENAME
+    paths = [USER_BPE_PATH, shared]
     spec = importlib.util.find_spec("open_clip")  # open_clip ships the same file
     if spec is not None and spec.origin:
         paths.append(Path(spec.origin).parent / BPE_FILENAME)
@@ -104,7 +106,7 @@ def load_tokenizer(source: str | os.PathLike | None = None, subfolder: str | Non
     "tokenizer/"); the BPE file `bpe_simple_vocab_16e6.txt.gz`; or a Hugging Face repo id
     already in the local cache. With no source: $SGM_JAX_CLIP_BPE, the HF cache of
     openai/clip-vit-large-patch14, ~/.cache/sgm_jax/bpe_simple_vocab_16e6.txt.gz, then
-    open_clip's bundled copy. Raises FileNotFoundError saying where to put the files.
+    ../shared/data/clip beside a source checkout, then open_clip's bundled copy. Raises FileNotFoundError saying where to put the files.
     """
     if source is not None:
         tok = _from_path(Path(source).expanduser(), subfolder)

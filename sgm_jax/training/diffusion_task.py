@@ -10,7 +10,11 @@ import numpy as np
 
 from sgm_jax.engine import DiffusionEngine, build_engine
 
+from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
+
+from .frozen import abstract_full_params, load_frozen_and_initial, merge_params, split_params
 from .images import make_grid
+from .schedules import learning_rate_schedule
 from .state import TrainState, make_optimizer, trainable_tree
 from .step import init_train_state, make_train_step
 
@@ -52,7 +56,8 @@ def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any) -> tuple[dict[str
 
 
 class DiffusionTask:
-    """Trains `model.params` of a DiffusionEngine config: the UNet and the is_trainable embedders."""
+    """Trains a DiffusionEngine config: the UNet and the is_trainable embedders; the first stage
+    and frozen embedders (frozen.py) ride along as `frozen`, outside checkpoints and the optimiser."""
 
     name = "diffusion"
 
@@ -62,36 +67,74 @@ class DiffusionTask:
         self.engine = build_engine(config.model, dtype=tc.dtype)
         mp = config.model.params
         self.ema_rate = float(mp.get("ema_decay_rate", 0.9999)) if mp.get("use_ema", False) else None
+        self._tokenizers = None
+        if any(spec.is_text for spec in self.engine.conditioner.specs):
+            from sgm_jax.nn.tokenizer import load_tokenizer
+
+            self._tokenizers = text_tokenizers(self.engine.conditioner, load_tokenizer(tc.tokenizer or None))
         self._tx = None
+        self._loaded: tuple[dict | None, dict] | None = None
+        self.frozen: Any = None  # device copy, set by frozen_params()
         self._sample_fn = None
         self._grid: tuple[dict[str, np.ndarray], list[str] | None] | None = None
 
+    # --- host side --------------------------------------------------------------------------
+    def prepare_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Captions -> token ids (the jitted step never sees strings); other non-numeric fields dropped."""
+        if self._tokenizers is not None:
+            batch = tokenize_batch(self.engine.conditioner, batch, self._tokenizers)
+        return {k: v for k, v in batch.items() if isinstance(v, (np.ndarray, jax.Array))
+                and np.asarray(v).dtype.kind in "biuf"}
+
+    def _load(self, example: Mapping[str, Any]) -> tuple[dict | None, dict]:
+        if self._loaded is None:
+            abstract = abstract_full_params(self.engine, example)
+            self._loaded = load_frozen_and_initial(self.engine, self.config.model, abstract)
+        return self._loaded
+
+    def initial_params(self, example: Mapping[str, Any]) -> dict | None:
+        """The trainable params a fine-tune starts from (model.params.ckpt_path), or None (random)."""
+        return self._load(example)[0]
+
+    def frozen_params(self, example: Mapping[str, Any], place: Any) -> Any:
+        """The frozen parts, placed on the devices by `place(tree)` (the loop's shardings)."""
+        frozen = self._load(example)[1]
+        self.frozen = place(frozen) if frozen else None
+        return self.frozen
+
+    # --- state and step ----------------------------------------------------------------------
     def _optimizer(self, params: Any):
         if self._tx is None:
-            tc = self.config.training
-            self._tx = make_optimizer(float(self.config.model.base_learning_rate),
-                                      trainable_tree(self.engine.conditioner, params),
+            tc, mp = self.config.training, self.config.model.params
+            lr = learning_rate_schedule(float(self.config.model.base_learning_rate), mp.get("scheduler_config"),
+                                        int(tc.warmup_steps))
+            self._tx = make_optimizer(lr, trainable_tree(self.engine.conditioner, params),
                                       weight_decay=float(tc.weight_decay), grad_clip=float(tc.grad_clip),
-                                      grad_accum=int(tc.grad_accum), warmup_steps=int(tc.warmup_steps))
+                                      grad_accum=int(tc.grad_accum))
         return self._tx
 
-    def init_state(self, key: jax.Array, example_batch: Mapping[str, Any]) -> TrainState:
-        params = self.engine.init_params(key, example_batch)
-        return init_train_state(params, self._optimizer(params), self.ema_rate is not None)
+    def init_state_from(self, trainable: Any) -> TrainState:
+        return init_train_state(trainable, self._optimizer(trainable), self.ema_rate is not None)
 
-    def train_step(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array):
+    def init_state(self, key: jax.Array, example_batch: Mapping[str, Any]) -> TrainState:
+        trainable, _ = split_params(self.engine, self.engine.init_params(key, example_batch))
+        return self.init_state_from(trainable)
+
+    def train_step(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array, frozen: Any = None):
         step = make_train_step(self.engine, self._optimizer(state.params), ema_rate=self.ema_rate)
-        return step(state, batch, key)
+        return step(state, batch, key, frozen)
 
     def sampling_params(self, state: TrainState) -> Any:
-        return state.ema_params if state.ema_params is not None else state.params
+        trained = state.ema_params if state.ema_params is not None else state.params
+        return merge_params(trained, self.frozen)
 
     def log_images(self, state: TrainState, step: int) -> dict[str, Any]:
         if self.engine.sampler is None:
             return {}
         tc = self.config.training
         if self._grid is None:
-            self._grid = grid_batch(self.engine, self.dataset, tc)
+            batch, labels = grid_batch(self.engine, self.dataset, tc)
+            self._grid = (self.prepare_batch(batch), labels)
             shape = (int(tc.num_samples),) + tuple(self.dataset.image_shape)
             self._sample_fn = make_sample_fn(self.engine, self.engine.latent_shape(shape))
         batch, labels = self._grid

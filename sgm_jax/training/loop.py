@@ -32,7 +32,7 @@ from .workdir import WorkdirLock, check_run_record, write_json_atomic
 REQUIRED_TRAINING_FIELDS = (
     "name", "seed", "max_steps", "max_epochs", "max_minutes", "checkpoint_every", "keep_checkpoints",
     "checkpoint_async", "sample_every", "num_samples", "sample_nrow", "sample_classes", "sample_prompts",
-    "log_every", "eval_every", "dtype", "max_nonfinite_steps",
+    "log_every", "eval_every", "dtype", "max_nonfinite_steps", "tokenizer",
 )
 
 
@@ -81,8 +81,26 @@ class Run:
     batch_size: int
     abstract_state: Any
     state_sharding: Any
-    init_fn: Callable
-    step_fn: Callable  # (state, batch, base_key, nonfinite_run) -> (state, metrics, nonfinite_run)
+    init_fn: Callable  # key -> state (random initialisation)
+    step_fn: Callable  # (state, batch, base_key, nonfinite_run, frozen) -> (state, metrics, nonfinite_run)
+    example: dict
+    prepare: Callable  # host batch -> what the step reads (e.g. captions -> token ids)
+
+    def initial_state(self, seed: int) -> Any:
+        """A fresh state: the task's pretrained starting point when it has one, else random."""
+        initial = self.task.initial_params(self.example) if hasattr(self.task, "initial_params") else None
+        if initial is None:
+            return self.init_fn(jax.random.key(seed))
+        shardings = parallel.param_shardings(initial, self.mesh)
+        return jax.jit(self.task.init_state_from, out_shardings=self.state_sharding)(
+            jax.device_put(initial, shardings))
+
+    def frozen(self) -> Any:
+        """The task's frozen parts on the devices (FSDP-sharded like the params), or None."""
+        if not hasattr(self.task, "frozen_params"):
+            return None
+        place = lambda tree: jax.device_put(tree, parallel.param_shardings(tree, self.mesh))  # noqa: E731
+        return self.task.frozen_params(self.example, place)
 
     def abstract_with_sharding(self) -> Any:
         return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -91,10 +109,12 @@ class Run:
 
 def guarded(train_step: Callable) -> Callable:
     """Wrap a task's step: per-step key, and an update whose loss or gradient norm is not finite
-    is skipped (state kept, step counted); `nonfinite_run` counts such steps in a row."""
+    is skipped (state kept, step counted); `nonfinite_run` counts such steps in a row. `frozen`
+    (None when the task has no frozen parts) is passed through to the task's step."""
 
-    def step(state, batch, base_key, nonfinite_run):
-        new, metrics = train_step(state, batch, jax.random.fold_in(base_key, state.step))
+    def step(state, batch, base_key, nonfinite_run, frozen):
+        key = jax.random.fold_in(base_key, state.step)
+        new, metrics = train_step(state, batch, key) if frozen is None else train_step(state, batch, key, frozen)
         checks = [metrics[k] for k in ("loss", "grad_norm") if k in metrics]
         ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in checks]))
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
@@ -125,16 +145,18 @@ def build_run(config: Any) -> Run:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
-    example = {k: v[:2] for k, v in dataset.example_batch(2).items()}
+    prepare = getattr(task, "prepare_batch", lambda b: b)
+    example = prepare({k: v[:2] for k, v in dataset.example_batch(2).items()})
     init = lambda key: task.init_state(key, example)  # noqa: E731
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     state_sharding = parallel.param_shardings(abstract_state, mesh)
     repl = parallel.replicated(mesh)
+    # the frozen tree keeps the shardings it was placed with (in_shardings None)
     step_fn = jax.jit(guarded(task.train_step),
-                      in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl, repl),
+                      in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl, repl, None),
                       out_shardings=(state_sharding, repl, repl), donate_argnums=0)
     return Run(config, task, dataset, mesh, batch_size, abstract_state, state_sharding,
-               jax.jit(init, out_shardings=state_sharding), step_fn)
+               jax.jit(init, out_shardings=state_sharding), step_fn, example, prepare)
 
 
 def _gather_hosts(value: dict) -> list[dict]:
@@ -184,9 +206,10 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
     config, tc, task, dataset = run.config, run.config.training, run.task, run.dataset
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=int(tc.keep_checkpoints),
                                 async_save=bool(tc.checkpoint_async))
+    frozen = run.frozen()
     restored_step, state, data_state = checkpointer.restore_latest(run.abstract_with_sharding())
     if restored_step is None:
-        state = run.init_fn(jax.random.key(int(tc.seed)))
+        state = run.initial_state(int(tc.seed))
     start = int(jax.device_get(state.step))
     if is_main:
         write_json_atomic(workdir / "config.json", _config_text(config))
@@ -249,8 +272,8 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
     try:
         with _StopFlag() as flag:
             for step in range(start, max_steps):
-                batch = parallel.shard_batch(next(batches), run.mesh)
-                state, m, nonfinite_run = run.step_fn(state, batch, base_key, nonfinite_run)
+                batch = parallel.shard_batch(run.prepare(next(batches)), run.mesh)
+                state, m, nonfinite_run = run.step_fn(state, batch, base_key, nonfinite_run, frozen)
                 loss_acc, n_acc, skipped = loss_acc + m["loss"], n_acc + 1, skipped + m["nonfinite"]
                 done = step + 1
                 bar.update(1)

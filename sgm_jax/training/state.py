@@ -27,14 +27,17 @@ def trainable_tree(conditioner: GeneralConditioner, params: Any) -> Any:
             "conditioner": trainable_mask(conditioner, params["conditioner"])}
 
 
-def make_optimizer(learning_rate: float, trainable: Any, *, weight_decay: float = 0.01, grad_clip: float = 0.0,
-                   grad_accum: int = 1, warmup_steps: int = 0) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float | optax.Schedule, trainable: Any, *, weight_decay: float = 0.01,
+                   grad_clip: float = 0.0, grad_accum: int = 1, warmup_steps: int = 0) -> optax.GradientTransformation:
     """AdamW with torch's defaults (the seed's optimizer_config default is torch.optim.AdamW).
 
-    `trainable`: pytree of bools shaped like the params; frozen leaves get zero updates
-    (the seed passes only the UNet and trainable embedders to the optimiser).
+    `learning_rate`: a float (with an optional linear warm-up) or an optax schedule
+    (schedules.learning_rate_schedule). `trainable`: pytree of bools shaped like the params;
+    frozen leaves get zero updates (the seed passes only the UNet and trainable embedders).
     """
-    schedule = learning_rate if warmup_steps <= 0 else optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    schedule = learning_rate
+    if warmup_steps > 0 and not callable(learning_rate):
+        schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
     tx = optax.multi_transform(

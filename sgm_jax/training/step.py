@@ -13,17 +13,23 @@ from sgm_jax.engine import DiffusionEngine
 from .state import TrainState, ema_decay, ema_update
 
 
-def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *,
-                    ema_rate: float | None = None) -> Callable[[TrainState, Mapping[str, Any], jax.Array], tuple]:
-    """Returns `train_step(state, batch, key) -> (state, metrics)` (not yet jitted).
+def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *, ema_rate: float | None = None,
+                    full_params: Callable[[Any, Any], Any] | None = None) -> Callable[..., tuple]:
+    """Returns `train_step(state, batch, key, frozen=None) -> (state, metrics)` (not yet jitted).
 
     `key` is this step's randomness; the loop derives it as `fold_in(base_key, step)`, so a
-    resumed run draws exactly what an uninterrupted one would.
+    resumed run draws exactly what an uninterrupted one would. `frozen`: the parts that are
+    not trained (first stage, frozen embedders, a LoRA's base weights); `full_params(trainable,
+    frozen)` builds the engine's tree from both (default: frozen.merge_params). Gradients,
+    optimiser state and EMA cover the trainable tree only.
     """
+    from .frozen import merge_params
 
-    def train_step(state: TrainState, batch: Mapping[str, Any], key: jax.Array):
+    combine = full_params or merge_params
+
+    def train_step(state: TrainState, batch: Mapping[str, Any], key: jax.Array, frozen: Any = None):
         def loss_fn(params):
-            mean, per_example = engine.loss(params, batch, key)
+            mean, per_example = engine.loss(combine(params, frozen), batch, key)
             return mean, per_example
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
