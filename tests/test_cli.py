@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -86,6 +85,7 @@ def test_train_bad_input_is_one_line_and_creates_nothing(args, message, tmp_path
     (["--workdir", "somewhere"], "pass --config (SDXL / SD 2.1 inference config) or --workdir"),
     (["--sampler-option", "eta"], "expected NAME=NUMBER"),
     (["--config.inference.nums=1"], "did you mean --config.inference.num_steps?"),
+    (["--sampler", "bogus"], "argument --sampler: invalid choice: 'bogus'"),
 ])
 def test_sample_bad_values_are_one_line_before_any_work(args, message, tmp_path, capsys):
     rc = sample_cli.main(["--config", "inference/tiny_sdxl", "--checkpoint", str(tmp_path / "none"),

@@ -10,6 +10,7 @@ type is one error line naming the field (and the nearest existing name).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib
@@ -18,10 +19,17 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from sgm_jax.errors import UserError
+from sgm_jax.errors import UserError, fail
 
 PACKAGE = "sgm_jax.configs"
 OVERRIDE_PREFIX = "--config."
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line (exit 2), like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        fail(f"{self.prog}: {message} (--help lists the flags)")
 
 
 def packaged_configs_dir() -> Path:

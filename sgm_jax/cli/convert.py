@@ -24,13 +24,14 @@ from pathlib import Path
 
 from sgm_jax.errors import UserError, one_line
 
-from .configs import load_config
+from .configs import ArgumentParser, load_config
 
 EXIT_ERROR = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sgm-convert", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(prog="sgm-convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", required=True, help="config file or shipped name, e.g. inference/sd_xl_base")
     p.add_argument("--checkpoint", required=True,
                    help="input: .safetensors (or .ckpt/.pt with --allow-pickle); with --export the params directory")

@@ -18,14 +18,16 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sgm_jax.errors import USER_EXCEPTIONS, UserError, one_line, run_cli
+from sgm_jax.errors import USER_EXCEPTIONS, one_line, run_cli
+
+from .configs import ArgumentParser
 
 SAMPLER_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta", "order")
 CUSTOM = "custom"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sgm-demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="sgm-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], metavar="DIR|CONFIG=DIR",
                    help="a train.py workdir or converted weights (repeatable; default: ./workdir/*, ./checkpoints/*)")
     p.add_argument("--tokenizer", help="CLIP tokenizer (folder, diffusers folder or bpe_simple_vocab_16e6.txt.gz)")
@@ -92,7 +94,8 @@ def build_app(service: Any) -> Any:
                 gr.update(choices=[str(c) for c in info["classes"]], value=[str(c) for c in info["classes"][:1]],
                           visible=bool(info["classes"])),
                 gr.update(choices=choices, value=resolution if resolution in choices else CUSTOM, visible=sized),
-                gr.update(value=info["width"], visible=sized), gr.update(value=info["height"], visible=sized), canonical_sampler_name(info["sampler"]), info["steps"],
+                gr.update(value=info["width"], visible=sized), gr.update(value=info["height"], visible=sized),
+                canonical_sampler_name(info["sampler"]), info["steps"],
                 info["cfg_scale"], gr.update(choices=discretizations, value=disc), info["seed"], info["strength"],
                 info["refiner_strength"], gr.update(visible=info["img2img"])]
 

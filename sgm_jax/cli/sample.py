@@ -27,7 +27,7 @@ import numpy as np
 
 from sgm_jax.errors import UserError, run_cli
 
-from .configs import apply_overrides, config_name, load_config, split_overrides
+from .configs import ArgumentParser, apply_overrides, config_name, load_config, split_overrides
 
 SAMPLERS = ("euler_edm", "heun_edm", "euler_ancestral", "dpmpp2s_ancestral", "dpmpp2m", "linear_multistep")
 # flag -> the inference field it sets
@@ -40,7 +40,7 @@ POSITIVE = ("num_samples", "num_steps", "width", "height", "batch_per_device")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sgm-sample", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="sgm-sample", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
     model = p.add_argument_group("model: --config with converted weights, or --workdir")
     model.add_argument("--config", help="inference config: file or shipped name (inference/sd_xl_base)")
@@ -68,12 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--sampler", choices=SAMPLERS, help="inference.sampler")
     smp.add_argument("--steps", type=int, help="inference.num_steps")
     smp.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (inference.cfg_scale)")
-    smp.add_argument("--discretization", choices=("legacy_ddpm", "edm"), help="noise schedule (inference.discretization)")
+    smp.add_argument("--discretization", choices=("legacy_ddpm", "edm"),
+                     help="noise schedule (inference.discretization)")
     smp.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
                      help="a sampler's own parameter: s_churn, s_tmin, s_tmax, s_noise, eta, order")
     i2i = p.add_argument_group("img2img")
     i2i.add_argument("--init-image", help="start from this image (resized to --width/--height if given)")
-    i2i.add_argument("--strength", type=float, help="share of the schedule run from the image (inference.img2img_strength)")
+    i2i.add_argument("--strength", type=float,
+                     help="share of the schedule run from the image (inference.img2img_strength)")
     ref = p.add_argument_group("refiner (SDXL base -> refiner hand-off)")
     ref.add_argument("--refiner", help="converted refiner weights directory (inference.refiner_checkpoint)")
     ref.add_argument("--refiner-config", help="refiner config (inference.refiner_config)")
@@ -137,7 +139,8 @@ def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -
         config = load_workdir_config(args.workdir)
     else:
         if args.classes or args.no_ema or args.step is not None:
-            raise UserError("--classes / --no-ema / --step are for a train.py --workdir; converted models take --prompt")
+            raise UserError("--classes / --no-ema / --step are for a train.py --workdir; "
+                            "converted models take --prompt")
         config = load_config(args.config)
     apply_overrides(config, overrides)
     inf = config.inference

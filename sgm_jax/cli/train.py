@@ -16,13 +16,13 @@ from typing import Sequence
 
 from sgm_jax.errors import run_cli
 
-from .configs import apply_overrides, load_config, packaged_config_names, split_overrides
+from .configs import ArgumentParser, apply_overrides, load_config, packaged_config_names, split_overrides
 
 DEFAULT_CONFIG = "mnist_cond_cpu"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sgm-train", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="sgm-train", description=__doc__.split("\n\n")[0],
                                 epilog="configs shipped with sgm_jax: " + ", ".join(packaged_config_names()) +
                                 "\noverrides: --config.FIELD.PATH=VALUE (any field of the config)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -138,7 +138,8 @@ class DemoService:
             raise UserError(f"{label} is a trained workdir; refiners and LoRA need converted weights")
         return self.cache.pipeline(s.config, s.path, tokenizer=self.tokenizer, loras=tuple(parse_loras(loras)))
 
-    def generate(self, req: DemoRequest, progress: Callable[[StepEvent], None] | None = None) -> tuple[list[Path], dict]:
+    def generate(self, req: DemoRequest,
+                 progress: Callable[[StepEvent], None] | None = None) -> tuple[list[Path], dict]:
         """PNG paths (uint8 pixels as sample.py writes them) and the request's metadata."""
         if req.num <= 0 or (req.steps is not None and req.steps <= 0) or req.seed < 0:
             raise UserError("count and steps must be positive, the seed >= 0")
