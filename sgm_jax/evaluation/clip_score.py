@@ -52,12 +52,11 @@ class CLIPScore:
     def per_image(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         from sgm_jax.nn.tokenizer import tokenize
 
-        images = prepare_images(images)
         if len(prompts) != len(images):
             raise ValueError(f"CLIP score needs one prompt per image: {len(images)} images, {len(prompts)} prompts")
         scores = []
         for start in range(0, len(images), self.batch_size):
-            img = self._image_fn(self.params["vision"], images[start:start + self.batch_size])
+            img = self._image_fn(self.params["vision"], prepare_images(images[start:start + self.batch_size]))
             tokens = tokenize(self.tokenizer, list(prompts[start:start + self.batch_size]), self.text.max_length)
             txt = self._text_fn(self.params["text"], tokens)
             scores.append(np.asarray(clip_score_from_embeddings(img, txt)))

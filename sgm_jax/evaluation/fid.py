@@ -60,11 +60,10 @@ class InceptionFeatures:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """`[N, H, W, C]` -> float32 `[N, 2048]`."""
-        images = prepare_images(images)
         n, bs = len(images), self.batch_size
         out = np.empty((n, FEATURE_DIM), np.float32)
         for start in range(0, n, bs):
-            chunk = images[start:start + bs]
+            chunk = prepare_images(images[start:start + bs])  # batch by batch: float copies stay small
             if len(chunk) < bs:  # pad to the compiled batch; padded rows are dropped below
                 chunk = np.concatenate([chunk, np.zeros((bs - len(chunk),) + chunk.shape[1:], chunk.dtype)])
             feats = self._apply(self.params, jax.device_put(chunk, self._in_sharding))
