@@ -65,9 +65,10 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree)))
 
 
-def autoencoder_update(parts: AutoencoderParts, state: AutoencoderState, x: jax.Array, key: jax.Array,
-                       perceptual: Perceptual | None) -> tuple[AutoencoderState, dict[str, jax.Array]]:
-    """Optimizer index 0: one backward pass through the autoencoder with the total cotangent."""
+def autoencoder_grads(parts: AutoencoderParts, state: AutoencoderState, x: jax.Array, key: jax.Array,
+                      perceptual: Perceptual | None) -> tuple[dict[str, Any], dict[str, jax.Array], Any]:
+    """Optimizer index 0's gradients (one backward pass through the autoencoder with the total
+    cotangent), its log, and the discriminator's batch_stats after the generator's forward."""
     sample_key, dropout_key = jax.random.split(key)
     ae_params = state.params["autoencoder"]
     (rec, kl_loss), vjp_fn, last_input = jax.vjp(
@@ -83,6 +84,13 @@ def autoencoder_update(parts: AutoencoderParts, state: AutoencoderState, x: jax.
     grads = {"autoencoder": vjp_fn((cotangent, jnp.asarray(kl_weight, jnp.float32)))[0]}
     if "logvar" in state.params:
         grads["logvar"] = logvar_grad
+    return grads, log, stats
+
+
+def autoencoder_update(parts: AutoencoderParts, state: AutoencoderState, x: jax.Array, key: jax.Array,
+                       perceptual: Perceptual | None) -> tuple[AutoencoderState, dict[str, jax.Array]]:
+    """Optimizer index 0: the autoencoder's (and learned logvar's) Adam step."""
+    grads, log, stats = autoencoder_grads(parts, state, x, key, perceptual)
     updates, opt_state = parts.ae_tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": log["loss/total"], "grad_norm": global_norm(grads), **log}
