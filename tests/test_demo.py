@@ -226,3 +226,39 @@ def _fetch(page, url: str):
     response = page.request.get(url)
     assert response.ok, url
     return io.BytesIO(response.body())
+
+
+def test_text_conditioned_workdir_model_takes_prompts():
+    """A workdir whose conditioner reads `txt` samples from prompts (random weights: the path, not quality)."""
+    import jax
+
+    from sgm_jax.configs import mnist_cond
+    from sgm_jax.configs.inference import _parts as P
+    from sgm_jax.engine import build_engine
+    from sgm_jax.inference.workdir import TrainedModel, example_batch, inference_defaults
+
+    if not BPE.is_file():
+        pytest.skip(f"CLIP BPE vocabulary {BPE} absent")
+    os.environ.setdefault("SGM_JAX_CLIP_BPE", str(BPE))
+    config = load_config("mnist_cond")
+    config.model.params.network_config = mnist_cond.unet(
+        num_res_blocks=1, channel_mult=(1,), attention_resolutions=(1,), context_dim=32, num_classes=None,
+        adm_in_channels=None, transformer_depth=1, use_linear_in_transformer=True)
+    config.model.params.conditioner_config = P.conditioner({**P.embedder(
+        "FrozenCLIPEmbedder", "txt", layer="hidden", layer_idx=1, width=32, vocab_size=49408, layers=2, heads=2),
+        "ucg_rate": 0.1})
+    config.model.params.sampler_config.params.num_steps = 1
+    engine = build_engine(config.model)
+    config.inference = inference_defaults(engine, (28, 28, 1))
+    params = engine.init_params(jax.random.key(0), example_batch(engine, (28, 28, 1)))
+    model = TrainedModel("text_run", config, engine, params, 0, (28, 28, 1))
+    assert model.condition_key == "txt"
+    c_seven, uc = model.condition("a seven")
+    c_one, _ = model.condition("a one")
+    assert np.abs(np.asarray(c_seven["crossattn"]) - np.asarray(c_one["crossattn"])).max() > 1e-3
+    assert not np.any(np.asarray(uc["crossattn"]))  # ucg'd text: uc is zeroed, as in training
+    result = model.sample(["a seven", "a one"], num=1, seed=1)
+    assert result.images.shape == (2, 28, 28, 1) and result.captions == ["a seven", "a one"]
+    again = model.sample(["a seven", "a one"], num=1, seed=1, start=1, count=1, batch_size=1)
+    whole = model.sample(["a seven", "a one"], num=1, seed=1, batch_size=1)
+    np.testing.assert_array_equal(again.images[0], whole.images[1])
