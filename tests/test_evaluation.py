@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -263,3 +264,39 @@ def test_evaluate_cli_missing_weights_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: FID InceptionV3 weights not found") and FID_WEIGHTS_NAME in lines[0]
+
+
+def test_full_size_clip_vit_l14_layout():
+    """Every key of transformers' CLIPModel for openai/clip-vit-large-patch14 (shapes only, meta
+    device) maps onto the full-size towers, with no key left over."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from sgm_jax.convert.clip_vision import OPENAI_PREFIX, openai_view
+    from sgm_jax.convert.common import validate
+    from sgm_jax.convert.text import text_key_map
+    from sgm_jax.evaluation.clip_image import VIT_L_14, CLIPVisionTower, abstract_vision_params
+    from sgm_jax.nn.text import CLIPTextTransformer
+
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         projection_dim=768),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14, projection_dim=768), projection_dim=768)
+    with torch.device("meta"):
+        model = transformers.CLIPModel(config)
+
+    class Shapes(dict):  # {key: shape}; the converter's validation reads shapes only
+        def shape_of(self, key):
+            return self[key]
+
+    shapes = Shapes({k: tuple(v.shape) for k, v in model.state_dict().items()})
+    assert openai_view(shapes).unused_keys() == []
+    odd = Shapes(shapes, **{"vision_model.encoder.layers.0.adapter.weight": (4, 4)})
+    assert openai_view(odd).unused_keys() == ["vision_model.encoder.layers.0.adapter.weight"]
+    validate(openai_view(shapes), text_key_map(abstract_vision_params(CLIPVisionTower(**VIT_L_14))),
+             abstract_vision_params(CLIPVisionTower(**VIT_L_14)), prefix=OPENAI_PREFIX)
+    text = CLIPTextTransformer()
+    abstract = jax.eval_shape(lambda t: text.init(jax.random.key(0), t), jax.ShapeDtypeStruct((1, 77), np.int32))
+    validate(shapes, text_key_map(abstract["params"]), abstract["params"], prefix="text_model.",
+             ignore_unexpected=("position_ids",))
+    assert shapes["text_projection.weight"] == (768, 768) and shapes["visual_projection.weight"] == (768, 1024)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from sgm_jax.convert.common import convert_state_dict, to_flax_layout
+from sgm_jax.convert.common import CheckpointMismatchError, convert_state_dict, to_flax_layout
 from sgm_jax.convert.text import text_key_map
 
 OPENAI_PREFIX = "visual."
@@ -73,6 +73,16 @@ class HFVisionAsOpenAI(Mapping[str, np.ndarray]):
             return [f"{layer}self_attn.{p}_proj.{leaf}" for p in ("q", "k", "v")]
         return f"{layer}{_HF_BLOCK[module]}.{leaf}"
 
+    def unused_keys(self) -> list[str]:
+        """Image-tower keys of the underlying state dict that no openai key reads (buffers such
+        as `position_ids` excepted): a layout this view does not know."""
+        used = set()
+        for key in self._keys:
+            source = self._source(key)
+            used.update(source if isinstance(source, list) else [source])
+        return sorted(k for k in self._sd if (k.startswith(self._prefix) or k.startswith("visual_projection."))
+                      and k not in used and not k.endswith(_HF_IGNORED))
+
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
             raise KeyError(key)
@@ -117,8 +127,11 @@ def convert_clip_vision(state_dict: Mapping[str, Any], tower: Any) -> dict[str, 
     from sgm_jax.evaluation.clip_image import abstract_vision_params
 
     abstract = abstract_vision_params(tower)
-    return convert_state_dict(openai_view(state_dict), text_key_map(abstract), abstract, prefix=OPENAI_PREFIX,
-                              dtype="float32")
+    view = openai_view(state_dict)
+    unused = view.unused_keys() if isinstance(view, HFVisionAsOpenAI) else []
+    if unused:
+        raise CheckpointMismatchError(f"unexpected image-tower keys ({len(unused)}): {', '.join(unused[:10])}")
+    return convert_state_dict(view, text_key_map(abstract), abstract, prefix=OPENAI_PREFIX, dtype="float32")
 
 
 def convert_clip_text(state_dict: Mapping[str, Any], text_model: Any) -> dict[str, Any]:
