@@ -2,7 +2,7 @@
 with 0, 1 and 2 Grain workers, beside a plain PIL decode + resize + crop loop over the same
 files (the floor a pipeline can reach). Shards are built from scikit-image's photographs.
 
-    nice -n 5 python benchmarks/input_pipeline.py [--images 96] [--append benchmarks/RESULTS.md]
+    nice -n 5 python benchmarks/input_pipeline.py [--images 128] [--rounds 3] [--append benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def plain_pil(urls: str, side: int) -> float:
             img = Image.open(io.BytesIO(raw)).convert("RGB")
             s = side / min(img.size)
             img = img.resize((max(side, int(img.width * s)), max(side, int(img.height * s))), Image.BICUBIC)
-            arr = np.asarray(img, np.float32)[:side, :side] / 255.0 * 2 - 1
+            arr = np.asarray(img)[:side, :side].astype(np.float32) / np.float32(255) * 2 - 1  # crop first: cheapest
     del arr
     return n / (time.perf_counter() - t)
 
@@ -80,7 +80,8 @@ def pipeline(urls: str, side: int, workers: int, batch: int, n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--append", default="")
     args = parser.parse_args()
     rows = []
@@ -88,13 +89,16 @@ def main() -> None:
         for side in (256, 1024):
             n = args.images if side == 256 else max(args.images // 4, 16)
             urls = make_shards(Path(tmp), n, side)
-            floor = plain_pil(urls, side)
-            rates = {w: pipeline(urls, side, w, 8, n) for w in (0, 1, 2)}
+            floor, rates = 0.0, {0: 0.0, 1: 0.0, 2: 0.0}
+            for _ in range(args.rounds):  # alternate and keep each cell's best: the machine is shared
+                floor = max(floor, plain_pil(urls, side))
+                rates = {w: max(r, pipeline(urls, side, w, 8, n)) for w, r in rates.items()}
             rows.append((side, floor, rates))
             print(side, floor, rates, flush=True)
     lines = ["", "## Input pipeline (issue 11): JPEG tar shards -> decoded, resized, cropped batches",
              "", f"`benchmarks/input_pipeline.py`, {args.images} images at 256^2 (a quarter at 1024^2), batch 8, "
-             "this 2-core CPU shared with other jobs (nice 5). Images/s; overhead = 1 - pipeline(0 workers) / plain.",
+             f"this 2-core CPU shared with other jobs (nice 5), best of {args.rounds} alternating rounds. Images/s; "
+             "overhead = 1 - pipeline(0 workers) / plain.",
              "", "| size | plain PIL loop | pipeline, 0 workers | 1 worker | 2 workers | overhead, 0 workers |",
              "|---|---|---|---|---|---|"]
     for side, floor, r in rows:
