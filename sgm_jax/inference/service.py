@@ -94,6 +94,9 @@ class DemoRequest:
 
 
 class DemoService:
+    """Per-step progress comes from inside the compiled loop (step_progress=True): such loops are
+    not written to JAX's persistent cache, but a server compiles each once per process anyway."""
+
     def __init__(self, sources: list[ModelSource], out_dir: str | os.PathLike | None = None,
                  tokenizer: str | None = None) -> None:
         if not sources:
@@ -136,7 +139,8 @@ class DemoService:
         s = self.source(label)
         if s.kind != "converted":
             raise UserError(f"{label} is a trained workdir; refiners and LoRA need converted weights")
-        return self.cache.pipeline(s.config, s.path, tokenizer=self.tokenizer, loras=tuple(parse_loras(loras)))
+        return self.cache.pipeline(s.config, s.path, tokenizer=self.tokenizer, loras=tuple(parse_loras(loras)),
+                                   step_progress=True)
 
     def generate(self, req: DemoRequest,
                  progress: Callable[[StepEvent], None] | None = None) -> tuple[list[Path], dict]:
@@ -156,7 +160,7 @@ class DemoService:
         return paths, meta
 
     def _trained(self, s: ModelSource, req: DemoRequest, progress) -> tuple[np.ndarray, list[str], dict]:
-        model = self.cache.trained(s.path)
+        model = self.cache.trained(s.path, step_progress=True)
         spec = model.spec(req.sampler, req.steps, req.discretization, **self._options(req, model.spec().name))
         conds = list(req.classes) if model.condition_key == "cls" else ([req.prompt] if model.conditional else [])
         result = model.sample(conds, num=req.num, seed=req.seed, spec=spec, cfg_scale=req.cfg_scale,
