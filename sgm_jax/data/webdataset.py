@@ -59,9 +59,10 @@ def _epath(path: str) -> Any:
 def expand_urls(urls: str | Sequence[str], suffixes: Sequence[str] = (".tar",)) -> list[str]:
     """Every shard the seed-style `urls` name, in the order given (braces expanded, globs and
     folders sorted). One UserError line when an entry matches nothing."""
-    urls = [urls] if isinstance(urls, str) else list(urls)
+    urls = [u for u in ([urls] if isinstance(urls, str) else list(urls)) if str(u).strip()]
     if not urls:
-        raise UserError("data urls is empty: give shard paths, globs or brace patterns (data-{000000..000009}.tar)")
+        raise UserError("data urls is empty: set config.data.params.train.datapipeline.urls to shard paths, globs, "
+                        "brace patterns or a folder (shards/data-{000000..000009}.tar)")
     out: list[str] = []
     for url in urls:
         found: list[str] = []
