@@ -11,6 +11,8 @@ from PIL import Image
 
 from sgm_jax.errors import UserError
 
+MAX_GRID = 1024  # images in one grid PNG (a grid is held in memory whole; folders are written as they come)
+
 
 def to_pil(image: np.ndarray) -> Image.Image:
     """uint8 [H, W, 3] or [H, W, 1] -> an RGB / greyscale PIL image."""
@@ -40,6 +42,9 @@ def output_paths(out: str | os.PathLike, count: int, prefix: str) -> tuple[list[
         if target.is_dir():
             raise UserError(f"--out {target} is a folder; give a .png file name or the folder without .png")
         _writable_ancestor(target.parent)
+        if count > MAX_GRID:
+            raise UserError(f"--out {target}: a grid of {count} images is too large (at most {MAX_GRID}); "
+                            "give a folder for one PNG per image")
         return ([target], None) if count == 1 else ([], target)
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {target} is a file; give a folder or a .png path")
