@@ -90,8 +90,9 @@ class ClassifierEvaluator:
         return cls(predict, acc)
 
     def __call__(self, images: np.ndarray, classes: Any) -> dict[str, float]:
-        if classes is None or len(classes) != len(images):
-            raise ValueError("the classifier score needs one class id per image")
+        from sgm_jax.evaluation.registry import check_conditioning
+
+        check_conditioning(self, classes, len(images))
         labels = np.asarray([int(c) for c in classes])
         hit = self.predict(to_digit_input(images)) == labels
         per_class = [float(hit[labels == c].mean()) for c in np.unique(labels)]

@@ -83,8 +83,7 @@ class CLIPScoreEvaluator:
         self.scorer = scorer
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str] | None) -> dict[str, float]:
-        if prompts is None or any(not isinstance(p, str) for p in prompts):
-            raise ValueError("the CLIP score needs a prompt for every image (--prompts, or PNG 'prompt' metadata)")
+        check_conditioning(self, prompts, len(images))
         return {"clip_score": self.scorer(images, list(prompts))}
 
 
@@ -125,8 +124,21 @@ def build_evaluators(metrics: Sequence[str], options: EvalOptions) -> list[Any]:
     return [EVALUATORS[m](options) for m in metrics]
 
 
+def check_conditioning(evaluator: Any, conditioning: Sequence[Any] | None, n: int) -> None:
+    """ValueError (one line) unless `conditioning` holds what `evaluator.needs` for each of n images."""
+    needs = getattr(evaluator, "needs", None)
+    if needs is None:
+        return
+    kind, what = ((int, np.integer), "a class id") if needs == "classes" else (str, "a prompt")
+    if conditioning is None or len(conditioning) != n or not all(isinstance(c, kind) for c in conditioning):
+        raise ValueError(f"the {evaluator.name} metric needs {what} for every image (--classes / --prompts with "
+                         "--workdir; PNG 'class' / 'prompt' metadata or --captions FILE with --images)")
+
+
 def evaluate_images(evaluators: Sequence[Any], images: np.ndarray, conditioning: Sequence[Any] | None) -> dict[str, float]:
     """Every evaluator's metrics on one image set, merged, plus `num_images`."""
+    for evaluator in evaluators:
+        check_conditioning(evaluator, conditioning, len(images))
     metrics: dict[str, float] = {"num_images": float(len(images))}
     for evaluator in evaluators:
         metrics.update(evaluator(images, conditioning))
