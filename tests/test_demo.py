@@ -91,8 +91,10 @@ def png_pixels(paths) -> list[np.ndarray]:
 def test_demo_matches_sample_py_and_never_reloads_or_recompiles(models, cli_images, tmp_path):
     service, workdir = models["service"], models["workdir"]
     label = models["sources"][0].label
-    paths, meta = service.generate(DemoRequest(model=label, classes=[3], seed=SEED, num=2))
+    events = []  # per-step progress, as the page shows it (the browser test reuses these compiled loops)
+    paths, meta = service.generate(DemoRequest(model=label, classes=[3], seed=SEED, num=2), progress=events.append)
     assert service.cache.loads == 1 and meta["conditions"] == "3" and meta["step"] == 2
+    assert [ev.step for ev in events] == [0, 1, 2]  # the model's 3 sampler steps, reported from the loop
     compiled = service.cache.compiled()
     cli = cli_images["mnist"]
     demo = png_pixels(paths)
@@ -100,7 +102,8 @@ def test_demo_matches_sample_py_and_never_reloads_or_recompiles(models, cli_imag
     for a, b in zip(demo, cli):
         np.testing.assert_array_equal(a, b)
     # a new class, seed and CFG scale: the same weights and compiled loop
-    other, _ = service.generate(DemoRequest(model=label, classes=[7], seed=SEED + 1, num=2, cfg_scale=1.5))
+    other, _ = service.generate(DemoRequest(model=label, classes=[7], seed=SEED + 1, num=2, cfg_scale=1.5),
+                                progress=events.append)
     assert service.cache.loads == 1 and service.cache.compiled() == compiled
     assert np.abs(png_pixels(other)[0].astype(int) - demo[0]).mean() > 1
     # --num beyond one block of compiled batches: streamed block by block, the same pixels as one call
@@ -111,12 +114,13 @@ def test_demo_matches_sample_py_and_never_reloads_or_recompiles(models, cli_imag
     np.testing.assert_array_equal(np.stack(streamed), whole[..., 0])
     if len(models["sources"]) > 1:  # the converted tiny SDXL
         sdxl = models["sources"][1].label
-        paths, meta = service.generate(DemoRequest(model=sdxl, prompt=PROMPT, seed=SEED, num=2, steps=2))
+        paths, meta = service.generate(DemoRequest(model=sdxl, prompt=PROMPT, seed=SEED, num=2, steps=2),
+                                       progress=events.append)
         for a, b in zip(png_pixels(paths), cli_images["sdxl"]):
             np.testing.assert_array_equal(a, b)
         loads, compiled = service.cache.loads, service.cache.compiled()
         service.generate(DemoRequest(model=sdxl, prompt="a dog", negative_prompt="blurry", seed=1, num=2, steps=2,
-                                     cfg_scale=7.0))
+                                     cfg_scale=7.0), progress=events.append)
         assert (service.cache.loads, service.cache.compiled()) == (loads, compiled)
 
 
