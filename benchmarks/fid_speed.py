@@ -104,7 +104,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print("| implementation | images/s | ms / image | first batch (s) |")
     print("|---|---:|---:|---:|")
-    print(f"| sgm_jax (Flax, XLA CPU) | {n / jax_seconds:.1f} | {1000 * jax_seconds / n:.1f} | {jax_warm:.1f} (compile) |")
+    print(f"| sgm_jax (Flax, XLA CPU) | {n / jax_seconds:.1f} | {1000 * jax_seconds / n:.1f} "
+          f"| {jax_warm:.1f} (compile) |")
     if torch_row is not None:
         sec, warm, threads = torch_row
         print(f"| pytorch-fid (PyTorch {torch.__version__}, {threads} threads) | {n / sec:.1f} | {1000 * sec / n:.1f} "

@@ -122,6 +122,7 @@ def test_inception_weights_missing_and_mismatched(tmp_path, monkeypatch):
 def test_clip_towers_and_score_match_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from sgm_jax.convert.clip_vision import convert_clip_text, convert_clip_vision
     from sgm_jax.evaluation.clip_image import CLIPVisionTower, preprocess
     from sgm_jax.evaluation.clip_score import CLIPScore, load_clip_score_params, text_embeddings
     from sgm_jax.evaluation.fid import prepare_images
@@ -161,6 +162,35 @@ def test_clip_towers_and_score_match_transformers(tmp_path):
     scorer = CLIPScore(params, tokenizer, vision=tower, text=text, batch_size=2)
     np.testing.assert_allclose(scorer.per_image(images, prompts), np.maximum(100 * cos, 0), atol=1e-3)
     assert abs(scorer(images, prompts) - np.maximum(100 * cos, 0).mean()) < 1e-3 and np.ptp(cos) > 0.01
+    # The same weights in the OpenAI / open_clip layout convert to the same params.
+    openai = _openai_layout({k: v.numpy() for k, v in model.state_dict().items()})
+    for a, b in zip(jax.tree_util.tree_leaves((convert_clip_vision(openai, tower), convert_clip_text(openai, text))),
+                    jax.tree_util.tree_leaves((params["vision"], params["text"])), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _openai_layout(hf: dict) -> dict:
+    """transformers CLIPModel keys -> the OpenAI / open_clip state dict of the same weights."""
+    hf = dict(hf)
+    out = {"text_projection": hf.pop("text_projection.weight").T, "visual.proj": hf.pop("visual_projection.weight").T}
+    names = [("vision_model.embeddings.patch_embedding.", "visual.conv1."),
+             ("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
+             ("vision_model.encoder.layers.", "visual.transformer.resblocks."),
+             ("text_model.embeddings.token_embedding.", "token_embedding."),
+             ("text_model.final_layer_norm", "ln_final"), ("text_model.encoder.layers.", "transformer.resblocks."),
+             ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    out["visual.class_embedding"] = hf.pop("vision_model.embeddings.class_embedding")
+    out["visual.positional_embedding"] = hf.pop("vision_model.embeddings.position_embedding.weight")
+    out["positional_embedding"] = hf.pop("text_model.embeddings.position_embedding.weight")
+    for key in [k for k in hf if ".q_proj." in k]:
+        qkv = [hf.pop(key.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        hf[key.replace("self_attn.q_proj.", "attn.in_proj_")] = np.concatenate(qkv)
+    for key, value in hf.items():
+        for old, new in names:
+            key = key.replace(old, new)
+        out[key] = value
+    return {k: v for k, v in out.items() if not k.endswith("position_ids") and k != "logit_scale"}
 
 
 def test_clip_weights_missing_one_line(tmp_path, monkeypatch):

@@ -4,12 +4,15 @@ with its projection (`sgm_jax.nn.text.CLIPTextTransformer` + `text_projection`).
 
 Two checkpoint layouts are read:
   * openai / open_clip: `visual.conv1.weight`, `visual.transformer.resblocks.0.attn.in_proj_weight`,
-    ..., `visual.proj` (OpenAI's `ViT-L-14.pt`, open_clip's `open_clip_pytorch_model.bin`):
+    ..., `visual.proj` (open_clip's `open_clip_pytorch_model.bin`, OpenAI's weights as a state
+    dict; OpenAI's own `ViT-L-14.pt` is a TorchScript archive: save its `state_dict()` first):
     the image tower maps one to one;
   * transformers' CLIPModel / CLIPVisionModelWithProjection (`openai/clip-vit-large-patch14`,
     what torchmetrics' CLIPScore loads): `vision_model.*` + `visual_projection.weight`, viewed
-    in the openai layout by `HFVisionAsOpenAI` (q/k/v stacked into in_proj on access), and
-    `text_model.*` + `text_projection.weight` for the text side.
+    in the openai layout by `hf_vision_as_openai` (q/k/v stacked into in_proj on access), and
+    `text_model.*` + `text_projection.weight` for the text side (the text tower is
+    transformers' CLIPTextModel here; open_clip text keys are viewed in that layout by
+    `openai_text_as_hf`, in_proj split into q/k/v).
 """
 
 from __future__ import annotations
@@ -35,80 +38,104 @@ _HF_TOP = {"conv1.weight": "embeddings.patch_embedding.weight", "class_embedding
            "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
            "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
            "ln_post.bias": "post_layernorm.bias"}
+_HF_TEXT_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                "positional_embedding": "embeddings.position_embedding.weight",
+                "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
 _HF_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
+_OPENAI_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+
+# A plan: {key of the view: (op, source keys)}; op "copy" / "transpose" one source, "stack" the
+# sources on axis 0 (q, k, v -> in_proj), ("part", i, n) the i-th of n equal row blocks of one source.
+Plan = dict[str, tuple[Any, list[str]]]
 
 
-class HFVisionAsOpenAI(Mapping[str, np.ndarray]):
-    """A transformers-layout CLIP state dict seen as openai `visual.*` keys (lazy).
+class RenamedView(Mapping[str, np.ndarray]):
+    """A state dict seen through a plan (lazy: each tensor is read and rearranged on access)."""
 
-    `in_proj_weight` / `in_proj_bias` are [q; k; v] stacked; `proj` is
-    `visual_projection.weight` transposed ([width, embed_dim], used as x @ proj).
-    """
-
-    def __init__(self, state_dict: Mapping[str, Any], prefix: str = HF_VISION_PREFIX):
-        self._sd, self._prefix = state_dict, prefix
-        layers = {int(m.group(1)) for k in state_dict if k.startswith(prefix)
-                  and (m := _HF_LAYER.match(k[len(prefix):]))}
-        keys = [OPENAI_PREFIX + k for k in _HF_TOP] + [OPENAI_PREFIX + "proj"]
-        for i in sorted(layers):
-            block = f"{OPENAI_PREFIX}transformer.resblocks.{i}."
-            keys += [block + f"{name}.{leaf}" for name in _HF_BLOCK for leaf in ("weight", "bias")]
-            keys += [block + "attn.in_proj_weight", block + "attn.in_proj_bias"]
-        self._keys = tuple(keys)
-
-    def _source(self, key: str) -> list[str] | str:
-        """The transformers key(s) behind an openai key (a list: stacked in_proj)."""
-        key = key[len(OPENAI_PREFIX):]
-        if key == "proj":
-            return "visual_projection.weight"
-        if key in _HF_TOP:
-            return self._prefix + _HF_TOP[key]
-        m = _BLOCK_KEY.match(key) or re.match(r"^transformer\.resblocks\.(\d+)\.(attn)\.in_proj_(weight|bias)$", key)
-        i, module, leaf = m.groups()
-        layer = f"{self._prefix}encoder.layers.{i}."
-        if module == "attn":
-            return [f"{layer}self_attn.{p}_proj.{leaf}" for p in ("q", "k", "v")]
-        return f"{layer}{_HF_BLOCK[module]}.{leaf}"
-
-    def unused_keys(self) -> list[str]:
-        """Image-tower keys of the underlying state dict that no openai key reads (buffers such
-        as `position_ids` excepted): a layout this view does not know."""
-        used = set()
-        for key in self._keys:
-            source = self._source(key)
-            used.update(source if isinstance(source, list) else [source])
-        return sorted(k for k in self._sd if (k.startswith(self._prefix) or k.startswith("visual_projection."))
-                      and k not in used and not k.endswith(_HF_IGNORED))
+    def __init__(self, state_dict: Mapping[str, Any], plan: Plan, own_prefixes: tuple[str, ...]):
+        self._sd, self._plan, self._own = state_dict, plan, own_prefixes
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._keys:
-            raise KeyError(key)
-        source = self._source(key)
-        if isinstance(source, list):
-            return np.concatenate([np.asarray(self._sd[s]) for s in source], axis=0)
-        value = np.asarray(self._sd[source])
-        return value.T if key == OPENAI_PREFIX + "proj" else value
+        op, sources = self._plan[key]
+        arrays = [np.asarray(self._sd[s]) for s in sources]
+        if op == "stack":
+            return np.concatenate(arrays, axis=0)
+        if op == "transpose":
+            return arrays[0].T
+        if isinstance(op, tuple):  # ("part", i, n)
+            rows = arrays[0].shape[0] // op[2]
+            return arrays[0][op[1] * rows:(op[1] + 1) * rows]
+        return arrays[0]
 
     def shape_of(self, key: str) -> tuple[int, ...]:
-        source = self._source(key)
-        shape_of = getattr(self._sd, "shape_of", lambda k: np.shape(self._sd[k]))
-        if isinstance(source, list):
-            shapes = [tuple(shape_of(s)) for s in source]
+        op, sources = self._plan[key]
+        read = getattr(self._sd, "shape_of", lambda k: np.shape(self._sd[k]))
+        shapes = [tuple(int(d) for d in read(s)) for s in sources]
+        if op == "stack":
             return (sum(s[0] for s in shapes),) + shapes[0][1:]
-        shape = tuple(shape_of(source))
-        return shape[::-1] if key == OPENAI_PREFIX + "proj" else shape
+        if op == "transpose":
+            return shapes[0][::-1]
+        if isinstance(op, tuple):
+            return (shapes[0][0] // op[2],) + shapes[0][1:]
+        return shapes[0]
+
+    def unused_keys(self) -> list[str]:
+        """Keys of the underlying state dict under this view's prefixes that no view key reads
+        (buffers such as `position_ids` excepted): a layout the plan does not know."""
+        used = {s for _, sources in self._plan.values() for s in sources}
+        return sorted(k for k in self._sd if k.startswith(self._own) and k not in used and not k.endswith(_HF_IGNORED))
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return key in self._plan
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._plan)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._plan)
+
+
+def _block_plan(layers: set[int], to_block: Any, from_block: Any, fused: bool) -> Plan:
+    """Per-block entries; `to_block(i)` / `from_block(i)` give the two layouts' block prefixes;
+    fused: the view is openai (stack q, k, v), else transformers (split in_proj)."""
+    plan: Plan = {}
+    for i in sorted(layers):
+        src, dst = from_block(i), to_block(i)
+        for openai_name, hf_name in _HF_BLOCK.items():
+            for leaf in ("weight", "bias"):
+                a, b = f"{openai_name}.{leaf}", f"{hf_name}.{leaf}"
+                plan[dst + (a if fused else b)] = ("copy", [src + (b if fused else a)])
+        for leaf in ("weight", "bias"):
+            if fused:
+                plan[f"{dst}attn.in_proj_{leaf}"] = ("stack", [f"{src}self_attn.{p}_proj.{leaf}" for p in "qkv"])
+            else:
+                for j, p in enumerate("qkv"):
+                    plan[f"{dst}self_attn.{p}_proj.{leaf}"] = (("part", j, 3), [f"{src}attn.in_proj_{leaf}"])
+    return plan
+
+
+def hf_vision_as_openai(state_dict: Mapping[str, Any], prefix: str = HF_VISION_PREFIX) -> RenamedView:
+    """transformers' `vision_model.*` + `visual_projection.weight` seen as openai `visual.*` keys:
+    q / k / v stacked into `in_proj`, `proj` = visual_projection.weight transposed ([W, E], x @ proj)."""
+    layers = {int(m.group(1)) for k in state_dict if k.startswith(prefix) and (m := _HF_LAYER.match(k[len(prefix):]))}
+    plan: Plan = {OPENAI_PREFIX + k: ("copy", [prefix + v]) for k, v in _HF_TOP.items()}
+    plan[OPENAI_PREFIX + "proj"] = ("transpose", ["visual_projection.weight"])
+    plan.update(_block_plan(layers, lambda i: f"{OPENAI_PREFIX}transformer.resblocks.{i}.",
+                            lambda i: f"{prefix}encoder.layers.{i}.", fused=True))
+    return RenamedView(state_dict, plan, (prefix, "visual_projection."))
+
+
+def openai_text_as_hf(state_dict: Mapping[str, Any]) -> RenamedView:
+    """OpenAI / open_clip text-tower keys (`token_embedding.weight`, `transformer.resblocks.N.*`,
+    `ln_final`, `text_projection` [W, E]) seen as transformers' `text_model.*` + `text_projection.weight`."""
+    layers = {int(m.group(1)) for k in state_dict if (m := _OPENAI_BLOCK.match(k))}
+    plan: Plan = {"text_model." + v: ("copy", [k]) for k, v in _HF_TEXT_TOP.items()}
+    plan["text_projection.weight"] = ("transpose", ["text_projection"])
+    plan.update(_block_plan(layers, lambda i: f"text_model.encoder.layers.{i}.",
+                            lambda i: f"transformer.resblocks.{i}.", fused=False))
+    return RenamedView(state_dict, plan, ("transformer.", "token_embedding.", "ln_final."))
 
 
 def openai_view(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -116,7 +143,7 @@ def openai_view(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     if any(k.startswith(OPENAI_PREFIX) for k in state_dict):
         return state_dict
     if any(k.startswith(HF_VISION_PREFIX) for k in state_dict):
-        return HFVisionAsOpenAI(state_dict)
+        return hf_vision_as_openai(state_dict)
     raise ValueError("not a CLIP checkpoint with an image tower: no 'visual.*' (openai / open_clip) or "
                      "'vision_model.*' (transformers) keys")
 
@@ -128,23 +155,28 @@ def convert_clip_vision(state_dict: Mapping[str, Any], tower: Any) -> dict[str, 
 
     abstract = abstract_vision_params(tower)
     view = openai_view(state_dict)
-    unused = view.unused_keys() if isinstance(view, HFVisionAsOpenAI) else []
+    unused = view.unused_keys() if isinstance(view, RenamedView) else []
     if unused:
         raise CheckpointMismatchError(f"unexpected image-tower keys ({len(unused)}): {', '.join(unused[:10])}")
     return convert_state_dict(view, text_key_map(abstract), abstract, prefix=OPENAI_PREFIX, dtype="float32")
 
 
 def convert_clip_text(state_dict: Mapping[str, Any], text_model: Any) -> dict[str, Any]:
-    """transformers CLIPModel weights (`text_model.*`, `text_projection.weight`) ->
-    `{"transformer": CLIPTextTransformer params, "text_projection": [W, E]}` (float32)."""
+    """CLIP text tower with its projection -> `{"transformer": CLIPTextTransformer params,
+    "text_projection": [W, E]}` (float32), from transformers' CLIPModel keys (`text_model.*`,
+    `text_projection.weight`) or the openai / open_clip ones (`token_embedding.weight`, ...)."""
     import jax
     import jax.numpy as jnp
 
+    if "text_model.final_layer_norm.weight" not in state_dict and "token_embedding.weight" in state_dict:
+        state_dict = openai_text_as_hf(state_dict)
+        if state_dict.unused_keys():
+            raise CheckpointMismatchError(f"unexpected text-tower keys: {', '.join(state_dict.unused_keys()[:10])}")
+    if "text_projection.weight" not in state_dict:
+        raise ValueError("no text projection in the CLIP checkpoint: the CLIP score needs both CLIP towers "
+                         f"(transformers' CLIPModel weights of {HF_REPO}, or open_clip's)")
     tokens = jax.ShapeDtypeStruct((1, text_model.max_length), jnp.int32)
     abstract = jax.eval_shape(lambda t: text_model.init(jax.random.key(0), t), tokens)["params"]
-    if "text_projection.weight" not in state_dict:
-        raise ValueError("no 'text_projection.weight' in the CLIP checkpoint: the CLIP score needs transformers' "
-                         f"CLIPModel weights ({HF_REPO}), text and image towers")
     tower = convert_state_dict(state_dict, text_key_map(abstract), abstract, prefix="text_model.",
                                ignore_unexpected=_HF_IGNORED, dtype="float32")
     projection = to_flax_layout("linear", np.asarray(state_dict["text_projection.weight"], np.float32))

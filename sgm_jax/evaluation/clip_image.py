@@ -67,7 +67,8 @@ class VisionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + VisionAttention(self.width, self.heads, self.dtype, name="attn")(_layer_norm("ln_1")(x).astype(self.dtype))
+        attn = VisionAttention(self.width, self.heads, self.dtype, name="attn")
+        x = x + attn(_layer_norm("ln_1")(x).astype(self.dtype))
         mlp = VisionMLP(self.width, int(self.width * self.mlp_ratio), self.act, self.dtype, name="mlp")
         return x + mlp(_layer_norm("ln_2")(x).astype(self.dtype))
 

@@ -135,7 +135,8 @@ def check_conditioning(evaluator: Any, conditioning: Sequence[Any] | None, n: in
                          "--workdir; PNG 'class' / 'prompt' metadata or --captions FILE with --images)")
 
 
-def evaluate_images(evaluators: Sequence[Any], images: np.ndarray, conditioning: Sequence[Any] | None) -> dict[str, float]:
+def evaluate_images(evaluators: Sequence[Any], images: np.ndarray,
+                    conditioning: Sequence[Any] | None) -> dict[str, float]:
     """Every evaluator's metrics on one image set, merged, plus `num_images`."""
     for evaluator in evaluators:
         check_conditioning(evaluator, conditioning, len(images))
