@@ -257,7 +257,7 @@ def test_training_evaluator(tmp_path):
 
     metrics = evaluator(generate, 10)
     assert evaluator.due(10) and not evaluator.due(7) and calls == [(8, 0)]
-    assert metrics["eval/psnr"] > 100 and metrics["eval/ssim"] > 0.9999 and metrics["eval/num_images"] == 8
+    assert metrics["psnr"] > 100 and metrics["ssim"] > 0.9999 and metrics["num_images"] == 8
 
 
 def test_evaluate_cli_on_mnist_folders(tmp_path):

@@ -4,7 +4,9 @@ built once (weights loaded, reference statistics computed) and run every `every`
     evaluator = make_training_evaluator(config.eval, image_shape)   # None when evaluation is off
     ...
     if evaluator is not None and step % evaluator.every == 0:
-        metrics = evaluator(generate, step)   # {"eval/fid": ..., "eval/class_accuracy": ..., "eval/seconds": ...}
+        metrics = evaluator(generate, step)   # {"fid": ..., "class_accuracy": ..., "seconds": ...}
+
+The keys carry no prefix: the loop writes task.evaluate()'s dict as "eval/<key>" already.
 
 `generate(n, seed) -> (images, conditioning)`: n samples of the model being trained, images
 `[n, H, W, C]` float in [-1, 1] (or uint8), conditioning a list of n class ids or prompts (or
@@ -45,7 +47,7 @@ DEFAULTS: dict[str, Any] = {"every": 0, "num_samples": 500, "metrics": ("fid",),
 
 
 class TrainingEvaluator:
-    """`evaluator(generate, step) -> {"eval/<metric>": float, ..., "eval/seconds": float}`."""
+    """`evaluator(generate, step) -> {"<metric>": float, ..., "num_images", "seconds"}`."""
 
     def __init__(self, evaluators: Sequence[Any], every: int, num_samples: int, seed: int):
         self.evaluators, self.every, self.num_samples, self.seed = list(evaluators), every, num_samples, seed
@@ -59,8 +61,8 @@ class TrainingEvaluator:
         if len(images) != self.num_samples:
             raise ValueError(f"generate({self.num_samples}, ...) returned {len(images)} images")
         metrics = evaluate_images(self.evaluators, np.asarray(images), conditioning)
-        out = {f"eval/{k}": float(v) for k, v in metrics.items()}
-        out["eval/seconds"] = time.time() - t0
+        out = {k: float(v) for k, v in metrics.items()}
+        out["seconds"] = time.time() - t0
         return out
 
 
