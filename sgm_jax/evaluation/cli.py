@@ -4,6 +4,7 @@
         --metrics fid,classifier --ref mnist:test
     python evaluate.py --images samples/ --ref real_images/ --metrics fid --save-ref-stats real.npz
     python evaluate.py --images samples/ --ref real.npz --metrics fid,clip_score   # prompts from PNG metadata
+    python evaluate.py --ref mnist:test --save-ref-stats mnist_test.npz               # reference statistics only
 
 `--workdir` samples a train.py run (class ids or prompts, the chosen sampler); `--images` reads
 a folder (conditioning from each PNG's `class` / `prompt` metadata or `--captions FILE`). `--ref`
@@ -30,7 +31,7 @@ from sgm_jax.evaluation.registry import EVALUATORS, EvalOptions, build_evaluator
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--workdir", help="a train.py workdir to sample from")
     src.add_argument("--images", help="a folder of images to evaluate")
     p.add_argument("--ref", help="reference: image folder, FID statistics .npz, or <dataset>:<split> (mnist:test)")
@@ -99,8 +100,14 @@ def real_main(args: argparse.Namespace) -> int:
                           inception_weights=args.inception_weights, clip_weights=args.clip_weights,
                           tokenizer=args.tokenizer, classifier_data=args.classifier_data,
                           save_ref_stats=args.save_ref_stats)
+    if not (args.workdir or args.images) and not (args.save_ref_stats and metrics == ["fid"]):
+        raise UserError("give --workdir W or --images DIR (or only --ref REF --save-ref-stats OUT.npz "
+                        "to compute reference FID statistics)")
     t0 = time.time()
     evaluators = build_evaluators(metrics, options)  # weights and references first: fail before sampling
+    if not (args.workdir or args.images):
+        print(f"wrote FID statistics of {args.ref} to {args.save_ref_stats}")
+        return 0
     if args.workdir:
         if args.classes and args.prompts:
             raise UserError("give --classes or --prompts, not both")

@@ -24,7 +24,7 @@ eval_config fields (a ConfigDict or dict; defaults in brackets):
   ref_limit [None]    use at most this many reference images. The reference statistics are
                       computed when the evaluator is built (on a CPU about 0.1-0.3 s per image
                       at 299x299): for large references compute them once with
-                      `evaluate.py --images DIR --ref REF --save-ref-stats ref.npz` and give the .npz.
+                      `evaluate.py --ref REF --save-ref-stats ref.npz` and give the .npz.
   batch_size [64]     images per Inception / CLIP call (split over all local devices).
   seed [0]            the seed passed to generate.
   inception_weights, clip_weights, tokenizer, classifier_data [None]: files; None searches the
