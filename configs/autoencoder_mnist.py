@@ -10,7 +10,7 @@ Changes from autoencoder_kl_f4 and why (benchmarks/autoencoder_psnr.py has the P
 * batch 16, Adam lr 5e-4 (the seed: 4.5e-6 at batch 8 for 256 px ImageNet);
 * KL weight 1e-6 as the LDM kl-f* autoencoders (the seed's kl-f4 example uses 1.0 with a
   learned log-variance over 256x256x3 pixels; on 1,024 MNIST pixels that weight empties the latent);
-* the PatchGAN (2 layers, 32 filters, 1 channel) from step 1501 with the seed's adaptive weight;
+* the PatchGAN (2 layers, 32 filters, 1 channel) from step 1001 with the seed's adaptive weight;
 * an EMA (0.999) of the weights, which is what load_first_stage and the export use.
 """
 
@@ -23,7 +23,7 @@ def get_config():
                       num_res_blocks=1)
     disc = {"target": "sgm.modules.autoencoding.lpips.model.model.NLayerDiscriminator",
             "params": {"input_nc": 1, "n_layers": 2, "ndf": 32, "use_actnorm": False}}
-    loss = f4.loss_config(perceptual_weight=0.0, disc_start=1501, disc_in_channels=1, learn_logvar=True,
+    loss = f4.loss_config(perceptual_weight=0.0, disc_start=1001, disc_in_channels=1, learn_logvar=True,
                           regularization_weights={"kl_loss": 1.0e-6}, discriminator_config=disc)
     config.model = f4.model(base_learning_rate=5.0e-4, encoder=enc, loss=loss, ema_decay=0.999)
     # path: folder of the four MNIST IDX files; "" searches the usual places (README "Data")

@@ -187,6 +187,10 @@ def test_one_backward_pass_equals_the_naive_total_loss():
     """The step's gradient (total cotangent at x_rec, one backward pass) equals jax.grad of the
     seed's total loss with d_weight computed from separate last-layer gradients."""
     config = tiny_config()
+    enc = autoencoder_kl_f4.ddconfig(z_channels=4, resolution=16, in_channels=1, out_ch=1, ch=32, ch_mult=(1, 1),
+                                     num_res_blocks=1)
+    for part in ("encoder_config", "decoder_config"):  # smaller still: this test differentiates four times
+        config.model.params[part].params = enc
     config.model.params.loss_config.params.disc_start = 0
     parts = build_parts(config)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)), jnp.float32)
