@@ -193,6 +193,19 @@ def _openai_layout(hf: dict) -> dict:
     return {k: v for k, v in out.items() if not k.endswith("position_ids") and k != "logit_scale"}
 
 
+def test_clip_preprocess_close_to_transformers():
+    transformers = pytest.importorskip("transformers")
+    skimage = pytest.importorskip("skimage")
+    from sgm_jax.evaluation.clip_image import preprocess
+
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    photo = skimage.data.chelsea()  # 300 x 451: resize of the short side, centre crop of the long one
+    expected = processor(images=photo, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    got = np.asarray(preprocess(photo[None].astype(np.float32) / 255.0))[0]
+    assert got.shape == expected.shape == (224, 224, 3)
+    assert np.abs(got - expected).mean() < 0.01 and np.abs(got - expected).max() < 0.1
+
+
 def test_clip_weights_missing_one_line(tmp_path, monkeypatch):
     from sgm_jax.convert.clip_vision import open_clip_checkpoint
 
