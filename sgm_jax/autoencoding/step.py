@@ -22,6 +22,7 @@ import optax
 
 from sgm_jax.autoencoding.engine import AutoencoderParts, AutoencoderState, logvar_of
 from sgm_jax.autoencoding.losses import autoencoder_objective, discriminator_loss
+from sgm_jax.autoencoding.regularizer import diagonal_gaussian_regularizer
 from sgm_jax.nn.vae import AutoencoderKL
 from sgm_jax.training.state import ema_decay, ema_update
 
@@ -29,23 +30,21 @@ Perceptual = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
 def _reconstruct(module: AutoencoderKL, x: jax.Array, key: jax.Array | None):
-    posterior = module.encode_posterior(x)
-    z = posterior.mode() if key is None else posterior.sample(key)
-    return module.decode(z), posterior
+    z, reg_log, posterior = diagonal_gaussian_regularizer(module.encode(x), key)
+    return module.decode(z), reg_log, posterior
 
 
 def reconstruct(parts: AutoencoderParts, ae_params: Any, x: jax.Array, key: jax.Array | None = None):
     """(x_rec `[B, H, W, C]` float32, posterior); the posterior's mode when `key` is None."""
-    rec, posterior = parts.model.apply({"params": ae_params}, x, key, method=_reconstruct)
+    rec, _, posterior = parts.model.apply({"params": ae_params}, x, key, method=_reconstruct)
     return rec.astype(jnp.float32), posterior
 
 
 def _forward_with_last_input(parts: AutoencoderParts, ae_params: Any, x: jax.Array, key: jax.Array | None):
-    """(x_rec, kl_loss), conv_out's input: the seed's regularizer log value kl_loss = sum(KL) / B."""
-    (rec, posterior), state = parts.model.apply({"params": ae_params}, x, key, method=_reconstruct,
-                                                mutable=["intermediates"])
-    kl_loss = jnp.sum(posterior.kl()) / x.shape[0]
-    return (rec.astype(jnp.float32), kl_loss), state["intermediates"]["decoder"]["conv_out_input"][0]
+    """(x_rec, regularization log), conv_out's input (for the adaptive weight)."""
+    (rec, reg_log, _), state = parts.model.apply({"params": ae_params}, x, key, method=_reconstruct,
+                                                 mutable=["intermediates"])
+    return (rec.astype(jnp.float32), reg_log), state["intermediates"]["decoder"]["conv_out_input"][0]
 
 
 def last_layer_grad_fn(parts: AutoencoderParts, conv_out: Mapping[str, jax.Array], last_input: jax.Array):
@@ -71,17 +70,18 @@ def autoencoder_grads(parts: AutoencoderParts, state: AutoencoderState, x: jax.A
     cotangent), its log, and the discriminator's batch_stats after the generator's forward."""
     sample_key, dropout_key = jax.random.split(key)
     ae_params = state.params["autoencoder"]
-    (rec, kl_loss), vjp_fn, last_input = jax.vjp(
+    (rec, reg_log), vjp_fn, last_input = jax.vjp(
         lambda p: _forward_with_last_input(parts, p, x, sample_key if parts.sample_posterior else None),
         ae_params, has_aux=True)
     lpips = None if perceptual is None else (lambda a, b: perceptual(a, b, dropout_key))
     disc_active = state.step >= parts.loss.disc_start
     cotangent, logvar_grad, log, stats = autoencoder_objective(
         parts.loss, parts.discriminator, x, rec, logvar_of(parts, state.params),
-        {"params": state.disc_params, "batch_stats": state.disc_batch_stats}, {"kl_loss": kl_loss},
+        {"params": state.disc_params, "batch_stats": state.disc_batch_stats}, reg_log,
         last_layer_grad_fn(parts, ae_params["decoder"]["conv_out"], last_input), disc_active, lpips)
-    kl_weight = dict(parts.loss.regularization_weights).get("kl_loss", 0.0)
-    grads = {"autoencoder": vjp_fn((cotangent, jnp.asarray(kl_weight, jnp.float32)))[0]}
+    weights = dict(parts.loss.regularization_weights)  # each term's own gradient: through the encoder only
+    reg_cotangent = {k: jnp.asarray(weights.get(k, 0.0), v.dtype) for k, v in reg_log.items()}
+    grads = {"autoencoder": vjp_fn((cotangent, reg_cotangent))[0]}
     if "logvar" in state.params:
         grads["logvar"] = logvar_grad
     return grads, log, stats
