@@ -1,11 +1,14 @@
-"""Class-conditional MNIST quality against training budget.
+"""Class- or text-conditional MNIST quality against training budget.
 
 A small CNN classifier is trained on real held-out digits (MNIST's test split, never seen by
 the diffusion model); the diffusion model trains with train.py's loop in budget increments
 (resuming each time); after each budget it draws `--per-class` digits of every class and we
-report the fraction the classifier assigns to the class asked for.
+report the fraction the classifier assigns to the class asked for. A text-conditional model
+(mnist_txt2img) is asked with the captions' HELD-OUT wordings ("a photo of the number seven",
+"7, drawn by hand", ...: sgm_jax.data.mnist_captions), never seen in training.
 
     python benchmarks/mnist_quality.py --config configs/mnist_cond_cpu.py --budgets 2,5,10,15
+    python benchmarks/mnist_quality.py --config configs/mnist_txt2img.py --workdir workdir/mnist_txt2img
 """
 
 from __future__ import annotations
@@ -24,12 +27,28 @@ sys.path.insert(0, str(REPO))
 from sgm_jax.evaluation.classifier import ClassifierEvaluator  # noqa: E402  (the classifier score's evaluator)
 
 
+def draw(workdir: str, per_class: int, sampler: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """per_class digits of each class: by class id, or by held-out captions for a text model."""
+    from sgm_jax.data.mnist_captions import HELD_OUT_WORDINGS, caption
+    from sgm_jax.inference.workdir import TrainedModel
+
+    model = TrainedModel.load(workdir)
+    spec = model.spec(sampler, steps)
+    if model.condition_key == "txt":
+        per = -(-per_class // len(HELD_OUT_WORDINGS))
+        prompts = [caption(d, w) for d in range(10) for w in HELD_OUT_WORDINGS]
+        labels = np.repeat(np.arange(10), len(HELD_OUT_WORDINGS) * per)
+    else:
+        per, prompts, labels = per_class, list(range(10)), np.repeat(np.arange(10), per_class)
+    result = model.sample(prompts, num=per, seed=1, spec=spec)
+    return result.images.astype(np.float32) / 127.5 - 1.0, labels
+
+
 def main() -> None:
     from ml_collections import config_flags  # noqa: F401  (configs are plain modules here)
 
     from sgm_jax.data import MnistDataset
     from sgm_jax.training.loop import train
-    from sgm_jax.training.restore import sample_trained
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/mnist_cond_cpu.py")
@@ -47,8 +66,9 @@ def main() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.data.params.path = args.data or ""
-    config.training.update(sample_every=0, num_samples=10, sample_nrow=10)
+    if "path" in config.data.get("params", {}):
+        config.data.params.path = args.data or ""
+    config.training.update(sample_every=0)
 
     held_out = MnistDataset(args.data, split="test")
     t0 = time.time()
@@ -62,14 +82,15 @@ def main() -> None:
         config.training.max_minutes = budget - spent
         summary = train(config, args.workdir)
         spent += summary["seconds"] / 60.0  # the training loop's wall time, compilation included
-        images, labels = sample_trained(args.workdir, list(range(10)), args.per_class, sampler=args.sampler,
-                                        steps=args.steps, seed=1)
+        images, labels = draw(args.workdir, args.per_class, args.sampler, args.steps)
         acc = float((classify(images) == labels).mean())
         per_class = [float((classify(images[labels == c]) == c).mean()) for c in range(10)]
         rows.append((budget, spent, summary["step"], acc, per_class))
         print(f"budget {budget:.0f} min: step {summary['step']}, accuracy {acc:.3f}", flush=True)
 
-    bs = config.data.params.batch_size
+    from sgm_jax.data import from_config
+
+    bs = from_config(config.data).batch_size
     print(f"\nconfig {args.config}, batch {bs}, sampler {args.sampler} x {args.steps} steps, "
           f"{args.per_class} digits per class, device {jax.devices()[0].device_kind}")
     print(f"{'budget min':>10}{'train min':>10}{'steps':>8}{'images':>9}{'accuracy':>10}  worst class")

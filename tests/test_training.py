@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import DATA, REPO
 from sgm_jax.engine import build_engine
-from sgm_jax.training.restore import example_batch, sample_trained
+from sgm_jax.inference.workdir import example_batch, sample_trained
 from sgm_jax.training.state import ema_decay, ema_update
 
 sys.path.insert(0, str(REPO))
@@ -90,10 +90,10 @@ def _fixed_loss(engine, params, batch):
 
 def test_short_real_training_lowers_the_loss_and_resume_is_exact(tmp_path):
     from sgm_jax.training.loop import train
-    from sgm_jax.training.restore import load_trained
+    from sgm_jax.inference.workdir import load_trained
 
     # uninterrupted: 12 steps. interrupted: 6 steps, then resumed to 12 in a new train() call
-    full = train(tiny_config(max_steps=12, checkpoint_every=6), tmp_path / "full")
+    full = train(tiny_config(max_steps=12, checkpoint_every=6, sample_every=12), tmp_path / "full")
     assert full["step"] == 12 and "mnist" in full["data"]
     part = train(tiny_config(max_steps=6), tmp_path / "resumed")
     assert part["step"] == 6

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointFileError, CheckpointMismatchError, UserError, FileExistsError, FileNotFoundError,
             NotImplementedError, ValueError, KeyError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return getattr(e, "exit_code", EXIT_ERROR)  # an interrupted conversion: 130 / 143
     return 0
 
 

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--param-dtype", choices=("float32", "bfloat16", "float16"), help="cast weights on load")
     model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                        help="merge a LoRA file (kohya-ss or diffusers layout) at SCALE (default 1); repeatable")
+    model.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
+                       help="a LoRA key that fits no weight is an error (--no-lora-strict: skipped, counted)")
     req = p.add_argument_group("request")
     req.add_argument("--prompt", action="append", help="text prompt; repeat for several prompts")
     req.add_argument("--classes", help="workdir: comma-separated class ids (default 0..9 for a class model)")
@@ -292,7 +294,8 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
     mesh = make_mesh(devices=jax.local_devices())
     kw = dict(tokenizer=args.tokenizer, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh,
               step_progress=step_progress)
-    base = load_pipeline(config, inf.get("checkpoint"), config_label=str(args.config), name=name, loras=loras, **kw)
+    base = load_pipeline(config, inf.get("checkpoint"), config_label=str(args.config), name=name, loras=loras,
+                         lora_strict=args.lora_strict, **kw)
     refiner = None
     if refiner_config is not None:
         refiner = load_pipeline(refiner_config, inf["refiner_checkpoint"], config_label=str(inf["refiner_config"]),

@@ -57,10 +57,13 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 3,
 
 
 def to_digit_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (0..255) or float (-1..1) `[N, 28, 28, 1|3]` -> float32 `[N, 28, 28, 1]` in [-1, 1]."""
+    """uint8 (0..255) or float (-1..1) `[N, 28|32, 28|32, 1|3]` -> float32 `[N, 28, 28, 1]` in [-1, 1]
+    (32x32 digits are MNIST padded by 2: the centre is cut out)."""
     images = np.asarray(images)
     x = images.astype(np.float32) / 127.5 - 1.0 if images.dtype == np.uint8 else images.astype(np.float32)
     x = x[..., None] if x.ndim == 3 else x
+    if x.shape[1:3] == (32, 32):  # digits padded to 32x32 (sgm_jax.data.mnist_captions, the f4 autoencoder)
+        x = x[:, 2:30, 2:30]
     if x.shape[1:3] != (28, 28):
         raise ValueError(f"the MNIST classifier takes 28x28 digits, got {x.shape[1]}x{x.shape[2]}")
     return x.mean(axis=-1, keepdims=True) if x.shape[-1] == 3 else x

@@ -78,16 +78,8 @@ def generate_from_workdir(workdir: str, conditions: Sequence[Any], num: int, *, 
         raise UserError(f"--num {num} is not a multiple of the {len(conditions)} classes / prompts")
     per = num // len(conditions)
     labels = [c for c in conditions for _ in range(per)]
-    try:
-        from sgm_jax.inference.workdir import TrainedModel
-    except ImportError:  # before the workdir sampler moved to sgm_jax.inference
-        from sgm_jax.training.restore import sample_trained
+    from sgm_jax.inference.workdir import TrainedModel
 
-        if any(not isinstance(c, int) for c in conditions if c is not None):
-            raise UserError("this sgm_jax samples workdirs by class id only") from None
-        images, _ = sample_trained(workdir, [c for c in conditions if c is not None], per, sampler=sampler,
-                                   steps=steps, cfg_scale=cfg_scale, seed=seed)
-        return images, labels
     model = TrainedModel.load(workdir)
     used = conditions if model.conditional else []
     result = model.sample(used, num=per, seed=seed, spec=model.spec(sampler, steps), cfg_scale=cfg_scale)

@@ -3,36 +3,19 @@ JAX's persistent compilation cache. Errors are one line saying what to do."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+from sgm_jax.errors import UserError
+
 DEFAULT_CACHE_DIR = Path("~/.cache/sgm_jax/jax_cache")
 
 
-class SetupError(Exception):
+class SetupError(UserError):
     """A missing or unusable input (weights, tokenizer, image, size): the message is the whole story."""
-
-
-def load_config(path: str | os.PathLike) -> Any:
-    """`get_config()` of a config file (configs/inference/*.py import `configs.` from the repo root)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SetupError(f"config file {path} not found")
-    # the repo of this package, and the one the config file sits in (<root>/configs/...)
-    roots = [REPO] + [parent for parent in path.resolve().parents if (parent / "configs").is_dir()][:1]
-    for root in roots:
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-    spec = importlib.util.spec_from_file_location(f"_sgm_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.get_config()
 
 
 def convert_command(config_path: str | os.PathLike, output: str | os.PathLike) -> str:

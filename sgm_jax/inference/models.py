@@ -9,7 +9,6 @@ functions) across requests, counting loads, so a server never reloads for a new 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +21,6 @@ from sgm_jax.errors import UserError
 
 from .pipeline import Pipeline
 from .workdir import TrainedModel, read_workdir_config, with_inference_section
-
-
-@contextlib.contextmanager
-def user_errors():
-    """loading.py's SetupError (missing weights, tokenizer, init image) as UserError: one line at the CLI."""
-    from .loading import SetupError
-
-    try:
-        yield
-    except SetupError as e:
-        raise UserError(str(e)) from None
 
 
 def expected_param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -76,20 +64,20 @@ def parse_loras(specs: Sequence[str]) -> list[tuple[str, float]]:
 def load_pipeline(config: Any, checkpoint: str | os.PathLike | None, *, config_label: str, name: str | None = None,
                   tokenizer: str | os.PathLike | None = None, dtype: str | None = None,
                   param_dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                  step_progress: bool | None = None, loras: Sequence[tuple[str, float]] = ()) -> Pipeline:
+                  step_progress: bool | None = None, loras: Sequence[tuple[str, float]] = (),
+                  lora_strict: bool = True) -> Pipeline:
     """A Pipeline over converted weights; every problem is one line, raised before any compile."""
     from .loading import check_checkpoint, load_checkpoint, load_clip_tokenizer
 
     checkpoint = checkpoint or (config.get("inference") or {}).get("checkpoint")
-    with user_errors():
-        path = check_checkpoint(checkpoint, config_label)
-        clip_tokenizer = load_clip_tokenizer(config, tokenizer)
-        params = load_checkpoint(path, config_label, param_dtype)
+    path = check_checkpoint(checkpoint, config_label)
+    clip_tokenizer = load_clip_tokenizer(config, tokenizer)
+    params = load_checkpoint(path, config_label, param_dtype)
     check_params(params, config, path, config_label)
     if loras:
         from sgm_jax.lora.merge import apply_loras
 
-        params = apply_loras(params, list(loras))
+        params = apply_loras(params, list(loras), strict=lora_strict)
     return Pipeline(config, params, clip_tokenizer=clip_tokenizer, dtype=dtype, mesh=mesh,
                     name=name or config_name(config_label), step_progress=step_progress)
 

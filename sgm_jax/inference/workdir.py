@@ -67,15 +67,15 @@ def inference_defaults(engine: DiffusionEngine, image_shape: Sequence[int]) -> d
     }
 
 
-def _abstract_params(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> Any:
-    return jax.eval_shape(engine.init_params, jax.random.key(0), example_batch(engine, image_shape))
-
-
 def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[int, ...], use_ema: bool = True,
-                    step: int | None = None) -> tuple[int, Any]:
+                    step: int | None = None, config: Any = None) -> tuple[int, Any]:
     """(step, params): the checkpoint's tree is checked against the config (one line naming the
-    first mismatched key, no compile), then only params / ema_params are read."""
+    first mismatched key, no compile), then only params / ema_params are read, and the frozen
+    parts training never saved (first stage, frozen text towers, a LoRA's base) are loaded from
+    where the config's ckpt_paths say (sgm_jax.training.frozen / lora_training)."""
     from sgm_jax.training.checkpoint import check_tree_matches, restore_params, step_dirs
+    from sgm_jax.training.frozen import abstract_full_params, load_frozen_and_initial, merge_params, split_params
+    from sgm_jax.training.lora_training import LORA, as_pairs, lora_base, lora_settings, new_adapters, with_adapters
 
     ckpt_dir = workdir / "checkpoints"
     steps = step_dirs(ckpt_dir)
@@ -83,9 +83,20 @@ def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[i
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with train.py --workdir {workdir}")
     if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint {step} in {ckpt_dir}; there are: {', '.join(map(str, steps))}")
-    check_tree_matches(ckpt_dir / str(step if step is not None else steps[0]),
-                       {"params": _abstract_params(engine, image_shape)}, prefixes=("params.",))
-    return restore_params(ckpt_dir, step=step, use_ema=use_ema)
+    config = config if config is not None else {"model": {}}
+    lora = lora_settings(config)
+    example = example_batch(engine, image_shape)
+    abstract = abstract_full_params(engine, example)
+    expected = (jax.eval_shape(lambda: new_adapters(abstract, lora, jax.random.key(0))) if lora is not None
+                else split_params(engine, abstract)[0])
+    check_tree_matches(ckpt_dir / str(step if step is not None else steps[0]), {"params": expected},
+                       prefixes=("params.",))
+    step, params = restore_params(ckpt_dir, step=step, use_ema=use_ema)
+    initial, frozen = load_frozen_and_initial(engine, config["model"], abstract)
+    if lora is None:
+        return step, merge_params(params, frozen)
+    base = lora_base(engine, initial, frozen, int(config["training"]["seed"]), example)
+    return step, with_adapters({LORA: as_pairs(params[LORA], lora["alpha"])}, base)
 
 
 class TrainedModel:
@@ -120,7 +131,7 @@ class TrainedModel:
         config = config if config is not None else with_inference_section(workdir, read_workdir_config(workdir))
         engine = build_engine(config.model, dtype=config.get("training", {}).get("dtype", "float32"))
         image_shape = workdir_image_shape(workdir)
-        step, params = restore_weights(workdir, engine, image_shape, use_ema, step)
+        step, params = restore_weights(workdir, engine, image_shape, use_ema, step, config)
         return cls(workdir, config, engine, params, step, image_shape, **kw)
 
     @property
@@ -227,7 +238,7 @@ def with_inference_section(workdir: Path, config: ConfigDict) -> ConfigDict:
     return config
 
 
-# --- the functions sgm_jax.training.restore exported (tests and benchmarks use them) -------------
+# --- one-call helpers (tests, benchmarks, evaluate.py) ----------------------------------------
 
 
 def load_trained(workdir: str | Path, use_ema: bool = True, step: int | None = None):
@@ -235,7 +246,7 @@ def load_trained(workdir: str | Path, use_ema: bool = True, step: int | None = N
     workdir = Path(workdir)
     config = read_workdir_config(workdir)
     engine = build_engine(config.model, dtype=config.get("training", {}).get("dtype", "float32"))
-    _, params = restore_weights(workdir, engine, workdir_image_shape(workdir), use_ema, step)
+    _, params = restore_weights(workdir, engine, workdir_image_shape(workdir), use_ema, step, config)
     run = json.loads((workdir / "run.json").read_text())
     return config, engine, params, run
 

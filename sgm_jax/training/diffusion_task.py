@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.engine import DiffusionEngine, build_engine
 
 from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
 
 from .frozen import abstract_full_params, load_frozen_and_initial, merge_params, split_params
 from .images import make_grid
+from .lora_training import lora_base, lora_settings, new_adapters, with_adapters
 from .schedules import learning_rate_schedule
 from .state import TrainState, make_optimizer, trainable_tree
 from .step import init_train_state, make_train_step
@@ -34,13 +36,15 @@ def make_sample_fn(engine: DiffusionEngine, latent_shape: tuple[int, ...], sampl
     return sample
 
 
-def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
-    """The fixed conditioning of the sample grids and the text under each tile.
+def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any, n: int | None = None
+               ) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """The fixed conditioning of n samples (sample grids: training.num_samples; evaluation) and
+    the text under each tile.
 
-    `training.sample_classes` / `training.sample_prompts` (cycled to num_samples) say what a
-    grid shows; otherwise the first examples of the data set condition it.
+    `training.sample_classes` / `training.sample_prompts` (cycled to n) say what a grid shows;
+    otherwise the first examples of the data set condition it.
     """
-    n = int(tc.num_samples)
+    n = int(tc.num_samples if n is None else n)
     batch = {k: v[:n] for k, v in dataset.example_batch(n).items()}
     reads = {s.input_key for s in engine.conditioner.specs}
     labels = None
@@ -48,6 +52,11 @@ def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any) -> tuple[dict[str
         batch["cls"] = np.resize(np.asarray(tc.sample_classes, np.int32), n)
     if tc.sample_prompts and "txt" in reads:
         batch["txt"] = np.resize(np.asarray(list(tc.sample_prompts), dtype=object), n)
+    # SDXL micro-conditioning as the seed's demo: original = target = the generated size, no crop
+    size = np.asarray(dataset.image_shape[:2], np.int32)
+    for k, v in (("original_size_as_tuple", size), ("target_size_as_tuple", size), ("crop_coords_top_left", size * 0)):
+        if k in reads:
+            batch[k] = np.broadcast_to(v, (n, 2)).copy()
     if "cls" in reads and "cls" in batch:
         labels = [str(int(c)) for c in batch["cls"]]
     elif "txt" in reads and "txt" in batch:
@@ -67,6 +76,7 @@ class DiffusionTask:
         self.engine = build_engine(config.model, dtype=tc.dtype)
         mp = config.model.params
         self.ema_rate = float(mp.get("ema_decay_rate", 0.9999)) if mp.get("use_ema", False) else None
+        self.lora = lora_settings(config)  # None: the UNet (+ trainable embedders) train; else adapters only
         self._tokenizers = None
         if any(spec.is_text for spec in self.engine.conditioner.specs):
             from sgm_jax.nn.tokenizer import load_tokenizer
@@ -77,6 +87,12 @@ class DiffusionTask:
         self.frozen: Any = None  # device copy, set by frozen_params()
         self._sample_fn = None
         self._grid: tuple[dict[str, np.ndarray], list[str] | None] | None = None
+        self._evaluator = None
+        if int(tc.eval_every) > 0 and config.get("eval") is not None:
+            from sgm_jax.evaluation.in_training import make_training_evaluator
+
+            self._evaluator = make_training_evaluator({**to_plain(config.eval), "every": int(tc.eval_every)},
+                                                      tuple(dataset.image_shape))
 
     # --- host side --------------------------------------------------------------------------
     def prepare_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,7 +105,11 @@ class DiffusionTask:
     def _load(self, example: Mapping[str, Any]) -> tuple[dict | None, dict]:
         if self._loaded is None:
             abstract = abstract_full_params(self.engine, example)
-            self._loaded = load_frozen_and_initial(self.engine, self.config.model, abstract)
+            initial, frozen = load_frozen_and_initial(self.engine, self.config.model, abstract)
+            if self.lora is not None:  # the whole engine is the frozen base of the adapters
+                initial, frozen = None, lora_base(self.engine, initial, frozen, int(self.config.training.seed),
+                                                  example)
+            self._loaded = (initial, frozen)
         return self._loaded
 
     def initial_params(self, example: Mapping[str, Any]) -> dict | None:
@@ -108,7 +128,9 @@ class DiffusionTask:
             tc, mp = self.config.training, self.config.model.params
             lr = learning_rate_schedule(float(self.config.model.base_learning_rate), mp.get("scheduler_config"),
                                         int(tc.warmup_steps))
-            self._tx = make_optimizer(lr, trainable_tree(self.engine.conditioner, params),
+            trainable = (jax.tree_util.tree_map(lambda _: True, params) if self.lora is not None
+                         else trainable_tree(self.engine.conditioner, params))
+            self._tx = make_optimizer(lr, trainable,
                                       weight_decay=float(tc.weight_decay), grad_clip=float(tc.grad_clip),
                                       grad_accum=int(tc.grad_accum))
         return self._tx
@@ -117,16 +139,22 @@ class DiffusionTask:
         return init_train_state(trainable, self._optimizer(trainable), self.ema_rate is not None)
 
     def init_state(self, key: jax.Array, example_batch: Mapping[str, Any]) -> TrainState:
-        trainable, _ = split_params(self.engine, self.engine.init_params(key, example_batch))
-        return self.init_state_from(trainable)
+        full = self.engine.init_params(key, example_batch)
+        if self.lora is not None:  # only the base's shapes are read: its random values are never used
+            return self.init_state_from(new_adapters(full, self.lora, jax.random.fold_in(key, 1)))
+        return self.init_state_from(split_params(self.engine, full)[0])
+
+    def _full_params(self, trainable: Any, frozen: Any) -> Any:
+        return with_adapters(trainable, frozen) if self.lora is not None else merge_params(trainable, frozen)
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array, frozen: Any = None):
-        step = make_train_step(self.engine, self._optimizer(state.params), ema_rate=self.ema_rate)
+        step = make_train_step(self.engine, self._optimizer(state.params), ema_rate=self.ema_rate,
+                               full_params=self._full_params)
         return step(state, batch, key, frozen)
 
     def sampling_params(self, state: TrainState) -> Any:
         trained = state.ema_params if state.ema_params is not None else state.params
-        return merge_params(trained, self.frozen)
+        return self._full_params(trained, self.frozen)
 
     def log_images(self, state: TrainState, step: int) -> dict[str, Any]:
         if self.engine.sampler is None:
@@ -143,4 +171,24 @@ class DiffusionTask:
         return {"": make_grid(np.asarray(images), int(tc.sample_nrow), labels, scale=scale)}
 
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
-        return {}
+        """config.eval's metrics (FID, classifier accuracy, CLIP score) on samples of the current
+        weights, conditioned on sample_classes / sample_prompts cycled (sgm_jax.evaluation)."""
+        if self._evaluator is None:
+            return {}
+        tc, params = self.config.training, self.sampling_params(state)
+        chunk = int(self.config.eval.get("batch_size", 64))
+        sample = make_sample_fn(self.engine, self.engine.latent_shape((chunk,) + tuple(self.dataset.image_shape)))
+
+        def generate(n: int, seed: int):
+            batch, _ = grid_batch(self.engine, self.dataset, tc, n)
+            conditioning = ([int(c) for c in batch["cls"]] if "cls" in batch else
+                            [str(t) for t in batch["txt"]] if "txt" in batch else None)
+            batch = self.prepare_batch(batch)
+            images = []
+            for start in range(0, n, chunk):
+                part = {k: np.resize(v[start:start + chunk], (chunk,) + v.shape[1:]) for k, v in batch.items()}
+                images.append(np.asarray(jax.device_get(sample(params, part, jax.random.fold_in(
+                    jax.random.key(seed), start)))))
+            return np.concatenate(images)[:n], conditioning
+
+        return self._evaluator(generate, step)

@@ -234,7 +234,8 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
         max_steps = int(tc.max_epochs) * steps_per_epoch
     max_seconds = float(tc.max_minutes) * 60.0
     base_key = jax.random.fold_in(jax.random.key(int(tc.seed)), 1)
-    nonfinite_run = jnp.zeros((), jnp.int32)
+    # placed as the step returns it: a differently placed input would compile the step a second time
+    nonfinite_run = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(run.mesh))
     finite_fn = jax.jit(all_finite)
 
     def write_grids(state_: Any, step: int) -> str | None:
@@ -314,8 +315,8 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
         bar.close()
         metrics.close()
         batches.close()
-    # after a signal the user wants the process gone: no final grid
-    grid = write_grids(state, final_step) if stopped_by in ("max_steps", "max_minutes") else None
+    # after a signal the user wants the process gone: no final grid (nor with sample_every 0)
+    grid = write_grids(state, final_step) if stopped_by in ("max_steps", "max_minutes") and sample_every > 0 else None
     summary = {"step": final_step, "stopped_by": stopped_by, "seconds": time.time() - t0, "samples": grid,
                "data": data_description}
     if is_main:

@@ -1,0 +1,89 @@
+"""Latent, text-conditioned training: an SDXL-architecture fine-tune on 8 simulated devices
+with FSDP, from a converted checkpoint and captioned tar shards; the seed's LR schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from sgm_jax.configs.inference import tiny_sdxl
+from test_inference import BPE, convert_cli, write_random_checkpoint
+
+PHOTOS = {"astronaut": "an astronaut in a white suit", "coffee": "a cup of coffee on a saucer",
+          "chelsea": "a tabby cat looking left", "rocket": "a rocket on the launch pad",
+          "camera": "a man with a camera on a tripod", "hubble_deep_field": "galaxies in deep space",
+          "immunohistochemistry": "stained tissue under a microscope", "colorwheel": "a color wheel"}
+
+
+def captioned_photos(folder: Path) -> Path:
+    """scikit-image's real photographs (several non-square), shrunk, each with a caption file."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for name, caption in PHOTOS.items():
+        image = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
+        image.thumbnail((120, 120))
+        image.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    from sgm_jax.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("finetune")
+    converted = convert_cli(REPO / "configs" / "inference" / "tiny_sdxl.py",
+                            write_random_checkpoint(tiny_sdxl.get_config(), tmp / "tiny.safetensors", seed=5),
+                            tmp / "converted")
+    shards = prepare(str(captioned_photos(tmp / "photos")), str(tmp / "shards"), samples_per_shard=4, progress=False)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "SGM_JAX_CLIP_BPE": str(BPE)}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "finetune_worker.py"), str(converted), shards["urls"],
+                           str(tmp)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return tmp, dict(np.load(tmp / "result.npz")), json.loads((tmp / "summary.json").read_text())
+
+
+def test_sdxl_finetune_on_8_devices_trains_only_the_unet(finetuned):
+    tmp, result, summary = finetuned
+    assert int(result["devices"]) == 8 and int(result["sharded_leaves"]) > 0  # FSDP really splits the UNet
+    assert summary["steps"] == [4, 4]
+    assert bool(result["model_changed"])
+    assert float(result["loss_after"]) < float(result["loss_before"]), result
+    # frozen parts: loaded from the converted checkpoint, never in the trained state or its checkpoints
+    assert summary["frozen_parts"] == ["conditioner", "first_stage"]
+    assert "first_stage" not in summary["checkpoint_parts"]
+    # AdamW moments exist for the trainable leaves only
+    assert summary["opt_state_leaves_per_moment"] == summary["trainable_leaves"]
+    # 2 steps + resume 2 from the tar shards = 4 uninterrupted steps, bit for bit
+    assert bool(result["resume_equal"])
+
+
+def test_lambda_linear_scheduler_matches_the_seed():
+    """LambdaLinearScheduler's multiplier per optimiser step, transcribed from sgm/lr_scheduler.py
+    (find_in_interval: n <= cum_cycles[i + 1] -> cycle i), for two cycles."""
+    from sgm_jax.training.schedules import learning_rate_schedule
+
+    params = {"warm_up_steps": [10, 5], "f_min": [0.1, 0.2], "f_max": [1.0, 0.8], "f_start": [1e-6, 0.3],
+              "cycle_lengths": [50, 40]}
+
+    def seed(n):
+        cum = np.cumsum([0] + params["cycle_lengths"])
+        cycle = next(i for i, c in enumerate(cum[1:]) if n <= c)
+        n = n - cum[cycle]
+        w, lo, hi, st, ln = (params[k][cycle] for k in ("warm_up_steps", "f_min", "f_max", "f_start", "cycle_lengths"))
+        return (hi - st) / w * n + st if n < w else lo + (hi - lo) * (ln - n) / ln
+
+    schedule = learning_rate_schedule(2e-4, {"target": "sgm.lr_scheduler.LambdaLinearScheduler", "params": params})
+    ours = np.array([float(schedule(n)) for n in range(91)])
+    np.testing.assert_allclose(ours, [2e-4 * seed(n) for n in range(91)], rtol=2e-6, atol=1e-12)
+    assert ours[0] == pytest.approx(2e-10) and ours[10] == pytest.approx(2e-4 * 0.82)  # warm-up end, decay start
