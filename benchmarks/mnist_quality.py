@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sgm_jax.evaluation.classifier import ClassifierEvaluator  # noqa: E402  (the classifier score's evaluator)
+from sgm_jax.evaluation.classifier import ClassifierEvaluator, to_digit_input  # noqa: E402
 
 
 def draw(workdir: str, per_class: int, sampler: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +73,9 @@ def main() -> None:
     held_out = MnistDataset(args.data, split="test")
     t0 = time.time()
     evaluator = ClassifierEvaluator.from_mnist(args.data, split="test", limit=len(held_out) // 64 * 64)
-    classify = evaluator.predict
+    def classify(images):  # 28x28 digits, or 32x32 padded ones (mnist_txt2img)
+        return evaluator.predict(to_digit_input(images))
+
     print(f"classifier: held-out accuracy {evaluator.accuracy:.4f} ({time.time() - t0:.0f} s); "
           f"data: {held_out.source.describe()}")
 

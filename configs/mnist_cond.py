@@ -46,6 +46,8 @@ def training(**overrides):
         max_nonfinite_steps=10, # skip this many non-finite updates in a row, then stop with an error
         log_every=50,
         tokenizer="",           # CLIP BPE file / tokenizer folder for text embedders ("" = the usual places)
+        report_flops=True,      # log tflops_per_device (XLA cost analysis of the step, traced once more)
+        profile_steps=(),       # (first, last): a jax.profiler trace of those steps in <workdir>/profile
         dtype="float32",        # compute dtype of the networks (bfloat16 on accelerators)
         weight_decay=0.01,      # torch.optim.AdamW default
         grad_clip=0.0,

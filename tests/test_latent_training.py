@@ -87,3 +87,37 @@ def test_lambda_linear_scheduler_matches_the_seed():
     ours = np.array([float(schedule(n)) for n in range(91)])
     np.testing.assert_allclose(ours, [2e-4 * seed(n) for n in range(91)], rtol=2e-6, atol=1e-12)
     assert ours[0] == pytest.approx(2e-10) and ours[10] == pytest.approx(2e-4 * 0.82)  # warm-up end, decay start
+
+
+@pytest.mark.parametrize("name", ["imagenet_f8_cond", "txt2img_clipl", "txt2img_clipl_legacy_ucg_training",
+                                  "sdxl_finetune", "sdxl_lora", "mnist_txt2img"])
+def test_seed_training_configs_trace_their_whole_loss(name):
+    """Each config's conditioner -> UNet -> first stage -> loss path fits together (shapes only:
+    nothing is allocated, so even SDXL traces on a CPU in seconds)."""
+    import importlib
+
+    import jax
+
+    from sgm_jax.engine import build_engine
+    from sgm_jax.inference.workdir import example_batch
+    from sgm_jax.training.frozen import abstract_full_params, split_params
+    from sgm_jax.training.lora_training import lora_settings, new_adapters
+
+    config = importlib.import_module(f"sgm_jax.configs.{name}").get_config()
+    engine = build_engine(config.model)
+    shape = (32, 32, 1) if name == "mnist_txt2img" else (64, 64, 3)
+    example = {k: np.repeat(v, 2, axis=0) for k, v in example_batch(engine, shape).items()}
+    abstract = abstract_full_params(engine, example)
+    loss = jax.eval_shape(lambda p: engine.loss(p, example, jax.random.key(0))[0], abstract)
+    assert loss.shape == () and loss.dtype == np.float32
+    trainable, frozen = split_params(engine, abstract)
+    n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    if name == "sdxl_finetune":
+        assert n_trainable == 2_567_463_684 and set(frozen) == {"conditioner", "first_stage"}  # the UNet alone
+    if name == "sdxl_lora":
+        lora = jax.eval_shape(lambda: new_adapters(abstract, lora_settings(config), jax.random.key(0)))
+        n_lora = sum(x.size for x in jax.tree_util.tree_leaves(lora))
+        assert 10_000_000 < n_lora < 40_000_000, n_lora  # rank 16 on SDXL's attention projections
+    if name.startswith("txt2img"):
+        assert "embedders_0" in trainable["conditioner"]  # the seed trains its CLIP here
+        assert config.model.params.conditioner_config.params.emb_models[0]["legacy_ucg_value"] == ""

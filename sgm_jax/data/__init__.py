@@ -60,6 +60,10 @@ def from_config(
     if not isinstance(config, Mapping) or "target" not in config:
         raise UserError(f"config.data needs a 'target' (one of {sorted(DATASETS) + sorted(STREAMING_TARGETS)})")
     target, params = str(config["target"]), dict(config.get("params") or {})
+    if target == "synthetic":
+        from sgm_jax.data.synthetic import SyntheticDataset
+
+        return SyntheticDataset(process_index=process_index, process_count=process_count, **params)
     if target in STREAMING_TARGETS:
         from sgm_jax.data.streaming import streaming_from_config
 

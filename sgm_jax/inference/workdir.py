@@ -23,7 +23,8 @@ from ml_collections import ConfigDict
 from sgm_jax.diffusion.guiders import VanillaCFG
 from sgm_jax.engine import DiffusionEngine, build_engine
 from sgm_jax.errors import UserError
-from sgm_jax.nn.conditioner import get_unconditional_conditioning, text_tokenizers, token_key, tokenize_batch
+from sgm_jax.nn.conditioner import (get_unconditional_conditioning, text_tokenizers, token_key, tokenize_batch,
+                                    ucg_token_key)
 from sgm_jax.parallel import make_mesh, replicated
 
 from .pipeline import SampleResult
@@ -41,13 +42,19 @@ def read_workdir_config(workdir: str | Path) -> ConfigDict:
 
 
 def example_batch(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> dict[str, Any]:
-    """A 1-example batch with the inputs the conditioner reads (class labels / text tokens)."""
+    """A 1-example batch with the inputs the conditioner reads (class labels, text tokens as
+    tokenize_batch leaves them, size / crop pairs): shapes for initialisation, no tokenizer needed."""
     batch: dict[str, Any] = {engine.input_key: np.zeros((1,) + tuple(image_shape), np.float32)}
     for i, spec in enumerate(engine.conditioner.specs):
-        if spec.input_key == "cls":
+        if spec.is_text:
+            tokens = np.zeros((1, int(spec.params.get("max_length", 77))), np.int32)
+            batch[token_key(spec.input_key, i)] = tokens
+            if spec.legacy_ucg_value is not None:  # training replaces dropped captions by these tokens
+                batch[ucg_token_key(spec.input_key, i)] = tokens
+        elif spec.input_key == "cls":
             batch["cls"] = np.zeros((1,), np.int32)
-        elif spec.input_key == "txt":  # tokens, as tokenize_batch leaves them (no tokenizer needed)
-            batch[token_key("txt", i)] = np.zeros((1, int(spec.params.get("max_length", 77))), np.int32)
+        elif spec.input_key is not None:
+            batch[spec.input_key] = np.zeros((1, 2), np.int32)
     return batch
 
 

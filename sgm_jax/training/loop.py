@@ -32,7 +32,7 @@ from .workdir import WorkdirLock, check_run_record, write_json_atomic
 REQUIRED_TRAINING_FIELDS = (
     "name", "seed", "max_steps", "max_epochs", "max_minutes", "checkpoint_every", "keep_checkpoints",
     "checkpoint_async", "sample_every", "num_samples", "sample_nrow", "sample_classes", "sample_prompts",
-    "log_every", "eval_every", "dtype", "max_nonfinite_steps", "tokenizer",
+    "log_every", "eval_every", "dtype", "max_nonfinite_steps", "tokenizer", "report_flops", "profile_steps",
 )
 
 
@@ -174,18 +174,50 @@ def _gather_hosts(value: dict) -> list[dict]:
     return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in np.asarray(rows).reshape(jax.process_count(), -1)]
 
 
+def step_flops(run: Run, batch: Any, base_key: Any, nonfinite_run: Any, frozen: Any) -> float | None:
+    """FLOPs of one train step (XLA's cost analysis of the lowered step, all devices together)."""
+    try:
+        cost = run.step_fn.lower(run.abstract_with_sharding(), batch, base_key, nonfinite_run, frozen).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
+    except Exception:  # not every backend / JAX version reports costs: the metric is then left out
+        return None
+
+
+class Profiler:
+    """`training.profile_steps = (first, last)`: a jax.profiler trace of those steps in <workdir>/profile
+    (open it with TensorBoard's profile plugin or Perfetto)."""
+
+    def __init__(self, window: Any, directory: Path):
+        self.first, self.last = (int(window[0]), int(window[1])) if window else (-1, -1)
+        self.directory, self.active = directory, False
+
+    def before(self, step: int) -> None:
+        if step == self.first and not self.active:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, out: Any) -> None:
+        if self.active and step >= self.last:
+            jax.block_until_ready(out)
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def _config_text(config: Any) -> str:
     return config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config)
 
 
-def train(config: Any, workdir: str | Path) -> dict[str, Any]:
+def train(config: Any, workdir: str | Path, run: Run | None = None) -> dict[str, Any]:
     """Train until max_steps / max_epochs / max_minutes, SIGTERM or Ctrl-C; resumes from the newest
-    checkpoint that restores. Raises UserError (one line) for bad input and for divergence."""
+    checkpoint that restores. Raises UserError (one line) for bad input and for divergence.
+
+    `run`: a Run built earlier from a config that differs from this one in `training` stopping
+    and logging fields at most (benchmarks and tests: the compiled step is reused)."""
     parallel.initialize_distributed()
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    tc = config.training
-    run = build_run(config)
+    run = build_run(config) if run is None else dataclasses.replace(run, config=config)
     ckpt_dir = workdir / "checkpoints"
     existing = step_dirs(ckpt_dir)
     if existing:  # the checkpoint must belong to this model before anything is written
@@ -266,6 +298,8 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
     metrics = MetricsWriter(workdir, enabled=is_main)
     log_every, ckpt_every, sample_every = int(tc.log_every), int(tc.checkpoint_every), int(tc.sample_every)
     eval_every = int(tc.eval_every)
+    profiler = Profiler(tc.profile_steps, workdir / "profile")
+    flops = None
     t0 = last_t = time.time()
     last_step, loss_acc, n_acc, skipped = start, 0.0, 0, 0
     stopped_by, step = "max_steps", start
@@ -274,7 +308,11 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
         with _StopFlag() as flag:
             for step in range(start, max_steps):
                 batch = parallel.shard_batch(run.prepare(next(batches)), run.mesh)
+                if step == start and bool(tc.report_flops):
+                    flops = step_flops(run, batch, base_key, nonfinite_run, frozen)
+                profiler.before(step)
                 state, m, nonfinite_run = run.step_fn(state, batch, base_key, nonfinite_run, frozen)
+                profiler.after(step, m)
                 loss_acc, n_acc, skipped = loss_acc + m["loss"], n_acc + 1, skipped + m["nonfinite"]
                 done = step + 1
                 bar.update(1)
@@ -288,6 +326,8 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                                                                if k not in ("loss", "nonfinite")}}
                     if steps_per_epoch:
                         row["epoch"] = done / steps_per_epoch
+                    if flops:  # achieved, per device (compare with the device's peak)
+                        row["tflops_per_device"] = flops * rate / run.mesh.size / 1e12
                     row.update({f"data/{k}": v for k, v in batches.stats().items()})
                     metrics.write(done, row)
                     bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}")
