@@ -45,6 +45,21 @@ def test_divergence_stops_with_one_line_and_never_saves_non_finite_values(tmp_pa
     assert any(r["nonfinite_steps"] > 0 for r in rows)
     assert int(info.value.args[0].split("up to step ")[1].split()[0]) < 40
 
+    # a checkpoint written with non-finite weights (as runs before the guard could) is refused by
+    # the sampler in one line, before anything compiles
+    from sgm_jax.inference.workdir import TrainedModel
+    from sgm_jax.training.checkpoint import Checkpointer
+    from sgm_jax.training.loop import build_run
+
+    run = build_run(config)
+    nan_state = jax.tree_util.tree_map(lambda a: np.full(a.shape, np.nan, a.dtype) if a.dtype.kind == "f"
+                                       else np.zeros(a.shape, a.dtype), run.abstract_state)
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", max_to_keep=10)
+    ckpt.save(999, nan_state, force=True)
+    ckpt.close()
+    with pytest.raises(UserError, match="checkpoint 999 .* holds non-finite weights"):
+        TrainedModel.load(tmp_path / "run")
+
 
 def test_resume_falls_back_past_a_corrupt_checkpoint_and_cleans_up(tmp_path):
     workdir = tmp_path / "run"

@@ -271,7 +271,7 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
     import jax
 
     from sgm_jax.inference import SamplerSpec, load_image, txt2img_with_refiner
-    from sgm_jax.inference.models import load_pipeline, user_errors
+    from sgm_jax.inference.models import load_pipeline
     from sgm_jax.inference.pipeline import check_size, engine_for_sampling, size_multiple
     from sgm_jax.parallel import make_mesh
 
@@ -279,8 +279,7 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
     engine = engine_for_sampling(config, "float32")
     image = None
     if args.init_image:
-        with user_errors():
-            image = load_image(args.init_image, args.width, args.height, size_multiple(engine)[0])
+        image = load_image(args.init_image, args.width, args.height, size_multiple(engine)[0])  # SetupError: one line
         height, width = image.shape[1:3]
     else:
         width, height = int(inf["width"]), int(inf["height"])

@@ -99,6 +99,11 @@ def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[i
     check_tree_matches(ckpt_dir / str(step if step is not None else steps[0]), {"params": expected},
                        prefixes=("params.",))
     step, params = restore_params(ckpt_dir, step=step, use_ema=use_ema)
+    bad = next((jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params)
+                if not np.isfinite(np.asarray(v)).all()), None)
+    if bad is not None:  # a run that diverged before the finite-update guard existed: images would be noise
+        raise UserError(f"checkpoint {step} in {ckpt_dir} holds non-finite weights ({bad}): the run diverged; "
+                        "sample an earlier step (--step) or retrain with a lower learning rate")
     initial, frozen = load_frozen_and_initial(engine, config["model"], abstract)
     if lora is None:
         return step, merge_params(params, frozen)
