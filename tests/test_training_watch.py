@@ -33,3 +33,15 @@ def test_synthetic_data_flops_profile_and_config_driven_grid(tmp_path):
     a, b = next(ds.iterator(8, seed=0, start_step=3)), ds.batch_at(3, 8, 0)
     np.testing.assert_array_equal(a["jpg"], b["jpg"])
     assert a["jpg"].min() >= -1 and a["jpg"].max() <= 1 and set(np.unique(a["cls"])) <= set(range(10))
+
+
+def test_config_eval_logs_metrics_during_training(tmp_path):
+    """config.eval runs sgm_jax.evaluation's evaluators every training.eval_every steps (here the
+    MNIST classifier on samples conditioned on sample_classes) and logs them as eval/<metric>."""
+    config = tiny_config(max_steps=2, log_every=2, eval_every=2, sample_classes=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))
+    config.eval = {"metrics": ["classifier"], "num_samples": 20, "batch_size": 10, "seed": 0}
+    train(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/class_accuracy" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert 0.0 <= evals[0]["eval/class_accuracy"] <= 1.0 and evals[0]["eval/num_images"] == 20
