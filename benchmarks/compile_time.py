@@ -5,7 +5,7 @@
 
 Targets:
   mnist_train  the jitted train step of configs/mnist_cond.py, exactly as train.py builds it
-               (sgm_jax.training.loop.build_trainer: conditioner + EDM loss + UNet + AdamW; batch 64)
+               (sgm_jax.training.loop.build_run: conditioner + EDM loss + UNet + AdamW; batch 64)
   mid_sampler  a 50-step EulerEDMSampler loop (EDM discretization, VanillaCFG 5.0, one lax.scan)
                around the SD-like mid UNet of benchmarks/unet_speed.py (latents 4x32x32x4,
                context 77x768), jitted as one function
@@ -49,15 +49,14 @@ def build_mnist_train():
 
     from sgm_jax.configs import mnist_cond
     from sgm_jax import parallel
-    from sgm_jax.training.loop import build_trainer
+    from sgm_jax.training.loop import build_run
 
     config = mnist_cond.get_config()
     config.data.params.batch_size = 64
-    t = build_trainer(config)
-    batch = parallel.shard_batch(t["dataset"].batch_at(0, t["batch_size"], 0), t["mesh"])
-    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   t["abstract_state"], t["state_sharding"])
-    return t["step_fn"], (state, batch, jax.random.key(0))
+    run = build_run(config)
+    batch = parallel.shard_batch(run.dataset.batch_at(0, run.batch_size, 0), run.mesh)
+    nonfinite = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), parallel.replicated(run.mesh))
+    return run.step_fn, (run.abstract_with_sharding(), batch, jax.random.key(0), nonfinite, None)
 
 
 def build_mid_sampler(steps: int = 50):
