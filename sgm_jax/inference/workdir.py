@@ -81,8 +81,8 @@ def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[i
     parts training never saved (first stage, frozen text towers, a LoRA's base) are loaded from
     where the config's ckpt_paths say (sgm_jax.training.frozen / lora_training)."""
     from sgm_jax.training.checkpoint import check_tree_matches, restore_params, step_dirs
-    from sgm_jax.training.frozen import abstract_full_params, load_frozen_and_initial, merge_params, split_params
-    from sgm_jax.training.lora_training import LORA, as_pairs, lora_base, lora_settings, new_adapters, with_adapters
+    from sgm_jax.training.frozen import abstract_full_params, split_params
+    from sgm_jax.training.lora_training import LORA, as_pairs, frozen_parts, full_params, lora_settings, new_adapters
 
     ckpt_dir = workdir / "checkpoints"
     steps = step_dirs(ckpt_dir)
@@ -104,11 +104,10 @@ def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[i
     if bad is not None:  # a run that diverged before the finite-update guard existed: images would be noise
         raise UserError(f"checkpoint {step} in {ckpt_dir} holds non-finite weights ({bad}): the run diverged; "
                         "sample an earlier step (--step) or retrain with a lower learning rate")
-    initial, frozen = load_frozen_and_initial(engine, config["model"], abstract)
-    if lora is None:
-        return step, merge_params(params, frozen)
-    base = lora_base(engine, initial, frozen, int(config["training"]["seed"]), example)
-    return step, with_adapters({LORA: as_pairs(params[LORA], lora["alpha"])}, base)
+    _, frozen = frozen_parts(engine, config, abstract, example)
+    if lora is not None:  # checkpoints keep down / up only: alpha comes from the config
+        params = {LORA: as_pairs(params[LORA], lora["alpha"])}
+    return step, full_params(config, params, frozen)
 
 
 class TrainedModel:

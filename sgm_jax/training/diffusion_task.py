@@ -13,9 +13,9 @@ from sgm_jax.engine import DiffusionEngine, build_engine
 
 from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
 
-from .frozen import abstract_full_params, load_frozen_and_initial, merge_params, split_params
+from .frozen import abstract_full_params, split_params
 from .images import make_grid
-from .lora_training import lora_base, lora_settings, new_adapters, with_adapters
+from .lora_training import frozen_parts, full_params, lora_settings, new_adapters
 from .schedules import learning_rate_schedule
 from .state import TrainState, make_optimizer, trainable_tree
 from .step import init_train_state, make_train_step
@@ -104,12 +104,7 @@ class DiffusionTask:
 
     def _load(self, example: Mapping[str, Any]) -> tuple[dict | None, dict]:
         if self._loaded is None:
-            abstract = abstract_full_params(self.engine, example)
-            initial, frozen = load_frozen_and_initial(self.engine, self.config.model, abstract)
-            if self.lora is not None:  # the whole engine is the frozen base of the adapters
-                initial, frozen = None, lora_base(self.engine, initial, frozen, int(self.config.training.seed),
-                                                  example)
-            self._loaded = (initial, frozen)
+            self._loaded = frozen_parts(self.engine, self.config, abstract_full_params(self.engine, example), example)
         return self._loaded
 
     def initial_params(self, example: Mapping[str, Any]) -> dict | None:
@@ -145,7 +140,7 @@ class DiffusionTask:
         return self.init_state_from(split_params(self.engine, full)[0])
 
     def _full_params(self, trainable: Any, frozen: Any) -> Any:
-        return with_adapters(trainable, frozen) if self.lora is not None else merge_params(trainable, frozen)
+        return full_params(self.config, trainable, frozen)
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array, frozen: Any = None):
         step = make_train_step(self.engine, self._optimizer(state.params), ema_rate=self.ema_rate,

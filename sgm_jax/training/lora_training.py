@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import jax
 
 from sgm_jax.errors import UserError
-from sgm_jax.lora import export_kohya, init_adapters, merge_adapters
+from sgm_jax.lora import ATTENTION_TARGETS, export_kohya, init_adapters, merge_adapters
 
 LORA = "lora"
 
@@ -30,7 +30,7 @@ def lora_settings(config: Any) -> dict | None:
     if not lora or int(lora.get("rank", 0)) <= 0:
         return None
     return {"rank": int(lora["rank"]), "alpha": float(lora.get("alpha") or lora["rank"]),
-            "target_modules": tuple(lora.get("target_modules") or ("to_q", "to_k", "to_v", "to_out_0"))}
+            "target_modules": tuple(lora.get("target_modules") or ATTENTION_TARGETS)}
 
 
 def new_adapters(base_params: Mapping[str, Any], lora: Mapping[str, Any], key: jax.Array) -> dict[str, Any]:
@@ -54,6 +54,26 @@ def lora_base(engine: Any, initial: Any, frozen: Mapping[str, Any], seed: int, e
 def with_adapters(trainable: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
     """The engine tree the networks read: base kernels + alpha / r * down @ up (differentiable)."""
     return merge_adapters(base, trainable[LORA])
+
+
+def frozen_parts(engine: Any, config: Any, abstract_full: Mapping[str, Any], example: Mapping[str, Any]
+                 ) -> tuple[dict | None, dict]:
+    """(initial trainable params or None, frozen params) of a training config, for the trainer and
+    for sampling a workdir alike: frozen.load_frozen_and_initial, or with `config.lora` the whole
+    engine as the adapters' frozen base (and no initial params: adapters start fresh)."""
+    from .frozen import load_frozen_and_initial
+
+    initial, frozen = load_frozen_and_initial(engine, config["model"], abstract_full)
+    if lora_settings(config) is None:
+        return initial, frozen
+    return None, lora_base(engine, initial, frozen, int(config["training"]["seed"]), example)
+
+
+def full_params(config: Any, trainable: Mapping[str, Any], frozen: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The engine tree the networks read from the trained and the frozen parts (frozen_parts)."""
+    from .frozen import merge_params
+
+    return with_adapters(trainable, frozen) if lora_settings(config) is not None else merge_params(trainable, frozen)
 
 
 def export_workdir(workdir: str | Path, out: str | Path, *, use_ema: bool = True, overwrite: bool = False) -> Path:

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Mapping
 
+from .workdir import write_json_atomic
+
 
 def _finite_or_none(v: float) -> float | None:
     v = float(v)
@@ -30,9 +32,7 @@ def truncate_after(path: Path, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        write_json_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
 

@@ -43,6 +43,7 @@ class WorkdirLock:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
+    """`value` (a string as is, else as indented JSON) to `path` via a temp file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(value if isinstance(value, str) else json.dumps(value, indent=2))
     tmp.replace(path)
