@@ -13,7 +13,9 @@ cross-attention UNet, captions from tar shards) at a size a 2-core CPU trains.
   (is_trainable, as txt2img-clipl trains its CLIP), 10% of captions dropped for CFG;
 * UNet: 64 channels, levels (1, 2), one res block each, cross-attention at 8x8 and 4x4, the
   pooled text as `y`; EDM preconditioning with mnist_cond_cpu's noise distribution;
-* captions (sgm_jax.data.mnist_captions) vary in wording; held-out wordings are for evaluation.
+* captions (sgm_jax.data.mnist_captions) are composed from 23 phrases naming the digit inside 21
+  frames, 30% with a random word of the CLIP vocabulary inserted; held-out wordings, whose words
+  "photo", "image", "drawn", "an" and "," never occur in training, are for evaluation.
 """
 
 from sgm_jax.configs import _training_parts as T
