@@ -27,21 +27,26 @@ sys.path.insert(0, str(REPO))
 from sgm_jax.evaluation.classifier import ClassifierEvaluator, to_digit_input  # noqa: E402
 
 
-def draw(workdir: str, per_class: int, sampler: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """per_class digits of each class: by class id, or by held-out captions for a text model."""
+def draw(workdir: str, per_class: int, sampler: str, steps: int,
+         wordings: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """per_class digits of each class: by class id, or by captions in `wordings` (default: the
+    held-out ones) for a text model. Returns images, labels and each image's wording index (-1: none)."""
     from sgm_jax.data.mnist_captions import HELD_OUT_WORDINGS, caption
     from sgm_jax.inference.workdir import TrainedModel
 
     model = TrainedModel.load(workdir)
     spec = model.spec(sampler, steps)
     if model.condition_key == "txt":
-        per = -(-per_class // len(HELD_OUT_WORDINGS))
-        prompts = [caption(d, w) for d in range(10) for w in HELD_OUT_WORDINGS]
-        labels = np.repeat(np.arange(10), len(HELD_OUT_WORDINGS) * per)
+        wordings = wordings or HELD_OUT_WORDINGS
+        per = -(-per_class // len(wordings))
+        prompts = [caption(d, w) for d in range(10) for w in wordings]
+        labels = np.repeat(np.arange(10), len(wordings) * per)
+        wording = np.tile(np.repeat(np.arange(len(wordings)), per), 10)
     else:
         per, prompts, labels = per_class, list(range(10)), np.repeat(np.arange(10), per_class)
+        wording = np.full(len(labels), -1)
     result = model.sample(prompts, num=per, seed=1, spec=spec)
-    return result.images.astype(np.float32) / 127.5 - 1.0, labels
+    return result.images.astype(np.float32) / 127.5 - 1.0, labels, wording
 
 
 def main() -> None:
@@ -58,7 +63,14 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp2m")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--data", default=None, help="MNIST IDX folder (default: the usual search)")
+    parser.add_argument("--wording", action="append", default=[],
+                        help="text models: a caption wording with {word} or {digit} to ask with "
+                             "(repeatable; default: the held-out wordings of sgm_jax.data.mnist_captions)")
     args = parser.parse_args()
+    from sgm_jax.data.mnist_captions import HELD_OUT_WORDINGS
+
+    wordings = tuple(args.wording)
+    wordings_used = wordings or HELD_OUT_WORDINGS
 
     import importlib.util
 
@@ -84,11 +96,15 @@ def main() -> None:
         config.training.max_minutes = budget - spent
         summary = train(config, args.workdir)
         spent += summary["seconds"] / 60.0  # the training loop's wall time, compilation included
-        images, labels = draw(args.workdir, args.per_class, args.sampler, args.steps)
-        acc = float((classify(images) == labels).mean())
-        per_class = [float((classify(images[labels == c]) == c).mean()) for c in range(10)]
+        images, labels, wording = draw(args.workdir, args.per_class, args.sampler, args.steps, wordings)
+        correct = classify(images) == labels
+        acc = float(correct.mean())
+        per_class = [float(correct[labels == c].mean()) for c in range(10)]
         rows.append((budget, spent, summary["step"], acc, per_class))
-        print(f"budget {budget:.0f} min: step {summary['step']}, accuracy {acc:.3f}", flush=True)
+        by_wording = ", ".join(f"{wordings_used[w]!r}: {correct[wording == w].mean():.3f}"
+                               for w in range(len(wordings_used))) if wording.max() >= 0 else ""
+        print(f"budget {budget:.0f} min: step {summary['step']}, accuracy {acc:.3f}"
+              + (f" ({by_wording})" if by_wording else ""), flush=True)
 
     from sgm_jax.data import from_config
 
