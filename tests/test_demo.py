@@ -266,3 +266,16 @@ def test_text_conditioned_workdir_model_takes_prompts():
     again = model.sample(["a seven", "a one"], num=1, seed=1, start=1, count=1, batch_size=1)
     whole = model.sample(["a seven", "a one"], num=1, seed=1, batch_size=1)
     np.testing.assert_array_equal(again.images[0], whole.images[1])
+
+
+def test_gallery_captions_name_the_class_or_the_prompt(tmp_path):
+    from PIL import PngImagePlugin
+
+    from sgm_jax.cli.demo import _caption
+
+    for condition, shown in (("3", "class 3"), ("an image of a seven", "an image of a seven"), ("", "")):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("condition", condition)
+        path = tmp_path / f"{len(condition)}.png"
+        Image.new("L", (4, 4)).save(path, pnginfo=info)
+        assert _caption(path) == shown

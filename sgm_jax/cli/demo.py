@@ -171,7 +171,7 @@ def build_app(service: Any) -> Any:
                 paths, meta = service.generate(req, progress=report)
             except USER_EXCEPTIONS as e:
                 return [], None, None, f"error: {one_line(e)}"
-            shown = [(str(p), meta.get("prompt") or (f"class {c}" if (c := _caption(p)) else "")) for p in paths]
+            shown = [(str(p), meta.get("prompt") or _caption(p)) for p in paths]
             return (shown, [str(p) for p in paths], meta,
                     f"{len(paths)} image(s) in {meta['seconds']:.2f} s (seed {meta['seed']})")
 
@@ -182,10 +182,12 @@ def build_app(service: Any) -> Any:
 
 
 def _caption(path: Any) -> str:
+    """The condition a workdir model's image was drawn for: "class 3", or the prompt."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return im.text.get("condition", "")
+        condition = im.text.get("condition", "")
+    return f"class {condition}" if condition.isdigit() else condition
 
 
 if __name__ == "__main__":
