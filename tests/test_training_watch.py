@@ -45,3 +45,22 @@ def test_config_eval_logs_metrics_during_training(tmp_path):
     evals = [r for r in rows if "eval/class_accuracy" in r]
     assert len(evals) == 1 and evals[0]["step"] == 2
     assert 0.0 <= evals[0]["eval/class_accuracy"] <= 1.0 and evals[0]["eval/num_images"] == 20
+
+
+def test_grid_labels_wrap_to_the_tile_width():
+    from PIL import ImageDraw
+
+    from sgm_jax.training.images import LINE_H, MAX_LINES, _wrap, make_grid
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(draw, "a photo of the number seven", 60)
+    assert len(lines) > 1 and all(draw.textlength(x) <= 60 for x in lines)
+    assert " ".join(lines) == "a photo of the number seven"
+    long_word = _wrap(draw, "x" * 20, 30)
+    assert len(long_word) > 1 and "".join(long_word) == "x" * 20 and all(draw.textlength(x) <= 30 for x in long_word)
+    assert len(_wrap(draw, "word " * 50, 30)) == MAX_LINES
+    images = np.zeros((2, 32, 32, 1), np.float32)
+    n_lines = len(_wrap(draw, "a photo of the number seven", 30))
+    grid = make_grid(images, 2, ["a photo of the number seven", "7"])
+    assert grid.size == (2 * 34 + 2, 32 + 2 + LINE_H * n_lines + 1 + 2)
+    assert make_grid(images, 2, ["0", "1"]).size == (70, 32 + 2 + 12 + 2)  # one line: as before wrapping

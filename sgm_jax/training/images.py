@@ -14,23 +14,49 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+LINE_H, MAX_LINES = 11, 4
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """text as lines no wider than `width` pixels (words split only when one alone is wider),
+    at most MAX_LINES: a prompt fits under a 32-pixel MNIST tile as under a 1024-pixel one."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate) <= width:
+            lines[-1] = candidate
+            continue
+        while draw.textlength(word) > width and len(word) > 1:
+            cut = max(k for k in range(1, len(word) + 1) if k == 1 or draw.textlength(word[:k]) <= width)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    if len(lines) > MAX_LINES:
+        lines = lines[:MAX_LINES]
+        lines[-1] = lines[-1][:-2] + ".."
+    return lines
+
+
 def make_grid(images: np.ndarray, nrow: int, labels: Sequence[str] | None = None, scale: int = 1,
               pad: int = 2) -> Image.Image:
-    """images: [N, H, W, C] in [-1, 1] -> one RGB image, `nrow` tiles per row, labels above tiles."""
+    """images: [N, H, W, C] in [-1, 1] -> one RGB image, `nrow` tiles per row, labels above
+    tiles (wrapped to the tile's width)."""
     tiles = to_uint8(images)
     if tiles.shape[-1] == 1:
         tiles = np.repeat(tiles, 3, axis=-1)
     n, h, w, _ = tiles.shape
     h, w = h * scale, w * scale
-    label_h = 12 if labels is not None else 0
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(measure, str(label), w - 2) for label in labels] if labels is not None else None
+    label_h = LINE_H * max(1, *(len(x) for x in wrapped)) + 1 if wrapped is not None else 0
     rows = -(-n // nrow)
     grid = Image.new("RGB", (nrow * (w + pad) + pad, rows * (h + pad + label_h) + pad), (40, 40, 40))
     draw = ImageDraw.Draw(grid)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, nrow)
         x0, y0 = pad + c * (w + pad), pad + r * (h + pad + label_h)
-        if labels is not None:
-            draw.text((x0 + 1, y0), str(labels[i]), fill=(255, 220, 0))
+        for k, line in enumerate(wrapped[i] if wrapped is not None else ()):
+            draw.text((x0 + 1, y0 + k * LINE_H), line, fill=(255, 220, 0))
         grid.paste(Image.fromarray(tile).resize((w, h), Image.NEAREST), (x0, y0 + label_h))
     return grid
 
