@@ -48,6 +48,7 @@ def image_datapipeline(size: int, urls: str | Sequence[str] = "", *, required_ke
         "pipeline_config": {"shardshuffle": shuffle, "sample_shuffle": shuffle, "required_keys": list(required_keys),
                             "skip_bad_samples": True, "aspect_buckets": [list(b) for b in aspect_buckets]},
         "decoders": [decoder],
+        "preencoded": False,  # True: urls are shards of python -m sgm_jax.data.preencode (postprocessors done)
         "postprocessors": [
             {"target": "sdata.mappers.TorchVisionImageTransforms", "params": {"key": "jpg", "transforms": [
                 {"target": "torchvision.transforms.Resize", "params": {"size": size, "interpolation": 3}},

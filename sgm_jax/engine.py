@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgm_jax.data.preencoded import MOMENTS_KEY, is_stored_output
 from sgm_jax.diffusion.denoiser import Denoiser
 from sgm_jax.diffusion.loss import StandardDiffusionLoss
 from sgm_jax.diffusion.registry import instantiate_from_config, to_plain
@@ -80,12 +81,42 @@ class DiffusionEngine:
         """
         if self.first_stage is None:
             return x
+        return self.latents_from_moments(self.posterior_moments(params, x), key)
+
+    def posterior_moments(self, params: Params, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, 3] in [-1, 1] -> the first stage's moments [B, H/f, W/f, 2 * embed_dim]
+        (mean, logvar: the encoder output before sampling; what pre-encoding stores)."""
+        return self.first_stage.apply({"params": params["first_stage"]}, x, method="encode")
+
+    def latents_from_moments(self, moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """moments [B, h, w, 2 * embed_dim] -> scaled latents [B, h, w, embed_dim] (float32):
+        the posterior mode, or with `key` a sample."""
         from sgm_jax.nn.vae import DiagonalGaussianDistribution  # only configs with a VAE need it
 
-        moments = self.first_stage.apply({"params": params["first_stage"]}, x, method="encode")
-        posterior = DiagonalGaussianDistribution.from_moments(moments.astype(jnp.float32))
+        posterior = DiagonalGaussianDistribution.from_moments(jnp.asarray(moments).astype(jnp.float32))
         z = posterior.mode() if key is None else posterior.sample(key)
         return self.scale_factor * z
+
+    def training_latents(self, params: Params, batch: Mapping[str, Any], key: jax.Array) -> jax.Array:
+        """The batch's latents [B, h, w, c] for the loss: a posterior sample of the images, or of the
+        stored moments of a pre-encoded batch (the same `key` draws the same sample from both)."""
+        if MOMENTS_KEY in batch:
+            if self.first_stage is None:
+                raise ValueError(f"the batch holds '{MOMENTS_KEY}' but this model has no first stage")
+            return self.latents_from_moments(batch[MOMENTS_KEY], key)
+        return self.encode_first_stage(params, jnp.asarray(batch[self.input_key]), key)
+
+    def raw_stand_in(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """A pre-encoded batch -> the raw layout for shapes (init, abstract params): zero images of
+        the encoded size [B, H, W, in_channels] instead of moments, stored embeddings left out so
+        every embedder initialises. Raw batches are returned unchanged."""
+        if MOMENTS_KEY not in batch:
+            return dict(batch)
+        b, h, w, _ = jnp.shape(batch[MOMENTS_KEY])
+        factor = 2 ** (len(self.first_stage.ddconfig["ch_mult"]) - 1)
+        out = {k: v for k, v in batch.items() if not is_stored_output(k)}
+        out[self.input_key] = jnp.zeros((b, h * factor, w * factor, int(self.first_stage.ddconfig["in_channels"])))
+        return out
 
     def decode_first_stage(self, params: Params, z: jax.Array) -> jax.Array:
         """z: [B, h, w, embed_dim] scaled latents -> images [B, h*f, w*f, 3], roughly in [-1, 1] (float32)."""
@@ -101,7 +132,7 @@ class DiffusionEngine:
             raise ValueError("this engine has no loss_fn_config: it can sample but not train")
         ucg_key, loss_key, dropout_key, posterior_key = jax.random.split(key, 4)
         # the seed's first stage samples its posterior in training (DiagonalGaussianRegularizer(sample=True))
-        x = jax.lax.stop_gradient(self.encode_first_stage(params, jnp.asarray(batch[self.input_key]), posterior_key))
+        x = jax.lax.stop_gradient(self.training_latents(params, batch, posterior_key))
         cond = self.condition(params, batch, ucg_key)
 
         def denoise_fn(model_params, noised, sigmas, cond_):
@@ -114,6 +145,7 @@ class DiffusionEngine:
     def init_params(self, key: jax.Array, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Random params for the trainable parts ("model", "conditioner") from an example batch."""
         cond_key, model_key = jax.random.split(key)
+        batch = self.raw_stand_in(batch)
         cond_params = self.conditioner.init(cond_key, batch).get("params", {})
         cond = self.conditioner.apply({"params": cond_params}, batch)
         x = jnp.asarray(batch[self.input_key])[:1]

@@ -68,6 +68,23 @@ def test_sdxl_finetune_on_8_devices_trains_only_the_unet(finetuned):
     assert bool(result["resume_equal"])
 
 
+def test_finetuned_sdxl_workdir_samples_through_sample_py(finetuned, tmp_path, monkeypatch):
+    """sample.py --workdir on the 8-device fine-tune (restored on this process's one device):
+    prompts in, PNGs out; the size / crop embedders get the seed's sampling values."""
+    import sample
+    from PIL import Image
+
+    tmp, _, _ = finetuned
+    monkeypatch.setenv("SGM_JAX_CLIP_BPE", str(BPE))
+    out = tmp_path / "out"
+    assert sample.main(["--workdir", str(tmp / "full"), "--prompt", "a tabby cat looking left", "--prompt",
+                        "a rocket on the launch pad", "--num", "2", "--steps", "2", "--seed", "3", "--no-cache",
+                        "--out", str(out)]) == 0
+    images = [np.asarray(Image.open(f)) for f in sorted(out.glob("*.png"))]
+    assert len(images) == 4 and all(x.shape == (64, 64, 3) for x in images)
+    assert len({x.tobytes() for x in images}) == 4 and all(x.std() > 0 for x in images)
+
+
 def test_lambda_linear_scheduler_matches_the_seed():
     """LambdaLinearScheduler's multiplier per optimiser step, transcribed from sgm/lr_scheduler.py
     (find_in_interval: n <= cum_cycles[i + 1] -> cycle i), for two cycles."""

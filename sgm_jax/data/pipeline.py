@@ -25,11 +25,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
 
+from sgm_jax.data import preencoded as P
 from sgm_jax.data import transforms as T
 from sgm_jax.data import webdataset as W
 from sgm_jax.errors import UserError
@@ -59,6 +60,7 @@ class StreamSpec:
     required: tuple = ("jpg", "txt")
     buckets: tuple = ()
     skip_bad_samples: bool = True
+    preencoded: bool = False                   # samples of sgm_jax.data.preencode: arrays, no image to decode
 
 
 def _record_source(spec: StreamSpec) -> Any:
@@ -192,9 +194,34 @@ class _WindowShuffle:
             self.start = self.stream.get_state()
 
 
+def collate(samples: list[dict], required: Sequence[str]) -> dict[str, Any]:
+    """Transformed raw samples -> {"jpg": [b, H, W, C] float32, "txt" / "cls" when required, size keys}."""
+    images = np.stack([s["jpg"] for s in samples])  # uint8 after the crop: converted once, in place
+    batch: dict[str, Any] = {"jpg": T.pixel_values(images, samples[0]["__pixel_ops__"])}
+    for key in required:
+        if key == "txt":
+            batch["txt"] = np.asarray([s["txt"] for s in samples])
+        elif key == "cls":
+            batch["cls"] = np.asarray([s["cls"] for s in samples], np.int32)
+    for key in T.SIZE_KEYS:
+        if all(key in s for s in samples):
+            batch[key] = np.stack([s[key] for s in samples]).astype(np.int32)
+    return batch
+
+
+def _bucket_of(image_shape: Sequence[int], buckets: Sequence[tuple[int, int]]) -> int:
+    """Index of the aspect bucket a pre-encoded image was cropped to."""
+    size = (int(image_shape[0]), int(image_shape[1]))
+    if size not in buckets:
+        raise UserError(f"a pre-encoded image of {size[0]} x {size[1]} fits none of aspect_buckets {list(buckets)}: "
+                        "pre-encode with the buckets you train with")
+    return list(buckets).index(size)
+
+
 class BatchIterator(grain.DatasetIterator):
     """One worker's batches: {"jpg": [b, H, W, C] float32 in [-1, 1], "txt" [b] str, "cls" [b]
-    int32, size keys [b, 2] int32, "__stats__": skipped-sample counts since the last batch}."""
+    int32, size keys [b, 2] int32, "__stats__": skipped-sample counts since the last batch}; from
+    pre-encoded shards the stored arrays (sgm_jax.data.preencoded) instead of "jpg"."""
 
     def __init__(self, spec: StreamSpec, sl: slice = slice(None)):
         super().__init__()
@@ -212,6 +239,14 @@ class BatchIterator(grain.DatasetIterator):
         self.counts: collections.Counter = collections.Counter()
 
     def transform(self, identity: Sequence[int], raw: dict) -> dict:
+        if self.spec.preencoded:  # the transforms ran when the shards were written
+            sample = P.decode_sample(raw, self.spec.required)
+            if self.spec.buckets:
+                sample["__bucket__"] = _bucket_of(sample["__image_shape__"], self.spec.buckets)
+            return sample
+        if P.is_preencoded(raw):
+            raise UserError(f"sample {raw.get('__key__')} in {raw.get('__url__', 'the data')} is pre-encoded: "
+                            "set datapipeline.preencoded=True to train from it")
         sample = T.decode(raw, self.spec.image_mode, ("jpg",) + tuple(self.spec.required))
         return T.apply_steps(sample, self.steps, T.sample_rng(self.spec.seed, identity), to_float=False)
 
@@ -234,16 +269,7 @@ class BatchIterator(grain.DatasetIterator):
                 return self._collate([s for _, s in bucket])
 
     def _collate(self, samples: list[dict]) -> dict:
-        images = np.stack([s["jpg"] for s in samples])  # uint8 after the crop: converted once, in place
-        batch: dict[str, Any] = {"jpg": T.pixel_values(images, samples[0]["__pixel_ops__"])}
-        for key in self.spec.required:
-            if key == "txt":
-                batch["txt"] = np.asarray([s["txt"] for s in samples])
-            elif key == "cls":
-                batch["cls"] = np.asarray([s["cls"] for s in samples], np.int32)
-        for key in T.SIZE_KEYS:
-            if all(key in s for s in samples):
-                batch[key] = np.stack([s[key] for s in samples]).astype(np.int32)
+        batch = P.collate(samples) if self.spec.preencoded else collate(samples, self.spec.required)
         self.counts.update(self.stream.counts)
         self.stream.counts.clear()
         batch["__stats__"] = dict(self.counts)
@@ -265,3 +291,21 @@ class BatchIterator(grain.DatasetIterator):
 
     def close(self) -> None:
         self.stream.close()
+
+
+def samples_once(spec: StreamSpec, counts: collections.Counter) -> Iterator[tuple[str, dict]]:
+    """Every usable sample of a tar stream once, in shard order, transformed as in epoch 0 of
+    training (random crops drawn from the sample's identity, then fixed): (key, sample) pairs
+    for pre-encoding. Bad samples and truncated shards are skipped and counted in `counts`."""
+    iterator = BatchIterator(dataclasses.replace(spec, shardshuffle=False, sample_shuffle=0))
+    for index, url in spec.items:
+        with W.ShardReader(url) as reader:
+            for offset, raw in reader:
+                try:
+                    sample = iterator.transform((0, index, offset), raw)
+                except T.BadSample as e:
+                    counts[e.kind] += 1
+                    continue
+                yield raw["__key__"], sample
+            if reader.truncated:
+                counts["truncated_shards"] += 1

@@ -14,6 +14,8 @@
               required_keys: [jpg, txt]  # a sample missing one is bad (skipped, counted)
               skip_bad_samples: true     # false: the first bad sample stops the run
               aspect_buckets: []         # [[H, W], ...]: each batch from one bucket (SDXL)
+            preencoded: false            # true: shards of python -m sgm_jax.data.preencode (latent
+                                         # moments + frozen embeddings; postprocessors already applied)
             decoders: [pil]              # pil / rgb8: RGB; l8: grayscale
             postprocessors: [...]        # the seed's, see sgm_jax.data.transforms
           loader: {batch_size: 64, num_workers: 6}
@@ -29,6 +31,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from sgm_jax.data import preencoded as P
 from sgm_jax.data import transforms as T
 from sgm_jax.data import webdataset as W
 from sgm_jax.data.base import DataSource
@@ -138,13 +141,15 @@ class StreamingDataset:
 
     def example_batch(self, n: int) -> dict[str, np.ndarray]:
         """The first n usable samples in file order (all hosts alike), unshuffled; with aspect
-        buckets all are cropped to the largest bucket (shapes for init, sample-grid conditioning)."""
+        buckets all are cropped to the largest bucket, pre-encoded ones come from one bucket
+        (shapes for init, sample-grid conditioning)."""
         import dataclasses
 
         buckets = self.spec.buckets
-        largest = (max(buckets, key=lambda b: b[0] * b[1]),) if buckets else ()
+        if buckets and not self.spec.preencoded:  # stored latents cannot be re-cropped: whichever bucket fills first
+            buckets = (max(buckets, key=lambda b: b[0] * b[1]),)
         spec = dataclasses.replace(self.spec, items=self._example_items, shardshuffle=False, sample_shuffle=0,
-                                   local_batch=int(n), buckets=largest, seed=0)
+                                   local_batch=int(n), buckets=buckets, seed=0)
         it = BatchIterator(spec)
         try:
             batch = next(it)
@@ -158,6 +163,8 @@ class StreamingDataset:
         if self.spec.buckets:
             h, w = max(self.spec.buckets, key=lambda b: b[0] * b[1])
             return (int(h), int(w), 1 if self.spec.image_mode == "L" else 3)
+        if self.spec.preencoded:  # the images are gone: their shape is recorded with each sample
+            return P.image_shape(W.read_sample_at(self._example_items[0][1], 0))
         if self._example is None:
             self._example = self.example_batch(1)
         return tuple(self._example["jpg"].shape[1:])  # type: ignore[return-value]
@@ -189,8 +196,11 @@ def streaming_from_config(target: str, params: Mapping[str, Any], *, split: str 
                   sample_shuffle=int(pc.get("sample_shuffle", 0)),
                   postprocessors=tuple(pipe.get("postprocessors") or ()), image_mode=_MODES[decoders[0]],
                   required=tuple(pc.get("required_keys", ("jpg", "txt"))), buckets=buckets,
-                  skip_bad_samples=bool(pc.get("skip_bad_samples", True)))
+                  skip_bad_samples=bool(pc.get("skip_bad_samples", True)), preencoded=bool(pipe.get("preencoded")))
     T.build_steps(common["postprocessors"], buckets or None)  # config errors now, not in a worker
+    if common["preencoded"] and any(".array_record" in str(u) or str(u).startswith("tfds:") for u in urls):
+        raise UserError("datapipeline.preencoded reads the tar shards of python -m sgm_jax.data.preencode, "
+                        f"not {urls[0]}")
     if len(urls) == 1 and str(urls[0]).startswith("tfds:"):
         name = str(urls[0])[5:]
         records = W.TfdsSamples(name, split, pipe.get("tfds_data_dir"))

@@ -27,6 +27,7 @@ from sgm_jax.nn.conditioner import (get_unconditional_conditioning, text_tokeniz
                                     ucg_token_key)
 from sgm_jax.parallel import make_mesh, replicated
 
+from .conditioning import ConditioningValues, embedder_input_keys, get_batch
 from .pipeline import SampleResult
 from .runner import SamplingRunner, StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization
@@ -190,15 +191,18 @@ class TrainedModel:
         return [str(c) for c in conditions]
 
     def condition(self, condition: Any, negative_prompt: str = "") -> tuple[dict, dict]:
-        """c, uc (batch 1) for one class id / prompt (uc: the embeddings zeroed as in training's ucg)."""
-        batch: dict[str, Any] = {}
-        batch_uc: dict[str, Any] = {}
+        """c, uc (batch 1) for one class id / prompt (uc: the embeddings zeroed as in training's ucg).
+        Size and crop inputs (SDXL's micro-conditioning) take the seed's sampling values: original
+        = target = the trained image size, crop (0, 0)."""
+        keys = [k for k in embedder_input_keys(self.engine.conditioner) if k != "cls"]
+        h, w = self.image_shape[:2]
+        prompt = str(condition) if self.condition_key == "txt" else ""
+        batch, batch_uc = get_batch(keys, ConditioningValues.for_size(prompt, negative_prompt, w, h), 1)
         if self.condition_key == "cls":
-            batch = {"cls": np.asarray([condition], np.int32)}
-            batch_uc = batch
+            batch["cls"] = batch_uc["cls"] = np.asarray([condition], np.int32)
         elif self.condition_key == "txt":
-            batch = tokenize_batch(self.engine.conditioner, {"txt": [condition]}, self._tokenizers)
-            batch_uc = tokenize_batch(self.engine.conditioner, {"txt": [negative_prompt]}, self._tokenizers)
+            batch = tokenize_batch(self.engine.conditioner, batch, self._tokenizers)
+            batch_uc = tokenize_batch(self.engine.conditioner, batch_uc, self._tokenizers)
         return self._encode(self.params.get("conditioner", {}), batch, batch_uc)
 
     def batch_size(self, total: int) -> int:

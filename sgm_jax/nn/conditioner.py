@@ -26,6 +26,10 @@ Classifier-free-guidance dropout (ucg) follows the seed per embedder:
     (text: by the value's tokens) and no mask is applied. As in the seed, the replacement
     is visible to later embedders reading the same input key.
 Dropout happens only when a `ucg_key` is given (training); inference passes none.
+
+Pre-encoded batches (sgm_jax.data.preencode) carry a frozen embedder's outputs under
+`embedding_key(i, j)`; the conditioner then uses them instead of running embedder i and applies
+the same ucg masks (same keys) to them, so the result equals that of the raw batch.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from sgm_jax.data.preencoded import embedding_key
 from sgm_jax.nn.layers import timestep_embedding
 
 Batch = Mapping[str, Any]
@@ -190,11 +195,10 @@ class GeneralConditioner(nn.Module):
         output: dict[str, jax.Array] = {}
         for i, (spec, embedder) in enumerate(zip(self.specs, self.embedders)):
             key = None if ucg_key is None else jax.random.fold_in(ucg_key, i)
-            if spec.input_key is not None:
-                emb_out = embedder(self._input(i, spec, batch, key, text_dropped))
+            if embedding_key(i, 0) in batch:  # pre-encoded: the stored outputs, then ucg as if computed
+                outs = self._stored(i, spec, batch, text_dropped)
             else:
-                emb_out = embedder(*[batch[k] for k in spec.input_keys])
-            outs = emb_out if isinstance(emb_out, (tuple, list)) else (emb_out,)
+                outs = self._outputs(i, spec, embedder, batch, key, text_dropped)
             for j, emb in enumerate(outs):
                 if not spec.is_trainable:
                     emb = jax.lax.stop_gradient(emb)  # seed: torch.no_grad()
@@ -213,6 +217,39 @@ class GeneralConditioner(nn.Module):
                 # Every seed concat axis (vector 1, crossattn 2, concat 1 in NCHW) is our last axis.
                 output[out_key] = jnp.concatenate([output[out_key], emb], -1) if out_key in output else emb
         return output
+
+    def embedder_outputs(self, batch: Batch, indices: Sequence[int]) -> dict[str, jax.Array]:
+        """What pre-encoding stores: {embedding_key(i, j): output j of embedder i, [B, ...]} for
+        each i in `indices`, as the embedder computes it (no ucg dropout, not concatenated)."""
+        out = {}
+        for i in indices:
+            outputs = self._outputs(i, self.specs[i], self.embedders[i], dict(batch), None, {})
+            out.update({embedding_key(i, j): emb for j, emb in enumerate(outputs)})
+        return out
+
+    def _outputs(self, i: int, spec: EmbedderSpec, embedder: nn.Module, batch: dict, key: jax.Array | None,
+                 text_dropped: dict) -> tuple[jax.Array, ...]:
+        """Embedder i run on its input(s): its outputs as a tuple (one or more)."""
+        if spec.input_key is not None:
+            emb_out = embedder(self._input(i, spec, batch, key, text_dropped))
+        else:
+            emb_out = embedder(*[batch[k] for k in spec.input_keys])
+        return tuple(emb_out) if isinstance(emb_out, (tuple, list)) else (emb_out,)
+
+    @staticmethod
+    def _stored(i: int, spec: EmbedderSpec, batch: Batch, text_dropped: dict) -> tuple[jax.Array, ...]:
+        """Embedder i's pre-encoded outputs. Legacy ucg replaces the embedder's *input*, which a
+        stored output cannot undergo: such embedders (and those reading a replaced input) are refused."""
+        if spec.is_trainable:
+            raise ValueError(f"embedder {i} ({spec.target}) is trainable: its outputs cannot come pre-encoded")
+        if (spec.legacy_ucg_value is not None and spec.ucg_rate > 0) or spec.input_key in text_dropped:
+            raise ValueError(f"embedder {i} ({spec.target}): legacy_ucg_value replaces its input '{spec.input_key}', "
+                             "which stored outputs cannot undergo: train it from raw data, not pre-encoded outputs")
+        outs, j = [], 0
+        while embedding_key(i, j) in batch:
+            outs.append(jnp.asarray(batch[embedding_key(i, j)]))
+            j += 1
+        return tuple(outs)
 
     @staticmethod
     def _input(i: int, spec: EmbedderSpec, batch: dict, key: jax.Array | None, text_dropped: dict) -> jax.Array:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax.data.preencoded import is_stored_output
 from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.engine import DiffusionEngine, build_engine
 
@@ -45,7 +46,8 @@ def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any, n: int | None = N
     otherwise the first examples of the data set condition it.
     """
     n = int(tc.num_samples if n is None else n)
-    batch = {k: v[:n] for k, v in dataset.example_batch(n).items()}
+    # from pre-encoded data: the inputs only, so prompts below condition the grid through the frozen towers
+    batch = {k: v[:n] for k, v in dataset.example_batch(n).items() if not is_stored_output(k)}
     reads = {s.input_key for s in engine.conditioner.specs}
     labels = None
     if tc.sample_classes and "cls" in reads:

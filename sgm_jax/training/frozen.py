@@ -107,7 +107,9 @@ def load_frozen_and_initial(engine: DiffusionEngine, model_config: Mapping[str, 
 
 
 def abstract_full_params(engine: DiffusionEngine, example: Mapping[str, Any]) -> dict[str, Any]:
-    """Shapes of every part of the engine, first stage included (nothing allocated)."""
+    """Shapes of every part of the engine, first stage included (nothing allocated); `example`
+    may be pre-encoded (the images' shape is then that of the moments' stand-in)."""
+    example = engine.raw_stand_in(example)
     tree = dict(jax.eval_shape(engine.init_params, jax.random.key(0), example))
     if engine.first_stage is not None:
         x = np.zeros((1,) + tuple(np.shape(example[engine.input_key]))[1:], np.float32)

@@ -1,0 +1,204 @@
+"""Pre-encode a latent model's training data once, as maxdiffusion and the MLPerf SD reference do:
+the first stage's posterior moments and the outputs of every frozen embedder with weights go into
+webdataset tar shards (format: sgm_jax.data.preencoded), so training skips the VAE encoder and the
+frozen text towers on every step.
+
+    python -m sgm_jax.data.preencode --config configs/sdxl_finetune.py --out data/sdxl_pre \
+        --config.model.params.ckpt_path=checkpoints/sd_xl_base --config.data.params.train.datapipeline.urls=...
+    python train.py --config configs/sdxl_finetune.py --config.model.params.ckpt_path=checkpoints/sd_xl_base \
+        --config.data.params.train.datapipeline.urls='data/sdxl_pre/preencoded-*.tar' \
+        --config.data.params.train.datapipeline.preencoded=True
+
+The config's training data is read once, in shard order, unshuffled; its decoders and
+postprocessors apply (a random crop or flip is drawn once, from the sample's identity, and kept,
+like maxdiffusion's fixed crop). The frozen parts are those the trainer loads (frozen.py), encoded
+in the trainer's compute dtype over the config's mesh. Training from the shards gives the loss of
+the raw data with the same key and params (the posterior sample is drawn from the stored
+moments); the trainer still loads the frozen parts for its sample grids (decoder, prompts).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from sgm_jax.data import preencoded as P
+from sgm_jax.errors import UserError
+
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def stored_embedders(engine: Any, frozen: Mapping[str, Any]) -> tuple[int, ...]:
+    """Indices of the embedders whose outputs are stored: frozen ones with loaded weights
+    (parameter-free ones such as the size embedders are cheap: their inputs pass through)."""
+    specs, have = engine.conditioner.specs, frozen.get("conditioner", {})
+    stored = tuple(i for i, s in enumerate(specs) if not s.is_trainable and f"embedders_{i}" in have)
+    stored_inputs = {specs[i].input_key for i in stored}
+    for i, spec in enumerate(specs):
+        # legacy ucg replaces an input (for later embedders too), which a stored output cannot undergo
+        if spec.legacy_ucg_value is not None and spec.ucg_rate > 0 and spec.input_key in stored_inputs:
+            raise UserError(f"embedder {i} ({spec.target}) uses legacy_ucg_value on '{spec.input_key}', which a "
+                            "pre-encoded embedder reads: train this config from the raw data")
+    return stored
+
+
+def passthrough_keys(engine: Any, stored: Sequence[int]) -> set[str]:
+    """Batch fields kept as they are: every embedder's input (trainable embedders run on them, grids
+    embed prompts with the frozen ones), captions and labels. Never the images."""
+    keys = {"txt", "cls"}
+    for i, spec in enumerate(engine.conditioner.specs):
+        for key in [spec.input_key] if spec.input_key is not None else list(spec.input_keys):
+            if key == engine.input_key and i not in stored:
+                raise UserError(f"embedder {i} ({spec.target}) reads the images '{key}', which pre-encoded shards "
+                                "do not hold: train this config from the raw data")
+            keys.add(key)
+    keys.discard(engine.input_key)
+    return keys
+
+
+def make_encoder(engine: Any, stored: Sequence[int], dtype: Any) -> Callable[[Any, Mapping[str, Any]], dict]:
+    """(frozen params, prepared batch) -> {MOMENTS_KEY: [B, h, w, 2c], embedding_key(i, j): [B, ...]}."""
+    from sgm_jax.nn.conditioner import GeneralConditioner
+
+    def encode(frozen: Any, batch: Mapping[str, Any]) -> dict:
+        out = {P.MOMENTS_KEY: engine.posterior_moments(frozen, batch[engine.input_key])}
+        out.update(engine.conditioner.apply({"params": frozen.get("conditioner", {})}, batch, tuple(stored),
+                                            method=GeneralConditioner.embedder_outputs))
+        return {k: v.astype(dtype) for k, v in out.items()}
+
+    return encode
+
+
+def _check_config(config: Any) -> None:
+    from sgm_jax.data import STREAMING_TARGETS
+    from sgm_jax.training.task import task_class
+
+    if task_class(config.model.target).__name__ != "DiffusionTask":
+        raise UserError(f"model.target {config.model.target} is not a DiffusionEngine: nothing to pre-encode")
+    if str(config.data.get("target", "")) not in STREAMING_TARGETS:
+        raise UserError(f"data.target {config.data.get('target')!r} is not a streaming data set: pre-encoding reads "
+                        "webdataset tar shards (prepare_data.py writes them)")
+    if jax.process_count() > 1:
+        raise UserError("pre-encode on one host (all its devices are used); the shards then feed any number of hosts")
+
+
+def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", samples_per_shard: int = 1000,
+              name: str = "preencoded", overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write the shards; returns {"paths", "samples", "skipped" (counts by reason), "urls" (for the
+    datapipeline), "stored_embedders", "passthrough", "image_shapes"}."""
+    from sgm_jax import data, parallel
+    from sgm_jax.data.pipeline import collate, samples_once
+    from sgm_jax.data.webdataset import write_tar_shards
+    from sgm_jax.training.diffusion_task import DiffusionTask
+
+    _check_config(config)
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if samples_per_shard <= 0:
+        raise UserError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.glob(f"{name}-*.tar")) and not overwrite:
+        raise UserError(f"{out} already holds {name}-*.tar shards (--overwrite replaces them)")
+    dataset = data.from_config(config.data, split="train")
+    if dataset.spec.kind != "tar":
+        raise UserError(f"pre-encoding reads webdataset tar shards, not {dataset.source.describe()}")
+    if dataset.spec.preencoded:
+        raise UserError("datapipeline.preencoded is already True: point the config at the raw image shards")
+    task = DiffusionTask(config, dataset)
+    engine = task.engine
+    if engine.first_stage is None:
+        raise UserError("this config has no first stage (model.params.first_stage_config): pre-encoding stores "
+                        "latent moments; train pixel-space models from the raw data")
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    batch_size = int(dataset.batch_size)
+    parallel.global_batch_size_check(batch_size, mesh)
+    example = task.prepare_batch({k: v[:2] for k, v in dataset.example_batch(2).items()})
+    frozen = task.frozen_params(example, lambda t: jax.device_put(t, parallel.param_shardings(t, mesh)))
+    stored = stored_embedders(engine, frozen)
+    keep = passthrough_keys(engine, stored)
+    encode = jax.jit(make_encoder(engine, stored, STORE_DTYPES[dtype]))
+    counts: collections.Counter = collections.Counter()
+    shapes: set[tuple[int, ...]] = set()
+    index = 0
+
+    def encode_group(items: list[tuple[str, dict]]) -> Iterator[dict]:
+        nonlocal index
+        n = len(items)
+        raw = collate([s for _, s in items + items[-1:] * (batch_size - n)], dataset.spec.required)  # static shapes
+        encoded = jax.device_get(encode(frozen, parallel.shard_batch(task.prepare_batch(raw), mesh)))
+        image_shape = raw["jpg"].shape[1:]
+        shapes.add(tuple(int(s) for s in image_shape))
+        for r, (key, _) in enumerate(items):
+            fields = {k: np.asarray(v[r]) for k, v in encoded.items()}
+            fields.update({k: raw[k][r] for k in sorted(keep) if k in raw})
+            yield P.encode_sample(f"{index:09d}", fields, image_shape, source=key)
+            index += 1
+
+    def samples() -> Iterator[dict]:
+        groups: dict[tuple, list] = {}  # by image shape: aspect buckets encode one shape per batch
+        for key, sample in tqdm(samples_once(dataset.spec, counts), desc="pre-encoding", unit="img",
+                                disable=not progress):
+            group = groups.setdefault(np.shape(sample["jpg"]), [])
+            group.append((key, sample))
+            if len(group) == batch_size:
+                yield from encode_group(groups.pop(np.shape(sample["jpg"])))
+        for group in groups.values():
+            yield from encode_group(group)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{name}-*.tar"):
+        old.unlink()
+    paths = write_tar_shards(samples(), str(out / f"{name}-%06d.tar"), samples_per_shard)
+    if not paths:
+        raise UserError(f"no usable sample in the data ({dict(counts) or 'empty'})")
+    last = len(paths) - 1
+    result = {"paths": paths, "samples": index, "skipped": dict(counts),
+              "urls": str(out / f"{name}-{{000000..{last:06d}}}.tar") if last else paths[0],
+              "stored_embedders": list(stored), "passthrough": sorted(keep), "image_shapes": sorted(shapes),
+              "dtype": dtype}
+    (out / f"{name}.json").write_text(json.dumps({k: v for k, v in result.items() if k != "paths"}, indent=1))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m sgm_jax.data.preencode --config CONFIG --out DIR [--dtype float16] [--config.a.b=v ...]"""
+    import sys
+
+    from sgm_jax.cli.configs import ArgumentParser, apply_overrides, load_config, split_overrides
+    from sgm_jax.errors import run_cli
+
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    p = ArgumentParser(prog="python -m sgm_jax.data.preencode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the training config (file or shipped name)")
+    p.add_argument("--out", required=True, help="folder for the pre-encoded shards")
+    p.add_argument("--dtype", default="float32", choices=tuple(STORE_DTYPES), help="stored moments / embeddings")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--name", default="preencoded", help="shard file prefix: <name>-000000.tar")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards of that name")
+    args = p.parse_args(rest)
+
+    def run() -> int:
+        config = apply_overrides(load_config(args.config), overrides)
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+        r = preencode(config, args.out, dtype=args.dtype, samples_per_shard=args.samples_per_shard, name=args.name,
+                      overwrite=args.overwrite)
+        skipped = sum(v for k, v in r["skipped"].items() if k != "truncated_shards")
+        print(f"wrote {r['samples']} samples in {len(r['paths'])} shards (frozen embedders stored: "
+              f"{r['stored_embedders'] or 'none'}){f'; skipped {skipped} bad samples' if skipped else ''}")
+        print(f"train from them with the same config and --config.data.params.train.datapipeline.urls='{r['urls']}' "
+              "--config.data.params.train.datapipeline.preencoded=True")
+        return 0
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()
