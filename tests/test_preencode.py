@@ -177,6 +177,27 @@ def test_bad_input_is_one_line(prepared, capsys):
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
 
 
+def test_failed_overwrite_keeps_the_earlier_shards(prepared, monkeypatch):
+    from sgm_jax.data import preencode as E
+
+    tmp, urls, ckpt = prepared
+    config = tiny_config(True, urls, ckpt)
+    first = E.preencode(config, tmp / "kept", samples_per_shard=5, progress=False)
+    before = {p: Path(p).read_bytes() for p in first["paths"]}
+    with pytest.raises(UserError, match="already holds"):
+        E.preencode(config, tmp / "kept", progress=False)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(E.P, "encode_sample", fail)
+    with pytest.raises(OSError, match="disk full"):
+        E.preencode(config, tmp / "kept", samples_per_shard=5, overwrite=True, progress=False)
+    assert {p: Path(p).read_bytes() for p in first["paths"]} == before
+    assert sorted(x.name for x in (tmp / "kept").iterdir()) == ["preencoded-000000.tar", "preencoded-000001.tar",
+                                                                 "preencoded.json"]
+
+
 def test_sample_format_round_trip():
     """encode_sample -> tar bytes -> decode_sample -> collate keeps names, shapes and dtypes."""
     from sgm_jax.data import preencoded as P

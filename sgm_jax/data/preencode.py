@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -151,12 +152,18 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
         for group in groups.values():
             yield from encode_group(group)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{name}-*.tar"):
-        old.unlink()
-    paths = write_tar_shards(samples(), str(out / f"{name}-%06d.tar"), samples_per_shard)
-    if not paths:
-        raise UserError(f"no usable sample in the data ({dict(counts) or 'empty'})")
+    # written aside first: an interrupted or failed pass leaves the earlier shards (--overwrite) intact
+    partial = out / f".{name}-partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        paths = write_tar_shards(samples(), str(partial / f"{name}-%06d.tar"), samples_per_shard)
+        if not paths:
+            raise UserError(f"no usable sample in the data ({dict(counts) or 'empty'})")
+        for old in out.glob(f"{name}-*.tar"):
+            old.unlink()
+        paths = [str(Path(path).replace(out / Path(path).name)) for path in paths]
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     last = len(paths) - 1
     result = {"paths": paths, "samples": index, "skipped": dict(counts),
               "urls": str(out / f"{name}-{{000000..{last:06d}}}.tar") if last else paths[0],
