@@ -53,7 +53,7 @@ def finetuned(tmp_path_factory):
     return tmp, dict(np.load(tmp / "result.npz")), json.loads((tmp / "summary.json").read_text())
 
 
-def test_sdxl_finetune_on_8_devices_trains_only_the_unet(finetuned):
+def test_sdxl_finetune_on_8_devices_trains_only_the_unet_and_samples(finetuned, tmp_path, monkeypatch):
     tmp, result, summary = finetuned
     assert int(result["devices"]) == 8 and int(result["sharded_leaves"]) > 0  # FSDP really splits the UNet
     assert summary["steps"] == [4, 4]
@@ -66,15 +66,12 @@ def test_sdxl_finetune_on_8_devices_trains_only_the_unet(finetuned):
     assert summary["opt_state_leaves_per_moment"] == summary["trainable_leaves"]
     # 2 steps + resume 2 from the tar shards = 4 uninterrupted steps, bit for bit
     assert bool(result["resume_equal"])
-
-
-def test_finetuned_sdxl_workdir_samples_through_sample_py(finetuned, tmp_path, monkeypatch):
-    """sample.py --workdir on the 8-device fine-tune (restored on this process's one device):
-    prompts in, PNGs out; the size / crop embedders get the seed's sampling values."""
+    # (one test, so that pytest-xdist never runs the fine-tune fixture twice) sample.py --workdir on the
+    # result, restored on this process's one device: prompts in, PNGs out, the size / crop embedders
+    # given the seed's sampling values
     import sample
     from PIL import Image
 
-    tmp, _, _ = finetuned
     monkeypatch.setenv("SGM_JAX_CLIP_BPE", str(BPE))
     out = tmp_path / "out"
     assert sample.main(["--workdir", str(tmp / "full"), "--prompt", "a tabby cat looking left", "--prompt",
