@@ -33,6 +33,8 @@ USER_EXCEPTIONS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryE
 def one_line(e: BaseException) -> str:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     msg = " ".join(str(msg).split())
+    if isinstance(e, KeyError) and msg and " " not in msg:  # a bare key says nothing about where it was missing
+        return f"missing key {msg!r} (SGM_JAX_TRACEBACK=1 shows where)"
     return msg or type(e).__name__
 
 

@@ -154,3 +154,13 @@ def test_demo_without_usable_models_is_one_line(tmp_path, capsys):
 
     code, err = run_main(demo.main, ["--model", tmp_path / "nothing_here"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "neither a train.py workdir nor converted weights" in err
+
+
+def test_one_line_messages():
+    from sgm_jax.errors import one_line
+
+    assert one_line(KeyError("original_size_as_tuple")) == \
+        "missing key 'original_size_as_tuple' (SGM_JAX_TRACEBACK=1 shows where)"
+    assert one_line(KeyError("unknown dataset 'x'; known: ['mnist']")) == "unknown dataset 'x'; known: ['mnist']"
+    assert one_line(ValueError("two\n  lines")) == "two lines"
+    assert one_line(ValueError()) == "ValueError"
