@@ -1,11 +1,12 @@
 """Real MNIST digits as a captioned image-text data set: tar shards of `<key>.png` (the digit
-padded to 32 x 32 with its black background) + `<key>.txt` (a caption naming the digit in one
-of several wordings) + `<key>.cls`, for the CPU-sized text-to-image config (mnist_txt2img).
+padded to 32 x 32 with its black background) + `<key>.txt` (a caption naming the digit, in
+varied wordings) + `<key>.cls`, for the CPU-sized text-to-image config (mnist_txt2img).
 
     python -m sgm_jax.data.mnist_captions data/mnist_txt2img          # train + test shards
 
-Training captions are composed by `training_caption`; HELD_OUT_WORDINGS never appear in the shards, so a model
-that draws the right digit for them has learnt the digit's name, not a fixed sentence.
+Training captions are composed by `training_caption`; HELD_OUT_WORDINGS never appear in the
+shards, so a model that draws the right digit for them has learnt the digit's name, not a
+fixed sentence.
 """
 
 from __future__ import annotations
