@@ -45,6 +45,15 @@ def test_folder_with_captions(photos, tmp_path):
     assert json.loads(coffee["json"]) == {"width": 600, "height": 400, "source": "coffee.jpg"}
     with pytest.raises(Exception, match="already holds"):
         prepare(str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
+    # --overwrite from a folder with nothing readable: one error, the earlier shards kept as they were
+    before = {p: Path(p).read_bytes() for p in result["paths"]}
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "x.png").write_bytes(b"not a png")
+    (tmp_path / "unreadable" / "x.txt").write_text("a caption")
+    with pytest.raises(Exception, match="no readable image"):
+        prepare(str(tmp_path / "unreadable"), str(tmp_path / "out"), overwrite=True, progress=False)
+    assert {p: Path(p).read_bytes() for p in result["paths"]} == before
+    assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["data-000000.tar", "data-000001.tar"]
 
 
 def test_class_folders_and_csv(photos, tmp_path):

@@ -112,11 +112,8 @@ def write_shards(out_dir: str | Path, split: str = "train", *, path: str | None 
             yield {"__key__": f"{i:09d}", "png": _png(pad_digit(images[index])), "cls": str(label),
                    "txt": training_caption(label, rng, distractors), "json": json.dumps({"width": 32, "height": 32})}
 
-    out = Path(out_dir)
-    paths = W.write_tar_shards(samples(), str(out / f"{split}-%06d.tar"), samples_per_shard)
-    last = len(paths) - 1
-    urls = str(out / f"{split}-{{000000..{last:06d}}}.tar") if last else paths[0]
-    return {"urls": urls, "samples": len(order), "paths": paths}
+    paths = W.replace_shard_set(out_dir, split, samples(), samples_per_shard)
+    return {"urls": W.shard_urls(paths), "samples": len(order), "paths": paths}
 
 
 def main(argv: list[str] | None = None) -> None:

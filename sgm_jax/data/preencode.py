@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -95,7 +94,7 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
     datapipeline), "stored_embedders", "passthrough", "image_shapes"}."""
     from sgm_jax import data, parallel
     from sgm_jax.data.pipeline import collate, samples_once
-    from sgm_jax.data.webdataset import write_tar_shards
+    from sgm_jax.data.webdataset import replace_shard_set, shard_urls
     from sgm_jax.training.diffusion_task import DiffusionTask
 
     _check_config(config)
@@ -152,21 +151,11 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
         for group in groups.values():
             yield from encode_group(group)
 
-    # written aside first: an interrupted or failed pass leaves the earlier shards (--overwrite) intact
-    partial = out / f".{name}-partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        paths = write_tar_shards(samples(), str(partial / f"{name}-%06d.tar"), samples_per_shard)
-        if not paths:
-            raise UserError(f"no usable sample in the data ({dict(counts) or 'empty'})")
-        for old in out.glob(f"{name}-*.tar"):
-            old.unlink()
-        paths = [str(Path(path).replace(out / Path(path).name)) for path in paths]
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    last = len(paths) - 1
-    result = {"paths": paths, "samples": index, "skipped": dict(counts),
-              "urls": str(out / f"{name}-{{000000..{last:06d}}}.tar") if last else paths[0],
+    # (--overwrite) a failed or interrupted pass leaves the earlier shards intact
+    paths = replace_shard_set(out, name, samples(), samples_per_shard)
+    if not paths:
+        raise UserError(f"no usable sample in the data ({dict(counts) or 'empty'})")
+    result = {"paths": paths, "samples": index, "skipped": dict(counts), "urls": shard_urls(paths),
               "stored_embedders": list(stored), "passthrough": sorted(keep), "image_shapes": sorted(shapes),
               "dtype": dtype}
     (out / f"{name}.json").write_text(json.dumps({k: v for k, v in result.items() if k != "paths"}, indent=1))

@@ -116,9 +116,6 @@ def prepare(source: str, out_dir: str, *, samples_per_shard: int = 1000, name: s
     entries = list_folder(src) if src.is_dir() else list_table(src)
     if shuffle_seed is not None:  # mix classes / folders across shards: streams read shards in order
         random.Random(shuffle_seed).shuffle(entries)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{name}-*{suffix}"):
-        old.unlink()
     skipped = []
 
     def samples() -> Iterator[dict]:
@@ -129,13 +126,11 @@ def prepare(source: str, out_dir: str, *, samples_per_shard: int = 1000, name: s
             else:
                 yield sample
 
-    pattern = str(out / f"{name}-%06d{suffix}")
-    paths = (W.write_tar_shards if fmt == "tar" else write_array_records)(samples(), pattern, samples_per_shard)
+    writer = W.write_tar_shards if fmt == "tar" else write_array_records
+    paths = W.replace_shard_set(out, name, samples(), samples_per_shard, writer, suffix)
     if not paths:
         raise UserError(f"no readable image among the {len(entries)} listed in {source}")
-    last = len(paths) - 1
-    urls = str(out / f"{name}-{{000000..{last:06d}}}{suffix}") if last else paths[0]
-    return {"paths": paths, "samples": len(entries) - len(skipped), "skipped": skipped, "urls": urls}
+    return {"paths": paths, "samples": len(entries) - len(skipped), "skipped": skipped, "urls": W.shard_urls(paths)}
 
 
 def main(argv: list[str] | None = None) -> None:

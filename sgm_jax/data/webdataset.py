@@ -17,9 +17,10 @@ import glob
 import io
 import itertools
 import re
+import shutil
 import tarfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
@@ -260,3 +261,35 @@ def write_tar_shards(samples: Iterator[dict], pattern: str, samples_per_shard: i
         Path(path + ".tmp").replace(path)
         paths.append(path)
     return paths
+
+
+def replace_shard_set(out_dir: str | Path, name: str, samples: Iterator[dict], samples_per_shard: int,
+                      writer: Callable[[Iterator[dict], str, int], list[str]] = write_tar_shards,
+                      suffix: str = ".tar") -> list[str]:
+    """Shards `<out_dir>/<name>-NNNNNN<suffix>` of `samples` (by `writer`: tar shards, or e.g.
+    ArrayRecord files), in place of the earlier `<name>-*<suffix>` there. They are written in a
+    hidden folder first and moved in only when all are written, so a failed or interrupted pass
+    (or one that writes nothing) leaves the earlier shards intact. Returns the paths, in order."""
+    out = Path(out_dir)
+    partial = out / f".{name}-partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        paths = writer(samples, str(partial / f"{name}-%06d{suffix}"), samples_per_shard)
+        if paths:
+            for old in out.glob(f"{name}-*{suffix}"):
+                old.unlink()
+            paths = [str(Path(path).replace(out / Path(path).name)) for path in paths]
+        return paths
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def shard_urls(paths: Sequence[str]) -> str:
+    """datapipeline.urls for shards `...-000000.tar` .. `...-NNNNNN.tar` in order: a brace pattern,
+    or the one path."""
+    if len(paths) == 1:
+        return str(paths[0])
+    first = str(paths[0])
+    at = first.rindex("000000")
+    return f"{first[:at]}{{000000..{len(paths) - 1:06d}}}{first[at + 6:]}"
