@@ -113,9 +113,9 @@ class DiffusionEngine:
         if MOMENTS_KEY not in batch:
             return dict(batch)
         b, h, w, _ = jnp.shape(batch[MOMENTS_KEY])
-        factor = 2 ** (len(self.first_stage.ddconfig["ch_mult"]) - 1)
+        f = self.first_stage_factor
         out = {k: v for k, v in batch.items() if not is_stored_output(k)}
-        out[self.input_key] = jnp.zeros((b, h * factor, w * factor, int(self.first_stage.ddconfig["in_channels"])))
+        out[self.input_key] = jnp.zeros((b, h * f, w * f, int(self.first_stage.ddconfig["in_channels"])))
         return out
 
     def decode_first_stage(self, params: Params, z: jax.Array) -> jax.Array:
@@ -157,13 +157,18 @@ class DiffusionEngine:
                                          y=_first(cond.get("vector")))["params"]
         return {"model": model_params, "conditioner": cond_params}
 
+    @property
+    def first_stage_factor(self) -> int:
+        """Pixels per latent along each side: 2 ** (encoder levels - 1); 1 without a first stage."""
+        return 1 if self.first_stage is None else 2 ** (len(self.first_stage.ddconfig["ch_mult"]) - 1)
+
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         """[B, H, W, 3] image shape -> the shape the diffusion model works on."""
         if self.first_stage is None:
             return tuple(image_shape)
         b, h, w, _ = image_shape
-        factor = 2 ** (len(self.first_stage.ddconfig["ch_mult"]) - 1)
-        return (b, h // factor, w // factor, int(self.first_stage.embed_dim))
+        f = self.first_stage_factor
+        return (b, h // f, w // f, int(self.first_stage.embed_dim))
 
     # --- sampling ------------------------------------------------------------------------
     def sample(self, params: Params, cond: Cond, uc: Cond | None, noise: jax.Array,

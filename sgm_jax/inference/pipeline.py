@@ -57,9 +57,7 @@ def _model_params(config: Any) -> dict[str, Any]:
 
 def size_multiple(engine: DiffusionEngine) -> tuple[int, int, int]:
     """(pixel multiple, VAE factor, UNet factor): latents must divide by 2**(levels - 1)."""
-    vae = 1
-    if engine.first_stage is not None:
-        vae = 2 ** (len(engine.first_stage.ddconfig["ch_mult"]) - 1)
+    vae = engine.first_stage_factor
     unet = 2 ** (len(engine.network.channel_mult) - 1)
     return vae * unet, vae, unet
 
