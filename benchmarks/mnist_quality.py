@@ -28,16 +28,15 @@ from sgm_jax.evaluation.classifier import ClassifierEvaluator, to_digit_input  #
 
 
 def draw(workdir: str, per_class: int, sampler: str, steps: int,
-         wordings: tuple[str, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """per_class digits of each class: by class id, or by captions in `wordings` (default: the
-    held-out ones) for a text model. Returns images, labels and each image's wording index (-1: none)."""
-    from sgm_jax.data.mnist_captions import HELD_OUT_WORDINGS, caption
+         wordings: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """per_class digits of each class: by class id, or by captions in `wordings` for a text
+    model. Returns images, labels and each image's wording index (-1: none)."""
+    from sgm_jax.data.mnist_captions import caption
     from sgm_jax.inference.workdir import TrainedModel
 
     model = TrainedModel.load(workdir)
     spec = model.spec(sampler, steps)
     if model.condition_key == "txt":
-        wordings = wordings or HELD_OUT_WORDINGS
         per = -(-per_class // len(wordings))
         prompts = [caption(d, w) for d in range(10) for w in wordings]
         labels = np.repeat(np.arange(10), len(wordings) * per)
@@ -69,8 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     from sgm_jax.data.mnist_captions import HELD_OUT_WORDINGS
 
-    wordings = tuple(args.wording)
-    wordings_used = wordings or HELD_OUT_WORDINGS
+    wordings = tuple(args.wording) or HELD_OUT_WORDINGS
 
     import importlib.util
 
@@ -101,8 +99,8 @@ def main() -> None:
         acc = float(correct.mean())
         per_class = [float(correct[labels == c].mean()) for c in range(10)]
         rows.append((budget, spent, summary["step"], acc, per_class))
-        by_wording = ", ".join(f"{wordings_used[w]!r}: {correct[wording == w].mean():.3f}"
-                               for w in range(len(wordings_used))) if wording.max() >= 0 else ""
+        by_wording = ", ".join(f"{wordings[w]!r}: {correct[wording == w].mean():.3f}"
+                               for w in range(len(wordings))) if wording.max() >= 0 else ""
         print(f"budget {budget:.0f} min: step {summary['step']}, accuracy {acc:.3f}"
               + (f" ({by_wording})" if by_wording else ""), flush=True)
 
