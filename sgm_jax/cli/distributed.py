@@ -10,8 +10,12 @@ decide; on a plain machine the program runs as one process.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn
 
-from sgm_jax.errors import UserError
+from sgm_jax.errors import UserError, run_cli
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +35,70 @@ def start(args: argparse.Namespace) -> int:
     try:
         spec = DistributedSpec.from_env(args.coordinator_address, args.num_processes, args.process_id,
                                         heartbeat_timeout=args.heartbeat_timeout)
-        return initialize_distributed(spec)
+        count = initialize_distributed(spec)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if count > 1:
+        import atexit
+
+        from sgm_jax.multihost import PeerWatch
+
+        # half jax's heartbeat timeout: this one line comes before jax's abort would
+        watch = PeerWatch(max(spec.heartbeat_timeout / 2, 5.0), _lost).start()
+        atexit.register(watch.stop)  # runs before jax's own shutdown (registered earlier)
+    return count
+
+
+def _lost(reason: str) -> None:
+    print(f"error: lost contact with another host of this job ({reason}); the last checkpoint is kept: "
+          "start the same command on every host again to resume", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(4)
+
+
+# Words of the runtime errors a collective raises when a peer process is gone (gloo's broken
+# connections, the coordination service's deadlines and missing heartbeats).
+_LOST_PEER = ("gloo", "coordination", "heartbeat", "deadline_exceeded", "unavailable", "connection reset",
+              "connection closed", "connection refused", "barrier")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    text = str(e).lower()
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(w in text for w in _LOST_PEER)
+
+
+def run_job(main: Callable[[], int | None]) -> NoReturn:
+    """`errors.run_cli` for a job that may span hosts: a host that lost its peers says so in one
+    line; a failing host exits at once (jax's shutdown would wait for, then abort on, the peers
+    that are gone), while a run that ends well leaves through jax's shutdown barrier."""
+
+    def guarded() -> int | None:
+        try:
+            return main()
+        except Exception as e:
+            if _process_count() > 1 and _lost_peer(e) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
+                first = " ".join(str(e).split())[:160]
+                raise UserError(f"lost contact with another host of this job ({first}); the last checkpoint is "
+                                "kept: start the same command on every host again to resume", exit_code=4) from None
+            raise
+
+    try:
+        run_cli(guarded)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except BaseException:
+        if _process_count() <= 1:
+            raise
+        traceback.print_exc()
+        code = 1
+    if code and _process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count() if jax.distributed.is_initialized() else 1

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sgm_jax.errors import run_cli
-
 from . import distributed
 from .configs import ArgumentParser, apply_overrides, load_config, packaged_config_names, split_overrides
 
@@ -39,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
-    run_cli(lambda: run(args.config, overrides, args.workdir, args))
+    distributed.run_job(lambda: run(args.config, overrides, args.workdir, args))
 
 
 def run(config_spec: str, overrides: list[tuple[str, str]], workdir: str | None,
