@@ -46,7 +46,9 @@ def image_datapipeline(size: int, urls: str | Sequence[str] = "", *, required_ke
     return {
         "urls": urls,  # USER: shard paths, globs, brace patterns, folders, gs://...
         "pipeline_config": {"shardshuffle": shuffle, "sample_shuffle": shuffle, "required_keys": list(required_keys),
-                            "skip_bad_samples": True, "aspect_buckets": [list(b) for b in aspect_buckets]},
+                            "skip_bad_samples": True, "aspect_buckets": [list(b) for b in aspect_buckets],
+                            # 0: one stream per host; S: the same batches on any host count dividing S
+                            "num_streams": 0},
         "decoders": [decoder],
         "preencoded": False,  # True: urls are shards of python -m sgm_jax.data.preencode (postprocessors done)
         "postprocessors": [

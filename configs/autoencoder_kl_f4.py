@@ -55,7 +55,7 @@ def webdataset(urls=("DATA-PATH",), size=256, batch_size=8):
     return {"target": "sgm.data.dataset.StableDataModuleFromConfig", "params": {"train": {
         "datapipeline": {
             "urls": tuple(urls),
-            "pipeline_config": {"shardshuffle": 10000, "sample_shuffle": 10000},
+            "pipeline_config": {"shardshuffle": 10000, "sample_shuffle": 10000, "num_streams": 0},
             "decoders": ("pil",),
             "postprocessors": (
                 {"target": "sdata.mappers.TorchVisionImageTransforms", "params": {"key": "jpg", "transforms": (

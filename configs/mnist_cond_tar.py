@@ -14,7 +14,7 @@ from sgm_jax.configs import mnist_cond_cpu
 
 def datapipeline(urls="", **pipeline_config):
     config = {"shardshuffle": 10000, "sample_shuffle": 1000, "required_keys": ["jpg", "cls"],
-              "skip_bad_samples": True, "aspect_buckets": []}
+              "skip_bad_samples": True, "aspect_buckets": [], "num_streams": 0}
     config.update(pipeline_config)
     return {
         "urls": urls,  # shard paths, globs, brace patterns, folders, gs://...

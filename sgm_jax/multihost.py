@@ -137,3 +137,29 @@ class PeerWatch:
             if "not_found" in str(e).lower().replace(" ", "_"):  # not started watching yet
                 return ""
             raise
+
+
+def host_share(n: int) -> range:
+    """This host's contiguous share of n work items (images, prompts): hosts in order, the
+    first n % P hosts one item more."""
+    count, index = jax.process_count(), jax.process_index()
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (index < extra))
+
+
+def gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every host's `rows` [n_p, ...], concatenated in process order, on every host: features,
+    scores or images of each host's share. A host with no share may pass any empty array."""
+    rows = np.asarray(rows)
+    if jax.process_count() == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    described = gather_json([rows.shape[0], list(rows.shape[1:]), rows.dtype.str])
+    counts = [n for n, _, _ in described]
+    _, trailing, dtype = next((d for d in described if d[0]), described[0])
+    padded = np.zeros((max(max(counts), 1), *trailing), np.dtype(dtype))
+    padded[: rows.shape[0]] = rows.reshape((rows.shape[0], *trailing))
+    every = np.asarray(multihost_utils.process_allgather(padded))  # [P, max n, ...]
+    return np.concatenate([every[p, :n] for p, n in enumerate(counts)])

@@ -227,7 +227,7 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
             name = "ema_params" if use_ema and tree.get("ema_params") is not None else "params"
             target = jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
-                    jax.devices()[0])), {name: tree[name]})
+                    jax.local_devices()[0])), {name: tree[name]})
             with ocp.PyTreeCheckpointer() as ckptr:
                 restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
