@@ -95,7 +95,7 @@ def test_two_hosts_train_the_same_steps_as_one(reference_runs):
     assert diff / norm < 1e-4, diff / norm
     # process 0 alone writes the run's files; each host holds its own lock
     assert json.loads(two.stdout(0).strip().splitlines()[-1])["step"] == STEPS
-    assert two.stdout(1).strip() == ""
+    assert error_lines(two.stdout(1)) == []  # gloo prints its peer counts on stdout
     assert sorted(p.name for p in (root / "two").glob("train.lock*")) == ["train.lock", "train.lock.host1"]
     # every checkpoint holds both hosts' data positions, each reading its own stream (shards 0, 2, ... / 1, 3, ...)
     data = json.loads((root / "two" / "checkpoints" / str(STEPS) / "data" / "metadata").read_text())
