@@ -110,10 +110,22 @@ def test_sample_output_location_checked_first(tmp_path, capsys):
     assert "converted weights not found" in err and "convert_torch_weights.py" in err
 
 
+def _setuptools_builds_wheels() -> bool:
+    """Whether the installed setuptools meets pyproject's build requirement and builds wheels by
+    itself (70.1+, or older with the `wheel` package): a fresh venv's 65.5 does neither."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = tuple(int(x) for x in version("setuptools").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return installed >= (70, 1) or (installed >= (68, 0) and importlib.util.find_spec("wheel") is not None)
+
+
 def test_wheel_ships_the_configs_and_runs_outside_the_source_tree(tmp_path):
     """A non-editable build: the wheel holds sgm_jax.configs, and its commands work from any folder."""
     dist = tmp_path / "dist"
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []  # else pip fetches it
+    isolation = ["--no-build-isolation"] if _setuptools_builds_wheels() else []  # else pip fetches setuptools
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
                             "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
