@@ -91,7 +91,18 @@ class Checkpointer:
             self._failed(step, e)
 
     def _failed(self, step: int, e: BaseException) -> None:
+        try:  # let the failed save's other writes end first: they would recreate its temp folder
+            self.manager.wait_until_finished()
+        except Exception:
+            pass
+        # TensorStore writes of a failed synchronous save have no handle to wait on and can still
+        # create files after the error: remove until no temp folder reappears for half a second
         remove_interrupted_saves(self.directory)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if not remove_interrupted_saves(self.directory):
+                break
         raise UserError(f"saving checkpoint {step} in {self.directory} failed: {one_line(e)} "
                         "(disk full or not writable?); earlier checkpoints are intact", exit_code=3) from e
 
