@@ -88,6 +88,7 @@ def test_train_bad_input_is_one_line_and_creates_nothing(args, message, tmp_path
     (["--config.inference.nums=1"], "did you mean --config.inference.num_steps?"),
     (["--sampler", "bogus"], "argument --sampler: invalid choice: 'bogus'"),
     (["--num", "100000", "--out", "/tmp/big_grid.png"], "a grid of 100000 images is too large"),
+    (["--lora", "style.safetensors:abc"], "--lora style.safetensors:abc: the scale 'abc' is not a number"),
 ])
 def test_sample_bad_values_are_one_line_before_any_work(args, message, tmp_path, capsys):
     rc = sample_cli.main(["--config", "inference/tiny_sdxl", "--checkpoint", str(tmp_path / "none"),
