@@ -28,7 +28,7 @@ from .outputs import save_images, to_pil
 from .pipeline import check_size, engine_for_sampling, size_multiple, txt2img_with_refiner
 from .runner import StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec
-from .workdir import AS_TRAINED
+from .workdir import AS_TRAINED, read_workdir_config
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class ModelSource:
             config, path = None, spec
         p = Path(path).expanduser()
         if (p / "config.json").is_file() and config is None:
+            read_workdir_config(p)  # an autoencoder's workdir: one line saying what it is for
             return cls(f"{p.name} (trained)", "workdir", str(p))
         if config is None:
             meta = p / "metadata.json"

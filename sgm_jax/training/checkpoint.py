@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -212,9 +212,11 @@ def check_tree_matches(step_dir: Path, abstract_state: Any, prefixes: Iterable[s
         raise UserError(f"checkpoint {step_dir} was written by a different model than this config: {problem}")
 
 
-def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema: bool = True) -> tuple[int, Any]:
+def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema: bool = True,
+                   on_skip: Callable[[int, str], None] | None = None) -> tuple[int, Any]:
     """(step, params) of a training checkpoint: the EMA weights when present and asked for, else
-    the raw ones; nothing else (no optimiser state) is read. Newest restorable step by default."""
+    the raw ones; nothing else (no optimiser state) is read. Newest restorable step by default;
+    on_skip(step, reason) hears of each newer one that did not restore."""
     directory = Path(checkpoint_dir).absolute()
     steps = [step] if step is not None else step_dirs(directory)
     if not steps or not (directory / str(steps[0])).is_dir():
@@ -236,6 +238,8 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
             return s, restored[name]
         except Exception as e:
             errors.append(f"{s}: {one_line(e)[:160]}")
+            if on_skip is not None and s != steps[-1]:
+                on_skip(s, one_line(e)[:200])
     raise UserError(f"no checkpoint in {directory} restores ({'; '.join(errors)})")
 
 
