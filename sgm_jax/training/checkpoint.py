@@ -216,12 +216,12 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
                    on_skip: Callable[[int, str], None] | None = None) -> tuple[int, Any]:
     """(step, params) of a training checkpoint: the EMA weights when present and asked for, else
     the raw ones; nothing else (no optimiser state) is read. Newest restorable step by default;
-    on_skip(step, reason) hears of each newer one that did not restore."""
+    on_skip(step, reason) hears of each newer one that did not restore (when an older one does)."""
     directory = Path(checkpoint_dir).absolute()
     steps = [step] if step is not None else step_dirs(directory)
     if not steps or not (directory / str(steps[0])).is_dir():
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory}: train first")
-    errors = []
+    skipped: list[tuple[int, str]] = []
     for s in steps:
         step_dir = directory / str(s)
         item = step_dir / _item_names(step_dir)[0]
@@ -235,12 +235,13 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
                 restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                     partial_restore=True))
-            return s, restored[name]
         except Exception as e:
-            errors.append(f"{s}: {one_line(e)[:160]}")
-            if on_skip is not None and s != steps[-1]:
-                on_skip(s, one_line(e)[:200])
-    raise UserError(f"no checkpoint in {directory} restores ({'; '.join(errors)})")
+            skipped.append((s, one_line(e)[:200]))
+            continue
+        for bad, reason in skipped if on_skip is not None else ():
+            on_skip(bad, reason)
+        return s, restored[name]
+    raise UserError(f"no checkpoint in {directory} restores ({'; '.join(f'{s}: {r[:160]}' for s, r in skipped)})")
 
 
 def read_json(path: Path) -> Any:
