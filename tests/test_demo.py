@@ -313,5 +313,9 @@ def test_gradio_api_serves_without_the_page_and_caps_abusive_requests(models, cl
         shown = [np.asarray(Image.open(item["image"])) for item in gallery]
         for a, b in zip(shown, cli_images["mnist"], strict=True):
             np.testing.assert_array_equal(a, b)
+        # a seed beyond the generator's range is reduced modulo 2**32, not a traceback in the server log
+        paths, _ = service.generate(DemoRequest(model=label, classes=[3], seed=2**70 + SEED, num=2))
+        for a, b in zip(png_pixels(paths), cli_images["mnist"], strict=True):
+            np.testing.assert_array_equal(a, b)
     finally:
         app.close()
