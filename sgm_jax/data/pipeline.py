@@ -16,8 +16,10 @@ Exact resume by deterministic index arithmetic, wrapped in Grain's checkpointabl
   on the worker's slice of the host's shards and interleaves their batches round-robin;
   its state holds each worker's state, so the order is exact for a fixed worker count.
 
-Hosts: host p of P reads shards p, p + P, ... (records: indices p, p + P, ...) and yields
-batch_size / P samples per step, so the hosts' batches together form the global batch.
+Hosts: the data is read as S streams (`num_streams`, default one per host): stream s reads
+shards s, s + S, ... (records: indices s, s + S, ...) and gives batch_size / S samples per step;
+host p of P reads streams p S/P ... (p + 1) S/P - 1, one after another, so the hosts' batches
+together form the global batch, the same for any P that divides S.
 """
 
 from __future__ import annotations

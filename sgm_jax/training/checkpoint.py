@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sgm_jax import multihost
 from sgm_jax.errors import UserError, one_line
 
 STATE, DATA, LEGACY = "state", "data", "default"
@@ -125,20 +126,29 @@ class Checkpointer:
         """
         for step in step_dirs(self.directory):
             check_tree_matches(self.directory / str(step), abstract_state)
+            error: Exception | None = None
             try:
                 state, data_state = self.restore_step(step, abstract_state)
-                return step, state, data_state
             except Exception as e:  # truncated / deleted files: fall back to the previous checkpoint
-                aside = self.quarantine(step)
-                report(f"warning: checkpoint {step} does not restore ({one_line(e)[:200]}); moved to {aside}, "
+                error = e
+            # all hosts restore the same step: one host's failure moves the checkpoint aside for all
+            if not multihost.agree_max([error is not None])[0]:
+                return step, state, data_state
+            aside = self.quarantine(step)
+            if multihost.is_main():
+                why = one_line(error)[:200] if error is not None else "it failed on another host"
+                report(f"warning: checkpoint {step} does not restore ({why}); moved to {aside}, "
                        "resuming from the previous one")
         return None, None, None
 
     def quarantine(self, step: int) -> Path:
+        """Process 0 moves checkpoint `step` to corrupt_checkpoints/; every host then forgets it."""
         src = self.directory / str(step)
         dest = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(dest))
+        if multihost.is_main():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dest))
+        multihost.sync(f"sgm_jax:quarantine_{step}")
         self.manager.reload()
         return dest
 

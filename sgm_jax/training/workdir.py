@@ -15,27 +15,41 @@ LOCK_NAME = "train.lock"
 
 
 class WorkdirLock:
-    """An exclusive flock on `<workdir>/train.lock`, released when the process ends (even by kill -9)."""
+    """An exclusive flock on `<workdir>/train.lock`, released when the process ends (even by kill -9).
 
-    def __init__(self, workdir: Path):
-        self.path = Path(workdir) / LOCK_NAME
+    On several hosts each takes its own (`train.lock` on host 0, `train.lock.host<p>` on host
+    p): the hosts of one job never lock each other out, and a second job on the same workdir
+    finds host 0's lock taken. `acquire()` reports instead of raising, so the hosts can agree."""
+
+    def __init__(self, workdir: Path, host: int = 0):
+        self.path = Path(workdir) / (LOCK_NAME if host == 0 else f"{LOCK_NAME}.host{host}")
         self._fd: int | None = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def acquire(self) -> str | None:
+        """None when taken, else the error line (who holds it)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another training (pid {holder}); "
-                            "wait for it to finish or choose another --workdir") from None
+            return (f"{self.path.parent} is in use by another training (pid {holder}, {self.path.name}); "
+                    "wait for it to finish or choose another --workdir")
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()} on {os.uname().nodename}".encode())
         self._fd = fd
+        return None
+
+    def __enter__(self) -> "WorkdirLock":
+        problem = self.acquire() if self._fd is None else None
+        if problem:
+            raise UserError(problem)
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
