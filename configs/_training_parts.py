@@ -63,7 +63,8 @@ def image_datapipeline(size: int, urls: str | Sequence[str] = "", *, required_ke
 
 def streaming_data(datapipeline: dict[str, Any], batch_size: int, num_workers: int = 6) -> dict[str, Any]:
     return {"target": "sgm.data.dataset.StableDataModuleFromConfig", "params": {"train": {
-        "datapipeline": datapipeline, "loader": {"batch_size": batch_size, "num_workers": num_workers}}}}
+        "datapipeline": datapipeline, "loader": {"batch_size": batch_size, "num_workers": num_workers}}},
+        "allow_changed_shards": False}  # True: resume on shards replaced under their names, with a warning
 
 
 def seed_lightning_training(name: str, **overrides: Any) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def webdataset(urls=("DATA-PATH",), size=256, batch_size=8):
                 {"target": "sdata.mappers.AddOriginalImageSizeAsTupleAndCropToSquare",
                  "params": {"h_key": "height", "w_key": "width"}},
             )},
-        "loader": {"batch_size": batch_size, "num_workers": 4}}}}
+        "loader": {"batch_size": batch_size, "num_workers": 4}}},
+        "allow_changed_shards": False}  # True: resume on shards replaced under their names, with a warning
 
 
 def training(**overrides):

@@ -33,6 +33,6 @@ def get_config():
     config.data = {"target": "sgm.data.dataset.StableDataModuleFromConfig", "params": {"train": {
         "datapipeline": datapipeline(),
         "loader": {"batch_size": 32, "num_workers": 0},
-    }}}
+    }}, "allow_changed_shards": False}  # True: resume on shards replaced under their names, with a warning
     config.training.update(name="mnist_cond_tar", max_steps=3000, max_minutes=0.0)
     return config

@@ -160,7 +160,7 @@ class StreamingDataset:
         self.process_index, self.process_count, self.source = process_index, process_count, source
         self.slices, self.num_streams = tuple(slices) or (spec,), num_streams or process_count
         self._example_items = example_items
-        self._example: dict | None = None
+        self._size: tuple | None = None
 
     def steps_per_epoch(self, batch_size: int) -> None:
         return None
@@ -171,8 +171,8 @@ class StreamingDataset:
                             "(pipeline_config.num_streams, default one per host)")
         import dataclasses
 
-        per_stream = batch_size // self.num_streams
-        slices = [dataclasses.replace(s, seed=int(seed), local_batch=per_stream) for s in self.slices]
+        per_stream, size = batch_size // self.num_streams, self._image_size()
+        slices = [dataclasses.replace(s, seed=int(seed), local_batch=per_stream, image_size=size) for s in self.slices]
         return StreamIterator(slices, self.num_workers, self.prefetch, start_step)
 
     def example_batch(self, n: int) -> dict[str, np.ndarray]:
@@ -185,7 +185,7 @@ class StreamingDataset:
         if buckets and not self.spec.preencoded:  # stored latents cannot be re-cropped: whichever bucket fills first
             buckets = (max(buckets, key=lambda b: b[0] * b[1]),)
         spec = dataclasses.replace(self.spec, items=self._example_items, shardshuffle=False, sample_shuffle=0,
-                                   local_batch=int(n), buckets=buckets, seed=0)
+                                   local_batch=int(n), buckets=buckets, seed=0, image_size=self._image_size())
         it = BatchIterator(spec)
         try:
             batch = next(it)
@@ -201,9 +201,36 @@ class StreamingDataset:
             return (int(h), int(w), 1 if self.spec.image_mode == "L" else 3)
         if self.spec.preencoded:  # the images are gone: their shape is recorded with each sample
             return P.image_shape(W.read_sample_at(self._example_items[0][1], 0))
-        if self._example is None:
-            self._example = self.example_batch(1)
-        return tuple(self._example["jpg"].shape[1:])  # type: ignore[return-value]
+        h, w = self._image_size()
+        return (int(h), int(w), 1 if self.spec.image_mode == "L" else 3)
+
+    def _image_size(self, n: int = 32) -> tuple:
+        """(H, W) of every training image: the most common size of the first n usable samples in
+        file order after the postprocessors (a stray image of another size is a bad sample,
+        whichever comes first); () with buckets or pre-encoded samples, whose sizes are known."""
+        if self.spec.buckets or self.spec.preencoded:
+            return ()
+        if self._size is None:
+            import dataclasses
+
+            spec = dataclasses.replace(self.spec, items=self._example_items, shardshuffle=False, sample_shuffle=0,
+                                       local_batch=1, seed=0)
+            it, sizes = BatchIterator(spec), collections.Counter()
+            try:
+                for _ in range(4 * n):  # bad samples count as tries: a stream of only bad ones still ends
+                    identity, raw = it.window.next()
+                    try:
+                        sizes[tuple(it.transform_image(identity, raw)["jpg"].shape[:2])] += 1
+                    except T.BadSample:
+                        continue
+                    if sum(sizes.values()) == n:
+                        break
+            finally:
+                it.close()
+            if not sizes:
+                raise UserError(f"no usable sample among the first {4 * n} of {self.source.describe()}")
+            self._size = sizes.most_common(1)[0][0]
+        return self._size
 
 
 def streaming_from_config(target: str, params: Mapping[str, Any], *, split: str = "train",
@@ -253,7 +280,7 @@ def streaming_from_config(target: str, params: Mapping[str, Any], *, split: str 
         paths = W.expand_urls(urls, suffixes=(".array_record",))
         records = W.ArrayRecordSamples(paths)
         kind, record_args, n = "array_record", tuple(paths), len(records)
-        source = DataSource("arrayrecord", "array_record", records.describe())
+        source = DataSource("arrayrecord", "array_record", records.describe(), files=tuple(paths))
     else:
         shards = W.expand_urls(urls)
         workers = max(num_workers, 1)
@@ -265,7 +292,7 @@ def streaming_from_config(target: str, params: Mapping[str, Any], *, split: str 
         slices = [StreamSpec(kind="tar", items=items, record_args=(), **common) for items in streams]
         spec = StreamSpec(kind="tar", items=tuple(sorted(sum(streams, ()))), record_args=(), **common)
         source = DataSource("webdataset", "tar", f"{len(shards)} shards: {shards[0]}"
-                            + (f" ... {shards[-1]}" if len(shards) > 1 else ""))
+                            + (f" ... {shards[-1]}" if len(shards) > 1 else ""), files=tuple(shards))
         return _dataset(spec, batch_size, num_workers, loader, process_index, process_count, source,
                         tuple(enumerate(shards)), slices, num_streams)
     if n < num_streams:

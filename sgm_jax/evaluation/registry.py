@@ -71,9 +71,10 @@ def build_fid(options: EvalOptions) -> FIDEvaluator:
 
     if not options.ref:
         raise ValueError("FID needs reference images or statistics: give --ref DIR|stats.npz|mnist:test")
+    stats = fid_lib.load_statistics(options.ref) if str(options.ref).endswith(".npz") else None  # before the weights
     features = fid_lib.InceptionFeatures(load_inception_params(options.inception_weights), options.batch_size)
-    if str(options.ref).endswith(".npz"):
-        reference = fid_lib.GaussianStats(*fid_lib.load_statistics(options.ref))
+    if stats is not None:
+        reference = fid_lib.GaussianStats(*stats)
     else:
         images, _ = load_reference_images(options.ref, options.ref_limit)
         reference = fid_lib.GaussianStats.from_features(features(images))

@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -92,7 +92,18 @@ class Checkpointer:
             self._failed(step, e)
 
     def _failed(self, step: int, e: BaseException) -> None:
+        try:  # let the failed save's other writes end first: they would recreate its temp folder
+            self.manager.wait_until_finished()
+        except Exception:
+            pass
+        # TensorStore writes of a failed synchronous save have no handle to wait on and can still
+        # create files after the error: remove until no temp folder reappears for half a second
         remove_interrupted_saves(self.directory)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if not remove_interrupted_saves(self.directory):
+                break
         raise UserError(f"saving checkpoint {step} in {self.directory} failed: {one_line(e)} "
                         "(disk full or not writable?); earlier checkpoints are intact", exit_code=3) from e
 
@@ -211,14 +222,16 @@ def check_tree_matches(step_dir: Path, abstract_state: Any, prefixes: Iterable[s
         raise UserError(f"checkpoint {step_dir} was written by a different model than this config: {problem}")
 
 
-def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema: bool = True) -> tuple[int, Any]:
+def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema: bool = True,
+                   on_skip: Callable[[int, str], None] | None = None) -> tuple[int, Any]:
     """(step, params) of a training checkpoint: the EMA weights when present and asked for, else
-    the raw ones; nothing else (no optimiser state) is read. Newest restorable step by default."""
+    the raw ones; nothing else (no optimiser state) is read. Newest restorable step by default;
+    on_skip(step, reason) hears of each newer one that did not restore (when an older one does)."""
     directory = Path(checkpoint_dir).absolute()
     steps = [step] if step is not None else step_dirs(directory)
     if not steps or not (directory / str(steps[0])).is_dir():
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory}: train first")
-    errors = []
+    skipped: list[tuple[int, str]] = []
     for s in steps:
         step_dir = directory / str(s)
         item = step_dir / _item_names(step_dir)[0]
@@ -232,10 +245,13 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
                 restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                     partial_restore=True))
-            return s, restored[name]
         except Exception as e:
-            errors.append(f"{s}: {one_line(e)[:160]}")
-    raise UserError(f"no checkpoint in {directory} restores ({'; '.join(errors)})")
+            skipped.append((s, one_line(e)[:200]))
+            continue
+        for bad, reason in skipped if on_skip is not None else ():
+            on_skip(bad, reason)
+        return s, restored[name]
+    raise UserError(f"no checkpoint in {directory} restores ({'; '.join(f'{s}: {r[:160]}' for s, r in skipped)})")
 
 
 def read_json(path: Path) -> Any:

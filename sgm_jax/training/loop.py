@@ -216,7 +216,8 @@ def train(config: Any, workdir: str | Path, run: Run | None = None) -> dict[str,
     if existing:  # the checkpoint must belong to this model before anything is written
         check_tree_matches(ckpt_dir / str(existing[0]), run.abstract_state)
     data_description = run.dataset.source.describe() if run.dataset.source else ""
-    check_run_record(workdir, data_description)
+    check_run_record(workdir, data_description, run.dataset.source.file_stamps() if run.dataset.source else None,
+                     bool(config.data.get("allow_changed_shards", False)))
 
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir, jax.process_index())
@@ -246,7 +247,8 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
     if is_main:
         write_json_atomic(workdir / "config.json", _config_text(config))
         write_json_atomic(workdir / "run.json", {"image_shape": list(dataset.image_shape), "data": data_description,
-                                                 "task": task.name})
+                                                 "task": task.name,
+                                                 "shards": dataset.source.file_stamps() if dataset.source else {}})
         if restored_step is not None:
             truncate_after(workdir / "metrics.jsonl", start)
             print(f"resumed from {checkpointer.directory}/{restored_step}")

@@ -7,7 +7,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sgm_jax.errors import UserError
 
@@ -63,12 +63,26 @@ def write_json_atomic(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def check_run_record(workdir: Path, data_description: str) -> None:
-    """A resumed run must read the data the run was started on (run.json's "data")."""
+def check_run_record(workdir: Path, data_description: str, stamps: dict[str, list[int]] | None = None,
+                     allow_changed_shards: bool = False, report: Callable[[str], None] = print) -> None:
+    """A resumed run must read the data the run was started on: run.json's "data" (the source),
+    and "shards" ({path: [size, mtime_ns]}, DataSource.file_stamps): a shard replaced under its
+    name is refused, or with `allow_changed_shards` reported once (run.json then records it anew)."""
     record = workdir / "run.json"
     if not record.is_file():
         return
-    recorded = json.loads(record.read_text()).get("data", "")
+    run = json.loads(record.read_text())
+    recorded = run.get("data", "")
     if recorded and data_description and recorded != data_description:
         raise UserError(f"{workdir} was trained on '{recorded}' but this run would read '{data_description}'; "
                         "point the data config at the original data or use a new --workdir")
+    before = run.get("shards") or {}
+    changed = [p for p, stamp in (stamps or {}).items() if p in before and list(before[p]) != list(stamp)]
+    if not changed:
+        return
+    names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    what = f"{len(changed)} shard(s) changed (size or modification time) since {workdir} last trained on them: {names}"
+    if not allow_changed_shards:
+        raise UserError(f"{what}; the checkpoint's data position refers to the old ones: restore them, use a new "
+                        "--workdir, or resume on the new ones with --config.data.allow_changed_shards=True")
+    report(f"warning: {what}; resuming on the new ones (data.allow_changed_shards)")
