@@ -55,7 +55,7 @@ def build_mnist_train():
     config.data.params.batch_size = 64
     run = build_run(config)
     batch = parallel.shard_batch(run.dataset.batch_at(0, run.batch_size, 0), run.mesh)
-    nonfinite = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), parallel.replicated(run.mesh))
+    nonfinite = run.nonfinite_start()
     return run.step_fn, (run.abstract_with_sharding(), batch, jax.random.key(0), nonfinite, None)
 
 

@@ -160,12 +160,18 @@ def global_batch_size_check(global_batch: int, mesh: Mesh) -> None:
         raise ValueError(f"batch size {global_batch} is not divisible by the {mesh.size} devices of the mesh")
 
 
-def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[k, B, ...] (k micro-batches of gradient accumulation): each micro-batch split over every device."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
+def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh, stacked: bool = False) -> dict[str, jax.Array]:
     """This host's slice of the global batch (numpy) -> global jax.Arrays split over the mesh.
 
     Non-array entries (e.g. prompt strings, kept for logging) are passed through unchanged.
+    `stacked`: the arrays are [k, B_local, ...] micro-batches, split along B.
     """
-    sharding = batch_sharding(mesh)
+    sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
     out = {}
     for k, v in local_batch.items():
         if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) >= 1 and np.asarray(v).dtype.kind in "biuf":

@@ -57,7 +57,7 @@ def main() -> None:
         state = run.init_fn(jax.random.key(0))
         steps = [0, 1, 2]
     losses = []
-    nonfinite = jax.numpy.zeros((), jax.numpy.int32)
+    nonfinite = run.nonfinite_start()
     for step in steps:
         batch = parallel.shard_batch(run.dataset.batch_at(step, 16), run.mesh)
         state, metrics, nonfinite = run.step_fn(state, batch, key, nonfinite, None)

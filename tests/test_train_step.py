@@ -42,36 +42,71 @@ def setup(grad_accum: int = 1, dtype: str = "float32", use_ema: bool = True, **u
     engine = build_engine(tiny_model_config(**unet_overrides), dtype=dtype)
     params = engine.init_params(jax.random.key(0), batch(0, 1))
     trainable = trainable_tree(engine.conditioner, params)
-    tx = make_optimizer(LR, trainable, grad_accum=grad_accum)
-    step = jax.jit(make_train_step(engine, tx, ema_rate=0.999 if use_ema else None))
+    tx = make_optimizer(LR, trainable)
+    step = jax.jit(make_train_step(engine, tx, ema_rate=0.999 if use_ema else None, grad_accum=grad_accum))
     return engine, trainable, tx, step, init_train_state(params, tx, use_ema=use_ema)
+
+
+def stacked(*batches):
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def test_gradient_accumulation_is_one_update_with_the_mean_gradient():
     engine, trainable, _, step, state0 = setup(grad_accum=2)
-    base_key = jax.random.key(3)
+    key = jax.random.fold_in(jax.random.key(3), 0)  # the loop folds the step into the key
     b0, b1 = batch(1), batch(2)
 
-    state1, _ = step(state0, b0, jax.random.fold_in(base_key, 0))  # the loop folds the step into the key
-    # the first micro-step only accumulates: params unchanged, EMA sees the same params
-    chex.assert_trees_all_equal(state1.params, state0.params)
-    state2, _ = step(state1, b1, jax.random.fold_in(base_key, 1))
+    state1, _ = step(state0, stacked(b0, b1), key)
+    assert int(state1.step) == 1  # one optimiser step, as the seed's global_step
 
-    # reference: the mean of the two micro-batch gradients (each with its own step's noise)
-    grad = lambda b, s: jax.grad(lambda p: engine.loss(p, b, jax.random.fold_in(base_key, s))[0])(state0.params)
+    # reference: the mean of the two micro-batch gradients (micro-batch i with fold_in(key, i))
+    grad = lambda b, i: jax.grad(lambda p: engine.loss(p, b, jax.random.fold_in(key, i))[0])(state0.params)
     mean_grad = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, grad(b0, 0), grad(b1, 1))
     tx1 = make_optimizer(LR, trainable)
     updates, _ = tx1.update(mean_grad, tx1.init(state0.params), state0.params)
     expected = optax.apply_updates(state0.params, updates)
-    chex.assert_trees_all_close(state2.params, expected, atol=2e-6, rtol=1e-5)
-    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(state2.params),
+    chex.assert_trees_all_close(state1.params, expected, atol=2e-6, rtol=1e-5)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(state1.params),
                                                             jax.tree_util.tree_leaves(state0.params)))
     assert moved > LR / 2, moved  # a real AdamW step happened (first step moves each weight ~lr)
 
-    # EMA updates on every micro-step, as the seed's on_train_batch_end does
+    # EMA updates on every micro-batch, as the seed's on_train_batch_end does: first towards the
+    # weights before the update, then towards the updated ones; LitEma's count is in micro-batches
     ema = ema_update(ema_update(state0.ema_params, state0.params, ema_decay(jnp.array(1), 0.999)),
                      expected, ema_decay(jnp.array(2), 0.999))
-    chex.assert_trees_all_close(state2.ema_params, ema, atol=2e-6, rtol=1e-5)
+    chex.assert_trees_all_close(state1.ema_params, ema, atol=2e-6, rtol=1e-5)
+    state2, _ = step(state1, stacked(batch(3), batch(4)), jax.random.fold_in(jax.random.key(3), 1))
+    assert int(state2.step) == 2
+
+
+class _LinearRegression:
+    """An engine whose loss draws no noise: the mean squared error of a linear map, per example."""
+
+    def loss(self, params, batch, key):
+        per_example = jnp.mean((batch["x"] @ params["model"]["w"] - batch["y"]) ** 2, axis=-1)
+        return per_example.mean(), per_example
+
+
+def test_two_micro_batches_of_b_equal_one_batch_of_2b():
+    rng = np.random.default_rng(0)
+    params = {"model": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+    data = [{"x": rng.normal(size=(8, 3)).astype(np.float32), "y": rng.normal(size=(8, 2)).astype(np.float32)}
+            for _ in range(3)]
+    tx = make_optimizer(0.1, {"model": {"w": True}})
+    results = {}
+    for k in (1, 2):
+        step = jax.jit(make_train_step(_LinearRegression(), tx, grad_accum=k))
+        state = init_train_state(params, tx, use_ema=False)
+        for b in data:  # batch 2B = 8 in one piece, or two micro-batches of 4
+            state, metrics = step(state, b if k == 1 else {n: v.reshape(2, 4, -1) for n, v in b.items()},
+                                  jax.random.key(0))
+        results[k] = state, metrics
+    (one, m1), (two, m2) = results[1], results[2]
+    assert int(one.step) == int(two.step) == 3
+    chex.assert_trees_all_close(two.params, one.params, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(two.opt_state, one.opt_state, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
 
 def test_remat_gives_the_same_step():

@@ -130,7 +130,7 @@ def test_ema_covers_every_trainable_parameter(tmp_path):
     state = run.init_fn(jax.random.key(0))
     before = jax.device_get(state.params)
     batch = run.dataset.batch_at(0, 8)
-    state, _, _ = run.step_fn(state, batch, jax.random.key(1), jnp.zeros((), jnp.int32), None)
+    state, _, _ = run.step_fn(state, batch, jax.random.key(1), run.nonfinite_start(), None)
     after, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
     # the class embedding (a trainable embedder, forgotten by the seed's EMA) moves in both
     emb = ("conditioner", "embedders_0")

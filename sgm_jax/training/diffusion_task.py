@@ -79,6 +79,8 @@ class DiffusionTask:
         self.engine = build_engine(config.model, dtype=tc.dtype)
         mp = config.model.params
         self.ema_rate = float(mp.get("ema_decay_rate", 0.9999)) if mp.get("use_ema", False) else None
+        # micro-batches per optimiser step: the loop feeds them stacked, the step accumulates (step.py)
+        self.grad_accum = int(tc.get("grad_accum", 1))
         self.lora = lora_settings(config)  # None: the UNet (+ trainable embedders) train; else adapters only
         self._tokenizers = None
         if any(spec.is_text for spec in self.engine.conditioner.specs):
@@ -129,8 +131,7 @@ class DiffusionTask:
             trainable = (jax.tree_util.tree_map(lambda _: True, params) if self.lora is not None
                          else trainable_tree(self.engine.conditioner, params))
             self._tx = make_optimizer(lr, trainable,
-                                      weight_decay=float(tc.weight_decay), grad_clip=float(tc.grad_clip),
-                                      grad_accum=int(tc.grad_accum))
+                                      weight_decay=float(tc.weight_decay), grad_clip=float(tc.grad_clip))
         return self._tx
 
     def init_state_from(self, trainable: Any) -> TrainState:
@@ -147,7 +148,7 @@ class DiffusionTask:
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array, frozen: Any = None):
         step = make_train_step(self.engine, self._optimizer(state.params), ema_rate=self.ema_rate,
-                               full_params=self._full_params)
+                               full_params=self._full_params, grad_accum=self.grad_accum)
         return step(state, batch, key, frozen)
 
     def sampling_params(self, state: TrainState) -> Any:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from tqdm import tqdm
+import numpy as np
 
 from sgm_jax import multihost, parallel
 from sgm_jax.errors import UserError
@@ -26,6 +25,8 @@ from sgm_jax.errors import UserError
 from .checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
 from .images import save_png
 from .metrics import MetricsWriter, truncate_after
+from .progress import NonfiniteWatch, next_carry, nonfinite_what, progress_bar
+from .run_control import Profiler, _StopFlag
 from .task import task_class
 from .workdir import WorkdirLock, check_run_record, write_json_atomic
 
@@ -34,43 +35,6 @@ REQUIRED_TRAINING_FIELDS = (
     "checkpoint_async", "sample_every", "num_samples", "sample_nrow", "sample_classes", "sample_prompts",
     "log_every", "eval_every", "dtype", "max_nonfinite_steps", "tokenizer", "report_flops", "profile_steps",
 )
-
-
-class _StopFlag:
-    """SIGTERM (preemption) or Ctrl-C -> finish the current step, save, exit cleanly.
-    A second Ctrl-C interrupts at once (the last checkpoint is kept)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.stop: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for s in self.SIGNALS:
-            try:
-                self._previous[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: no handler, runs to the end
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.stop is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    @classmethod
-    def code(cls, name: str | None) -> int:
-        """A signal's name as a number the hosts can agree on (0: none)."""
-        return 0 if name is None else 1 + [s.name for s in cls.SIGNALS].index(name)
-
-    @classmethod
-    def name(cls, code: int) -> str:
-        return cls.SIGNALS[code - 1].name
 
 
 def _dataset(config: Any) -> Any:
@@ -91,9 +55,22 @@ class Run:
     abstract_state: Any
     state_sharding: Any
     init_fn: Callable  # key -> state (random initialisation)
-    step_fn: Callable  # (state, batch, base_key, nonfinite_run, frozen) -> (state, metrics, nonfinite_run)
+    step_fn: Callable  # (state, batch, base_key, nonfinite, frozen) -> (state, metrics, nonfinite)
     example: dict
     prepare: Callable  # host batch -> what the step reads (e.g. captions -> token ids)
+    grad_accum: int = 1  # micro-batches per optimiser step, fed to the step stacked
+
+    def next_batch(self, batches: Any) -> dict:
+        """One step's global batch from the data iterator: `grad_accum` micro-batches [k, B, ...]
+        when accumulating (the iterator's position then counts micro-batches exactly)."""
+        if self.grad_accum == 1:
+            return parallel.shard_batch(self.prepare(next(batches)), self.mesh)
+        micro = [self.prepare(next(batches)) for _ in range(self.grad_accum)]
+        return parallel.shard_batch({k: np.stack([m[k] for m in micro]) for k in micro[0]}, self.mesh, stacked=True)
+
+    def nonfinite_start(self) -> jax.Array:
+        """The guarded step's skipped-update carry at the start (progress.py), placed as the step returns it."""
+        return jax.device_put(jnp.zeros((3,), jnp.int32), parallel.replicated(self.mesh))
 
     def initial_state(self, seed: int) -> Any:
         """A fresh state: the task's pretrained starting point when it has one, else random."""
@@ -118,18 +95,22 @@ class Run:
 
 def guarded(train_step: Callable) -> Callable:
     """Wrap a task's step: per-step key, and an update whose loss or gradient norm is not finite
-    is skipped (state kept, step counted); `nonfinite_run` counts such steps in a row. `frozen`
-    (None when the task has no frozen parts) is passed through to the task's step."""
+    is skipped (state kept, step counted); `nonfinite` (progress.py's carry) counts such steps in
+    a row and remembers the first one and what was not finite. `frozen` (None when the task has
+    no frozen parts) is passed through to the task's step."""
 
-    def step(state, batch, base_key, nonfinite_run, frozen):
+    def finite(metrics: dict, name: str) -> jax.Array:
+        return jnp.all(jnp.isfinite(metrics[name])) if name in metrics else jnp.bool_(True)
+
+    def step(state, batch, base_key, nonfinite, frozen):
         key = jax.random.fold_in(base_key, state.step)
         new, metrics = train_step(state, batch, key) if frozen is None else train_step(state, batch, key, frozen)
-        checks = [metrics[k] for k in ("loss", "grad_norm") if k in metrics]
-        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(c)) for c in checks]))
+        loss_ok, grad_ok = finite(metrics, "loss"), finite(metrics, "grad_norm")
+        ok = loss_ok & grad_ok
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
         new = new.replace(step=state.step + 1)
         metrics = {**metrics, "nonfinite": 1 - ok.astype(jnp.int32)}
-        return new, metrics, jnp.where(ok, 0, nonfinite_run + 1)
+        return new, metrics, next_carry(nonfinite, ok, nonfinite_what(loss_ok, grad_ok), state.step + 1)
 
     return step
 
@@ -155,17 +136,24 @@ def build_run(config: Any) -> Run:
     batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
     prepare = getattr(task, "prepare_batch", lambda b: b)
+    grad_accum = int(getattr(task, "grad_accum", 1))
+    if int(config.training.get("grad_accum", 1)) != grad_accum:
+        raise UserError(f"training.grad_accum={config.training.grad_accum}: the {task.name} task has no gradient "
+                        "accumulation; set --config.training.grad_accum=1 and a larger data.params.batch_size")
+    if grad_accum < 1:
+        raise UserError(f"training.grad_accum={grad_accum}: must be 1 (no accumulation) or more")
     example = prepare({k: v[:2] for k, v in dataset.example_batch(2).items()})
     init = lambda key: task.init_state(key, example)  # noqa: E731
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     state_sharding = parallel.param_shardings(abstract_state, mesh)
     repl = parallel.replicated(mesh)
     # the frozen tree keeps the shardings it was placed with (in_shardings None)
+    batch_sharding = parallel.stacked_batch_sharding(mesh) if grad_accum > 1 else parallel.batch_sharding(mesh)
     step_fn = jax.jit(guarded(task.train_step),
-                      in_shardings=(state_sharding, parallel.batch_sharding(mesh), repl, repl, None),
+                      in_shardings=(state_sharding, batch_sharding, repl, repl, None),
                       out_shardings=(state_sharding, repl, repl), donate_argnums=0)
     return Run(config, task, dataset, mesh, batch_size, abstract_state, state_sharding,
-               jax.jit(init, out_shardings=state_sharding), step_fn, example, prepare)
+               jax.jit(init, out_shardings=state_sharding), step_fn, example, prepare, grad_accum)
 
 
 def step_flops(run: Run, batch: Any, base_key: Any, nonfinite_run: Any, frozen: Any) -> float | None:
@@ -176,26 +164,6 @@ def step_flops(run: Run, batch: Any, base_key: Any, nonfinite_run: Any, frozen: 
         return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
     except Exception:  # not every backend / JAX version reports costs: the metric is then left out
         return None
-
-
-class Profiler:
-    """`training.profile_steps = (first, last)`: a jax.profiler trace of those steps in <workdir>/profile
-    (open it with TensorBoard's profile plugin or Perfetto)."""
-
-    def __init__(self, window: Any, directory: Path):
-        self.first, self.last = (int(window[0]), int(window[1])) if window else (-1, -1)
-        self.directory, self.active = directory, False
-
-    def before(self, step: int) -> None:
-        if step == self.first and not self.active:
-            jax.profiler.start_trace(str(self.directory))
-            self.active = True
-
-    def after(self, step: int, out: Any) -> None:
-        if self.active and step >= self.last:
-            jax.block_until_ready(out)
-            jax.profiler.stop_trace()
-            self.active = False
 
 
 def _config_text(config: Any) -> str:
@@ -249,10 +217,13 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
         write_json_atomic(workdir / "run.json", {"image_shape": list(dataset.image_shape), "data": data_description,
                                                  "task": task.name,
                                                  "shards": dataset.source.file_stamps() if dataset.source else {}})
+        # rows after the step this run starts from are replayed: a rerun from scratch (a first save
+        # that was killed) drops them all, or metrics.jsonl would hold steps 1, 2, 1, 2, 3
+        truncate_after(workdir / "metrics.jsonl", start)
         if restored_step is not None:
-            truncate_after(workdir / "metrics.jsonl", start)
             print(f"resumed from {checkpointer.directory}/{restored_step}")
-    batches = dataset.iterator(run.batch_size, int(tc.seed), start_step=start)
+    k = run.grad_accum  # micro-batches per step: the data stream counts those
+    batches = dataset.iterator(run.batch_size, int(tc.seed), start_step=start * k)
     if data_state and data_state.get("hosts"):
         hosts = data_state["hosts"]
         if len(hosts) != jax.process_count():
@@ -260,16 +231,15 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                             f"{jax.process_count()}: the data position cannot be restored")
         batches.set_state(hosts[jax.process_index()])
 
-    steps_per_epoch = dataset.steps_per_epoch(run.batch_size)
-    max_steps = int(tc.max_steps)
+    micro_per_epoch = dataset.steps_per_epoch(run.batch_size)
+    max_steps = int(tc.max_steps)  # optimiser steps, as the seed's global_step
     if max_steps <= 0:
-        if not steps_per_epoch:
+        if not micro_per_epoch:
             raise UserError("a streaming data set has no epochs: set training.max_steps")
-        max_steps = int(tc.max_epochs) * steps_per_epoch
+        max_steps = int(tc.max_epochs) * micro_per_epoch // k
     max_seconds = float(tc.max_minutes) * 60.0
     base_key = jax.random.fold_in(jax.random.key(int(tc.seed)), 1)
-    # placed as the step returns it: a differently placed input would compile the step a second time
-    nonfinite_run = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(run.mesh))
+    nonfinite = run.nonfinite_start()
     finite_fn = jax.jit(all_finite)
 
     def write_grids(state_: Any, step: int) -> str | None:
@@ -281,14 +251,6 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                 paths.append(str(save_png(image, workdir / "samples" / fname, {"step": str(step), "config": tc.name})))
         return paths[0] if paths else None
 
-    def check_divergence(run_length: jax.Array, step: int) -> None:
-        n = int(jax.device_get(run_length))
-        if n > int(tc.max_nonfinite_steps):
-            last = checkpointer.latest_step()
-            raise UserError(f"training diverged: loss or gradient not finite for {n} steps in a row up to step "
-                            f"{step} (those updates were skipped; nothing non-finite was saved; last checkpoint: "
-                            f"{last if last is not None else 'none'}); lower model.base_learning_rate or set "
-                            "training.grad_clip", exit_code=3)
 
     def save(state_: Any, step: int, force: bool = False) -> None:
         if not bool(jax.device_get(finite_fn(state_))):
@@ -305,29 +267,31 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
     t0 = last_t = time.time()
     last_step, loss_acc, n_acc, skipped = start, 0.0, 0, 0
     stopped_by, step = "max_steps", start
-    bar = tqdm(total=max_steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
+    bar = progress_bar(start, max_steps, max_seconds, is_main)
+    watch = NonfiniteWatch(int(tc.max_nonfinite_steps), checkpointer.latest_step,
+                           bar.write if is_main else lambda line: None, parallel.replicated(run.mesh))
     try:
         with _StopFlag() as flag:
             for step in range(start, max_steps):
-                batch = parallel.shard_batch(run.prepare(next(batches)), run.mesh)
+                batch = run.next_batch(batches)
                 if step == start and bool(tc.report_flops):
-                    flops = step_flops(run, batch, base_key, nonfinite_run, frozen)
+                    flops = step_flops(run, batch, base_key, nonfinite, frozen)
                 profiler.before(step)
-                state, m, nonfinite_run = run.step_fn(state, batch, base_key, nonfinite_run, frozen)
+                state, m, nonfinite = run.step_fn(state, batch, base_key, nonfinite, frozen)
                 profiler.after(step, m)
                 loss_acc, n_acc, skipped = loss_acc + m["loss"], n_acc + 1, skipped + m["nonfinite"]
                 done = step + 1
                 bar.update(1)
                 if done % log_every == 0 or done == max_steps:
-                    check_divergence(nonfinite_run, done)
+                    nonfinite = watch.check(nonfinite, done)
                     now = time.time()
                     rate = (done - last_step) / max(now - last_t, 1e-9)
                     loss = float(loss_acc) / n_acc
-                    row = {"loss": loss, "steps_per_sec": rate, "images_per_sec": rate * run.batch_size,
+                    row = {"loss": loss, "steps_per_sec": rate, "images_per_sec": rate * run.batch_size * k,
                            "nonfinite_steps": int(skipped), **{k: float(v) for k, v in m.items()
                                                                if k not in ("loss", "nonfinite")}}
-                    if steps_per_epoch:
-                        row["epoch"] = done / steps_per_epoch
+                    if micro_per_epoch:
+                        row["epoch"] = done * k / micro_per_epoch
                     if flops:  # achieved, per device (compare with the device's peak)
                         row["tflops_per_device"] = flops * rate / run.mesh.size / 1e12
                     row.update({f"data/{k}": v for k, v in batches.stats().items()})
@@ -342,7 +306,7 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                     stopped_by = _StopFlag.name(signal_code)
                     break
                 if done % ckpt_every == 0:
-                    check_divergence(nonfinite_run, done)
+                    nonfinite = watch.check(nonfinite, done)
                     save(state, done)
                 if sample_every > 0 and done % sample_every == 0:
                     write_grids(state, done)
@@ -352,7 +316,7 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                     stopped_by = "max_minutes"
                     break
         bar.close()
-        check_divergence(nonfinite_run, step + 1)
+        watch.check(nonfinite, step + 1)
         final_step = int(jax.device_get(state.step))
         if checkpointer.latest_step() != final_step:
             save(state, final_step, force=True)
