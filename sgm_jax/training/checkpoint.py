@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from sgm_jax import multihost
 from sgm_jax.errors import UserError, one_line
 
+from .background import HeldBackgroundErrors
+
 STATE, DATA, LEGACY = "state", "data", "default"
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -72,13 +74,14 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: Any = None, force: bool = False) -> bool:
         """Save; with async saves a failure surfaces at the next save or close, still in one line."""
         self._check_pending()
-        try:
-            saved = self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})), force=force)
-            if saved and not self.async_save:
-                self.manager.wait_until_finished()
-        except Exception as e:  # disk full, permission, ...: one line, no half-written folder left
-            self._failed(step, e)
+        with HeldBackgroundErrors():  # a failed save's threads echo its error hundreds of times
+            try:
+                saved = self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})), force=force)
+                if saved and not self.async_save:
+                    self.manager.wait_until_finished()
+            except Exception as e:  # disk full, permission, ...: one line, no half-written folder left
+                self._failed(step, e)
         self._pending = step if saved and self.async_save else None
         return bool(saved)
 
@@ -86,10 +89,11 @@ class Checkpointer:
         if self._pending is None:
             return
         step, self._pending = self._pending, None
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:
-            self._failed(step, e)
+        with HeldBackgroundErrors():
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:
+                self._failed(step, e)
 
     def _failed(self, step: int, e: BaseException) -> None:
         try:  # let the failed save's other writes end first: they would recreate its temp folder
@@ -128,7 +132,8 @@ class Checkpointer:
             check_tree_matches(self.directory / str(step), abstract_state)
             error: Exception | None = None
             try:
-                state, data_state = self.restore_step(step, abstract_state)
+                with HeldBackgroundErrors():  # a failed read's in-flight reads echo it hundreds of times
+                    state, data_state = self.restore_step(step, abstract_state)
             except Exception as e:  # truncated / deleted files: fall back to the previous checkpoint
                 error = e
             # all hosts restore the same step: one host's failure moves the checkpoint aside for all
@@ -236,15 +241,8 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
         step_dir = directory / str(s)
         item = step_dir / _item_names(step_dir)[0]
         try:
-            tree = _read_metadata(item)
-            name = "ema_params" if use_ema and tree.get("ema_params") is not None else "params"
-            target = jax.tree_util.tree_map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
-                    jax.local_devices()[0])), {name: tree[name]})
-            with ocp.PyTreeCheckpointer() as ckptr:
-                restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
-                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True))
+            with HeldBackgroundErrors():
+                name, restored = _restore_params(item, use_ema)
         except Exception as e:
             skipped.append((s, one_line(e)[:200]))
             continue
@@ -252,6 +250,19 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
             on_skip(bad, reason)
         return s, restored[name]
     raise UserError(f"no checkpoint in {directory} restores ({'; '.join(f'{s}: {r[:160]}' for s, r in skipped)})")
+
+
+def _restore_params(item: Path, use_ema: bool) -> tuple[str, Any]:
+    """(which params, {which: params}) of one state item: the EMA ones when there and asked for."""
+    tree = _read_metadata(item)
+    name = "ema_params" if use_ema and tree.get("ema_params") is not None else "params"
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
+            jax.local_devices()[0])), {name: tree[name]})
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return name, restored
 
 
 def read_json(path: Path) -> Any:
