@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DATA
-from hosts import Job, error_lines, metrics, wait_for_step
+from conftest import DATA, REPO
+from hosts import Job, error_lines, free_port, host_env, metrics, wait_for_step
 
 STEPS = 8
 TRAIN = ["train.py", "--config", "tests/configs/tiny_mnist_tar.py",
@@ -185,3 +187,25 @@ def test_sample_py_on_two_hosts_writes_each_image_once_as_one_host_does(referenc
               "--seed", "5", "--batch-size", "2", "--out", str(grid)], n=2, devices=2, logs=tmp_path / "logs_grid") as job:
         assert job.wait(300) == [0, 0], job.tail()
     assert Image.open(grid).size[0] > 3 * 28
+
+
+def test_a_join_that_cannot_happen_is_one_line_never_a_lone_run(tmp_path):
+    port = free_port()  # nobody listens: process 0 was never started
+    cases = {
+        ("--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+         "--initialization-timeout", "2"): f"could not join 2 processes at 127.0.0.1:{port} (this is 1): nothing answers",
+        ("--num-processes", "2"): "several processes need all three settings: --coordinator-address",
+        ("--coordinator-address", "127.0.0.1", "--num-processes", "2", "--process-id", "0"): "needs a port: HOST:PORT",
+        ("--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "2"):
+            "process id 2 is not in [0, 2)",
+    }
+    for flags, message in cases.items():
+        proc = subprocess.run([sys.executable, "train.py", "--config", "tests/configs/tiny_mnist_tar.py",
+                               "--workdir", str(tmp_path / "w"), *flags], cwd=REPO, env=host_env(1),
+                              capture_output=True, text=True, timeout=120)
+        lines = error_lines(proc.stderr)
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-800:])
+    assert not (tmp_path / "w").exists()  # nothing was trained alone
+    env = {**host_env(1), "JAX_NUM_PROCESSES": "two"}
+    proc = subprocess.run([sys.executable, "train.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "JAX_NUM_PROCESSES='two' is not an integer" in proc.stderr

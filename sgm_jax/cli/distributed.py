@@ -26,6 +26,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)")
     group.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
                        help="a host silent this long fails the job on every host (default 100 s)")
+    group.add_argument("--initialization-timeout", type=int, default=300, metavar="S",
+                       help="how long the hosts wait for each other at the start (default 300 s)")
 
 
 def start(args: argparse.Namespace) -> int:
@@ -34,7 +36,8 @@ def start(args: argparse.Namespace) -> int:
 
     try:
         spec = DistributedSpec.from_env(args.coordinator_address, args.num_processes, args.process_id,
-                                        heartbeat_timeout=args.heartbeat_timeout)
+                                        heartbeat_timeout=args.heartbeat_timeout,
+                                        initialization_timeout=args.initialization_timeout)
         count = initialize_distributed(spec)
     except ValueError as e:
         raise UserError(str(e)) from None
