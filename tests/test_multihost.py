@@ -167,7 +167,7 @@ def test_a_killed_host_stops_the_other_in_one_line_and_a_rerun_resumes(reference
              logs=tmp_path / "logs_rerun") as job:
         assert job.wait(240) == [0, 0], job.tail()
     assert f"resumed from {workdir / 'checkpoints'}/{saved - 2}" in job.stdout(0)
-    warnings = [line for line in error_lines(job.stderr(0)) if line.startswith("warning: checkpoint")]
+    warnings = [line for line in job.stdout(0).splitlines() if line.startswith("warning: checkpoint")]
     assert len(warnings) == 1 and f"checkpoint {saved} does not restore" in warnings[0], job.tail()
     assert [p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()] == [str(saved)]
     assert json.loads(job.stdout(0).strip().splitlines()[-1])["step"] == saved + 2
