@@ -153,8 +153,9 @@ def test_a_killed_host_stops_the_other_in_one_line_and_a_rerun_resumes(reference
         waited = time.time() - t0
     assert code == 4, job.tail()
     lines = error_lines(job.stderr(0))
-    assert lines[-1].startswith("error: lost contact with another host of this job (process 1 has not been "
-                                "heard from"), lines[-3:]
+    # a collective whose peer closed its connection (gloo), or the peer watch: the same one line
+    assert lines[-1].startswith("error: lost contact with another host of this job (") and \
+        lines[-1].endswith("start the same command on every host again to resume"), lines[-3:]
     assert not any("Traceback" in line for line in lines), lines
     print(f"survivor exited {waited:.1f} s after the kill")
     saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

@@ -16,6 +16,7 @@ import traceback
 from typing import Callable, NoReturn
 
 from sgm_jax.errors import UserError, run_cli
+from sgm_jax.multihost import lost_peer
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,17 +60,6 @@ def _lost(reason: str) -> None:
     os._exit(4)
 
 
-# Words of the runtime errors a collective raises when a peer process is gone (gloo's broken
-# connections, the coordination service's deadlines and missing heartbeats).
-_LOST_PEER = ("gloo", "coordination", "heartbeat", "deadline_exceeded", "unavailable", "connection reset",
-              "connection closed", "connection refused", "barrier")
-
-
-def _lost_peer(e: BaseException) -> bool:
-    text = str(e).lower()
-    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(w in text for w in _LOST_PEER)
-
-
 def run_job(main: Callable[[], int | None]) -> NoReturn:
     """`errors.run_cli` for a job that may span hosts: a host that lost its peers says so in one
     line; a failing host exits at once (jax's shutdown would wait for, then abort on, the peers
@@ -79,7 +69,7 @@ def run_job(main: Callable[[], int | None]) -> NoReturn:
         try:
             return main()
         except Exception as e:
-            if _process_count() > 1 and _lost_peer(e) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
+            if _process_count() > 1 and lost_peer(e) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
                 first = " ".join(str(e).split())[:160]
                 raise UserError(f"lost contact with another host of this job ({first}); the last checkpoint is "
                                 "kept: start the same command on every host again to resume", exit_code=4) from None
