@@ -50,7 +50,23 @@ def start(args: argparse.Namespace) -> int:
         # half jax's heartbeat timeout: this one line comes before jax's abort would
         watch = PeerWatch(max(spec.heartbeat_timeout / 2, 5.0), _lost).start()
         atexit.register(watch.stop)  # runs before jax's own shutdown (registered earlier)
+        _quiet_lost_peer_threads()
     return count
+
+
+def _quiet_lost_peer_threads() -> None:
+    """Background threads (Orbax's save and restore) that fail because a host is gone print no
+    traceback: the main thread meets the same failure and says it in one line."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and lost_peer(args.exc_value) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
+            return
+        default(args)
+
+    threading.excepthook = hook
 
 
 def _lost(reason: str) -> None:
