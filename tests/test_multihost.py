@@ -149,7 +149,7 @@ def test_a_killed_host_stops_the_other_in_one_line_and_a_rerun_resumes(reference
     workdir = tmp_path / "killed"
     argv = train_argv(mnist_shards, workdir, "--config.training.max_steps=1000")
     with Job(argv, n=2, devices=2, logs=tmp_path / "logs_kill", heartbeat=20) as job:
-        wait_for_step(workdir, 4, job, timeout=240)
+        wait_for_step(workdir, 5, job, timeout=240)  # row 5 comes after checkpoint 4 is complete
         job.signal(1, signal.SIGKILL)
         t0 = time.time()
         code = job.procs[0].wait(timeout=120)
