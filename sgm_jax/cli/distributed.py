@@ -70,7 +70,8 @@ def _quiet_lost_peer_threads() -> None:
 
 
 def _lost(reason: str) -> None:
-    print(f"error: lost contact with another host of this job ({reason}); the last checkpoint is kept: "
+    # from the watch thread, while the main thread's progress bar may be mid-line: start a new one
+    print(f"\nerror: lost contact with another host of this job ({reason}); the last checkpoint is kept: "
           "start the same command on every host again to resume", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(4)
