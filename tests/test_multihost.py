@@ -27,7 +27,9 @@ STEPS = 8
 TRAIN = ["train.py", "--config", "tests/configs/tiny_mnist_tar.py",
          # 2 data streams on 1 host or 2: the same global batches, so the same losses
          "--config.data.params.train.datapipeline.pipeline_config.num_streams=2",
-         f"--config.training.max_steps={STEPS}", "--config.training.checkpoint_every=2"]
+         f"--config.training.max_steps={STEPS}", "--config.training.checkpoint_every=2",
+         # a sample grid at the end: the sampler runs on the global mesh, the grid is gathered to process 0
+         f"--config.training.sample_every={STEPS}", "--config.model.params.sampler_config.params.num_steps=3"]
 
 
 def train_argv(shards: str, workdir: Path, *extra: str) -> list[str]:
@@ -98,6 +100,11 @@ def test_two_hosts_train_the_same_steps_as_one(reference_runs):
     diff = np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a if k != "step"))
     norm = np.sqrt(sum(np.sum(b[k] ** 2) for k in b if k != "step"))
     assert diff / norm < 1e-4, diff / norm
+    grids = [np.asarray(Image.open(root / run / "samples" / f"step_{STEPS:07d}.png"), int) for run in ("two", "one")]
+    # (the weights differ by the rounding above: the grids by a few levels at most, on average far less)
+    gap = np.abs(grids[0] - grids[1])
+    assert grids[0].shape == grids[1].shape and grids[0].std() > 0 and gap.max() <= 16 and gap.mean() < 0.5, (
+        gap.max(), gap.mean())
     # process 0 alone writes the run's files; each host holds its own lock
     assert json.loads(two.stdout(0).strip().splitlines()[-1])["step"] == STEPS
     assert error_lines(two.stdout(1)) == []  # gloo prints its peer counts on stdout
