@@ -18,6 +18,18 @@ import jax
 import numpy as np
 
 
+# Words of the runtime errors a collective raises when a peer process is gone (gloo's broken
+# connections, the coordination service's deadlines and missing heartbeats).
+_LOST_PEER = ("gloo", "coordination", "heartbeat", "deadline_exceeded", "unavailable", "connection reset",
+              "connection closed", "connection refused", "barrier")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another host of the job is gone."""
+    text = str(e).lower()
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(w in text for w in _LOST_PEER)
+
+
 def is_main() -> bool:
     """Process 0 writes the files (config, metrics, grids, images); the others compute alike."""
     return jax.process_index() == 0

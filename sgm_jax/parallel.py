@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import time
 from typing import Any, Mapping
 
 import jax
@@ -104,12 +106,29 @@ def initialize_distributed(spec: DistributedSpec | None = None) -> int:
     if spec.explicit:
         kwargs.update(coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
                       process_id=spec.process_id, cluster_detection_method="deactivate")
+    if spec.explicit and spec.process_id:
+        # jax aborts with a C++ trace when the coordinator never answers: find that out first
+        _wait_for_coordinator(spec.coordinator_address, spec.initialization_timeout, where)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as err:  # noqa: BLE001 (jax raises RuntimeError / XlaRuntimeError / ValueError)
         reason = " ".join(str(err).split())[:300]
         raise ValueError(f"could not join {where}: {reason}") from None
     return jax.process_count()
+
+
+def _wait_for_coordinator(address: str, timeout: float, where: str) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise ValueError(f"could not join {where}: nothing answers at {address} after {timeout:.0f} s "
+                                 f"({err.strerror or err}); start process 0 there first, or fix the address") from None
+            time.sleep(0.5)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:

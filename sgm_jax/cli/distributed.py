@@ -16,6 +16,7 @@ import traceback
 from typing import Callable, NoReturn
 
 from sgm_jax.errors import UserError, run_cli
+from sgm_jax.multihost import lost_peer
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env JAX_PROCESS_ID)")
     group.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
                        help="a host silent this long fails the job on every host (default 100 s)")
+    group.add_argument("--initialization-timeout", type=int, default=300, metavar="S",
+                       help="how long the hosts wait for each other at the start (default 300 s)")
 
 
 def start(args: argparse.Namespace) -> int:
@@ -34,7 +37,8 @@ def start(args: argparse.Namespace) -> int:
 
     try:
         spec = DistributedSpec.from_env(args.coordinator_address, args.num_processes, args.process_id,
-                                        heartbeat_timeout=args.heartbeat_timeout)
+                                        heartbeat_timeout=args.heartbeat_timeout,
+                                        initialization_timeout=args.initialization_timeout)
         count = initialize_distributed(spec)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -46,25 +50,31 @@ def start(args: argparse.Namespace) -> int:
         # half jax's heartbeat timeout: this one line comes before jax's abort would
         watch = PeerWatch(max(spec.heartbeat_timeout / 2, 5.0), _lost).start()
         atexit.register(watch.stop)  # runs before jax's own shutdown (registered earlier)
+        _quiet_lost_peer_threads()
     return count
 
 
+def _quiet_lost_peer_threads() -> None:
+    """Background threads (Orbax's save and restore) that fail because a host is gone print no
+    traceback: the main thread meets the same failure and says it in one line."""
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and lost_peer(args.exc_value) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
+            return
+        default(args)
+
+    threading.excepthook = hook
+
+
 def _lost(reason: str) -> None:
-    print(f"error: lost contact with another host of this job ({reason}); the last checkpoint is kept: "
+    # from the watch thread, while the main thread's progress bar may be mid-line: start a new one
+    print(f"\nerror: lost contact with another host of this job ({reason}); the last checkpoint is kept: "
           "start the same command on every host again to resume", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(4)
-
-
-# Words of the runtime errors a collective raises when a peer process is gone (gloo's broken
-# connections, the coordination service's deadlines and missing heartbeats).
-_LOST_PEER = ("gloo", "coordination", "heartbeat", "deadline_exceeded", "unavailable", "connection reset",
-              "connection closed", "connection refused", "barrier")
-
-
-def _lost_peer(e: BaseException) -> bool:
-    text = str(e).lower()
-    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(w in text for w in _LOST_PEER)
 
 
 def run_job(main: Callable[[], int | None]) -> NoReturn:
@@ -76,7 +86,7 @@ def run_job(main: Callable[[], int | None]) -> NoReturn:
         try:
             return main()
         except Exception as e:
-            if _process_count() > 1 and _lost_peer(e) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
+            if _process_count() > 1 and lost_peer(e) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
                 first = " ".join(str(e).split())[:160]
                 raise UserError(f"lost contact with another host of this job ({first}); the last checkpoint is "
                                 "kept: start the same command on every host again to resume", exit_code=4) from None

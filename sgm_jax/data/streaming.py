@@ -260,6 +260,11 @@ def streaming_from_config(target: str, params: Mapping[str, Any], *, split: str 
     if decoders[0] not in _MODES:
         raise UserError(f"data decoders {decoders}: supported {', '.join(sorted(_MODES))}")
     buckets = tuple((int(b[0]), int(b[1])) for b in pc.get("aspect_buckets") or ())
+    if len(buckets) > 1 and num_streams > 1:
+        # each stream fills its own buckets first-come; one global batch needs one shape on every stream
+        raise UserError(f"aspect_buckets with {num_streams} data streams ({process_count} host(s)): the streams "
+                        "would pick different buckets for one batch; train multi-aspect data on one host for now, "
+                        "or crop to one size (aspect_buckets: [[H, W]])")
     urls = pipe.get("urls")
     urls = [urls] if isinstance(urls, str) else list(urls or [])
     common = dict(seed=0, local_batch=batch_size // process_count, shardshuffle=bool(pc.get("shardshuffle", 1)),

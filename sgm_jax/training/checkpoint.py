@@ -81,6 +81,8 @@ class Checkpointer:
                 if saved and not self.async_save:
                     self.manager.wait_until_finished()
             except Exception as e:  # disk full, permission, ...: one line, no half-written folder left
+                if multihost.lost_peer(e):  # not the disk: another host is gone (the entry point says so)
+                    raise
                 self._failed(step, e)
         self._pending = step if saved and self.async_save else None
         return bool(saved)
@@ -93,6 +95,8 @@ class Checkpointer:
             try:
                 self.manager.wait_until_finished()
             except Exception as e:
+                if multihost.lost_peer(e):
+                    raise
                 self._failed(step, e)
 
     def _failed(self, step: int, e: BaseException) -> None:
