@@ -21,7 +21,7 @@ import pytest
 from conftest import DATA, REPO
 from sgm_jax.errors import UserError
 from sgm_jax.training.checkpoint import restore_params, step_dirs
-from sgm_jax.training.loop import _StopFlag, train
+from sgm_jax.training.loop import StopFlag, train
 from sgm_jax.training.workdir import WorkdirLock
 from test_training import tiny_config
 
@@ -119,7 +119,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_cleans_up(tmp_path):
 
 
 def test_sigterm_is_seen_within_the_step():
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
         assert flag.stop == "SIGTERM"

@@ -26,7 +26,7 @@ from .checkpoint import Checkpointer, check_tree_matches, remove_interrupted_sav
 from .images import save_png
 from .metrics import MetricsWriter, truncate_after
 from .progress import NonfiniteWatch, next_carry, nonfinite_what, progress_bar
-from .run_control import Profiler, _StopFlag
+from .run_control import Profiler, StopFlag
 from .task import task_class
 from .workdir import WorkdirLock, check_run_record, write_json_atomic
 
@@ -271,7 +271,7 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
     watch = NonfiniteWatch(int(tc.max_nonfinite_steps), checkpointer.latest_step,
                            bar.write if is_main else lambda line: None, parallel.replicated(run.mesh))
     try:
-        with _StopFlag() as flag:
+        with StopFlag() as flag:
             for step in range(start, max_steps):
                 batch = run.next_batch(batches)
                 if step == start and bool(tc.report_flops):
@@ -301,9 +301,9 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                 # one collective a step (none on one host): a signal or the time budget that reached any
                 # host stops every host after this same step
                 signal_code, over_time = multihost.agree_max(
-                    [_StopFlag.code(flag.stop), bool(max_seconds and time.time() - t0 > max_seconds)])
+                    [StopFlag.code(flag.stop), bool(max_seconds and time.time() - t0 > max_seconds)])
                 if signal_code:
-                    stopped_by = _StopFlag.name(signal_code)
+                    stopped_by = StopFlag.name(signal_code)
                     break
                 if done % ckpt_every == 0:
                     nonfinite = watch.check(nonfinite, done)

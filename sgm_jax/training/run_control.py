@@ -10,7 +10,7 @@ from typing import Any
 import jax
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM (preemption) or Ctrl-C -> finish the current step, save, exit cleanly.
     A second Ctrl-C interrupts at once (the last checkpoint is kept)."""
 
@@ -20,7 +20,7 @@ class _StopFlag:
         self.stop: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopFlag":
         for s in self.SIGNALS:
             try:
                 self._previous[s] = signal.signal(s, self._handle)
