@@ -8,12 +8,14 @@ Real runs of tests/test_training.py's tiny_config, a few steps each; one compile
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sgm_jax.errors import UserError
 from sgm_jax.training.checkpoint import Checkpointer, step_dirs
 from sgm_jax.training.loop import build_run, guarded, train
 from sgm_jax.training.progress import NonfiniteWatch
@@ -105,3 +107,16 @@ def test_gradient_accumulation_counts_optimiser_steps_and_resumes_exactly(tmp_pa
         c.close()
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("config_name, accum, says", [
+    ("autoencoder_mnist", 2, "the autoencoder task has no gradient accumulation; set --config.training.grad_accum=1"),
+    ("mnist_cond", 0, "training.grad_accum=0: must be 1 (no accumulation) or more")])
+def test_a_grad_accum_the_task_cannot_use_is_one_line(config_name, accum, says):
+    import importlib
+
+    config = importlib.import_module(f"sgm_jax.configs.{config_name}").get_config()
+    config.training.grad_accum = accum
+    with pytest.raises(UserError, match=re.escape(says)) as info:
+        build_run(config)
+    assert "\n" not in str(info.value)

@@ -72,6 +72,7 @@ class DiffusionTask:
     and frozen embedders (frozen.py) ride along as `frozen`, outside checkpoints and the optimiser."""
 
     name = "diffusion"
+    accumulates_gradients = True  # training.grad_accum: the loop feeds k stacked micro-batches (step.py)
 
     def __init__(self, config: Any, dataset: Any):
         self.config, self.dataset = config, dataset
@@ -79,7 +80,6 @@ class DiffusionTask:
         self.engine = build_engine(config.model, dtype=tc.dtype)
         mp = config.model.params
         self.ema_rate = float(mp.get("ema_decay_rate", 0.9999)) if mp.get("use_ema", False) else None
-        # micro-batches per optimiser step: the loop feeds them stacked, the step accumulates (step.py)
         self.grad_accum = int(tc.get("grad_accum", 1))
         self.lora = lora_settings(config)  # None: the UNet (+ trainable embedders) train; else adapters only
         self._tokenizers = None

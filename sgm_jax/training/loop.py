@@ -130,18 +130,19 @@ def check_training_config(tc: Any) -> None:
 def build_run(config: Any) -> Run:
     """Task, dataset, mesh, shardings and the jitted step from a config. No state, no files."""
     check_training_config(config.training)
+    cls = task_class(config.model.target)
+    grad_accum = int(config.training.get("grad_accum", 1))
+    if grad_accum < 1:
+        raise UserError(f"training.grad_accum={grad_accum}: must be 1 (no accumulation) or more")
+    if grad_accum > 1 and not getattr(cls, "accumulates_gradients", False):
+        raise UserError(f"training.grad_accum={grad_accum}: the {cls.name} task has no gradient accumulation; "
+                        "set --config.training.grad_accum=1 and a larger data.params.batch_size")
     dataset = _dataset(config)
-    task = task_class(config.model.target)(config, dataset)
+    task = cls(config, dataset)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
     prepare = getattr(task, "prepare_batch", lambda b: b)
-    grad_accum = int(getattr(task, "grad_accum", 1))
-    if int(config.training.get("grad_accum", 1)) != grad_accum:
-        raise UserError(f"training.grad_accum={config.training.grad_accum}: the {task.name} task has no gradient "
-                        "accumulation; set --config.training.grad_accum=1 and a larger data.params.batch_size")
-    if grad_accum < 1:
-        raise UserError(f"training.grad_accum={grad_accum}: must be 1 (no accumulation) or more")
     example = prepare({k: v[:2] for k, v in dataset.example_batch(2).items()})
     init = lambda key: task.init_state(key, example)  # noqa: E731
     abstract_state = jax.eval_shape(init, jax.random.key(0))
