@@ -23,14 +23,14 @@ BPE = REPO.parent / "shared" / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 def sdxl_inputs(tmp_path_factory):
     if not BPE.is_file():
         pytest.skip(f"CLIP BPE vocabulary {BPE} absent (../shared/data/clip)")
-    from sgm_jax.configs.inference import tiny_sdxl
+    from sgm_jax.cli.configs import load_config
     from sgm_jax.data.prepare import prepare
     from test_inference import convert_cli, write_random_checkpoint
     from test_latent_training import captioned_photos
 
     tmp = tmp_path_factory.mktemp("sdxl_hosts")
-    converted = convert_cli(REPO / "configs" / "inference" / "tiny_sdxl.py",
-                            write_random_checkpoint(tiny_sdxl.get_config(), tmp / "tiny.safetensors", seed=5),
+    micro = REPO / "tests" / "configs" / "micro_sdxl.py"
+    converted = convert_cli(micro, write_random_checkpoint(load_config(str(micro)), tmp / "micro.safetensors", seed=5),
                             tmp / "converted")
     shards = prepare(str(captioned_photos(tmp / "photos")), str(tmp / "shards"), samples_per_shard=4, progress=False)
     return tmp, converted, shards["urls"]
