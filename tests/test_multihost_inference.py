@@ -23,14 +23,14 @@ BPE = REPO.parent / "shared" / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 def sdxl_inputs(tmp_path_factory):
     if not BPE.is_file():
         pytest.skip(f"CLIP BPE vocabulary {BPE} absent (../shared/data/clip)")
-    from sgm_jax.configs.inference import tiny_sdxl
+    from sgm_jax.cli.configs import load_config
     from sgm_jax.data.prepare import prepare
     from test_inference import convert_cli, write_random_checkpoint
     from test_latent_training import captioned_photos
 
     tmp = tmp_path_factory.mktemp("sdxl_hosts")
-    converted = convert_cli(REPO / "configs" / "inference" / "tiny_sdxl.py",
-                            write_random_checkpoint(tiny_sdxl.get_config(), tmp / "tiny.safetensors", seed=5),
+    micro = REPO / "tests" / "configs" / "micro_sdxl.py"
+    converted = convert_cli(micro, write_random_checkpoint(load_config(str(micro)), tmp / "micro.safetensors", seed=5),
                             tmp / "converted")
     shards = prepare(str(captioned_photos(tmp / "photos")), str(tmp / "shards"), samples_per_shard=4, progress=False)
     return tmp, converted, shards["urls"]
@@ -89,3 +89,26 @@ def test_fid_over_two_hosts_equals_one(tmp_path):
     assert reports[2]["num_images"] == reports[1]["num_images"] == 18
     assert reports[1]["fid"] > 0
     np.testing.assert_allclose(reports[2]["fid"], reports[1]["fid"], rtol=1e-5)
+
+
+def test_preencode_over_two_hosts_splits_the_shards(sdxl_inputs):
+    from sgm_jax.data import preencoded as P
+    from sgm_jax.data import webdataset as W
+
+    tmp, converted, urls = sdxl_inputs
+    encoded = {}
+    for hosts in (2, 1):
+        out = tmp / f"pre_{hosts}"
+        argv = ["-m", "sgm_jax.data.preencode", "--config", "tests/configs/tiny_sdxl_finetune.py", "--out", str(out),
+                f"--config.model.params.ckpt_path={converted}", f"--config.data.params.train.datapipeline.urls={urls}"]
+        with Job(argv, n=hosts, devices=4 // hosts, logs=tmp / f"logs_pre_{hosts}") as job:
+            assert job.wait(400) == [0] * hosts, job.tail()
+        assert "wrote 8 samples" in job.stdout(0)
+        files = sorted(p.name for p in out.glob("preencoded-*.tar"))
+        if hosts == 2:  # each host encoded its own raw shard (2 shards of 4 photos) into its own file
+            assert files == ["preencoded-host000-000000.tar", "preencoded-host001-000000.tar"], files
+        samples = [s for f in sorted(out.glob("preencoded-*.tar")) for s in W.shard_samples(str(f))]
+        encoded[hosts] = {json.loads(s["json"])["source"]: P.decode_sample(s, ("txt",)) for s in samples}
+    assert sorted(encoded[2]) == sorted(encoded[1]) and len(encoded[1]) == 8
+    for source, sample in encoded[1].items():  # the same moments, whichever host encoded the image
+        np.testing.assert_allclose(encoded[2][source][P.MOMENTS_KEY], sample[P.MOMENTS_KEY], rtol=1e-4, atol=1e-5)
