@@ -4,14 +4,18 @@ When one write of a save (or one read of a restore) fails, Orbax closes the asyn
 awaited it, and each TensorStore operation still in flight then completes into that closed loop:
 each prints `RuntimeError: Event loop is closed` through sys.unraisablehook (hundreds on a full
 disk or a truncated checkpoint), Orbax's signalling threads log the same error again with its
-traceback through absl, and the coroutines left behind warn at exit that they were never awaited.
+traceback through absl, and the futures and coroutines left behind say, whenever Python collects
+them (asyncio's log, warnings), that nobody retrieved or awaited them.
 The main thread already holds the error and reports it in one line (SGM_JAX_TRACEBACK=1: its
 traceback). So while a save or restore runs these channels are held: dropped when it fails,
-printed as usual when it succeeds (nothing another thread reports meanwhile is lost).
+printed as usual when it succeeds (nothing another thread reports meanwhile is lost). After a
+failure, the leftovers' "never retrieved" / "never awaited" lines stay silenced for the process:
+they can come at any later collection, and asyncio serves nothing but Orbax here.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -34,6 +38,14 @@ class _Hold(logging.Filter):
         return False
 
 
+class _NeverRetrieved(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+_LEFTOVERS = _NeverRetrieved()
+
+
 class HeldBackgroundErrors:
     """`with HeldBackgroundErrors(): <an Orbax save or restore>`."""
 
@@ -50,8 +62,10 @@ class HeldBackgroundErrors:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self._drain()
-            # the operations left unawaited are collected later, at exit at the latest
+            logging.getLogger("asyncio").addFilter(_LEFTOVERS)  # a no-op when already there
             warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+            self.held.clear()  # what was held keeps the failed operation's futures alive: collect them now
+            gc.collect()
         sys.unraisablehook, threading.excepthook = self._hooks
         for name in LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
