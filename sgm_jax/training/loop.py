@@ -137,12 +137,15 @@ def check_training_config(tc: Any) -> None:
                         "training() defaults)")
 
 
-def build_run(config: Any) -> Run:
-    """Task, dataset, mesh, shardings and the jitted step from a config. No state, no files."""
+def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: Any = None) -> Run:
+    """Task, dataset, mesh, shardings and the jitted step from a config. No state, no files.
+
+    dataset / task / devices: given by the caller instead of built from the config and
+    jax.devices() (sgm_jax.aot's compile check: stand-in data, a TPU slice's compile-only devices)."""
     check_training_config(config.training)
-    dataset = _dataset(config)
-    task = task_class(config.model.target)(config, dataset)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    dataset = _dataset(config) if dataset is None else dataset
+    task = task_class(config.model.target)(config, dataset) if task is None else task
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
     prepare = getattr(task, "prepare_batch", lambda b: b)
