@@ -12,10 +12,11 @@ MFU and images/s they imply (report.py). libtpu is imported only here, never on 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from .report import Report, build_report, format_report
-from .topology import CHIPS, Chip, chip_of, compile_only_devices, libtpu_available
+from .report import Report, arguments_bytes, build_report, format_report, not_compiled
+from .topology import CHIPS, GiB, Chip, chip_of, compile_only_devices, libtpu_available
 
 NOTE_FLOPS = ("FLOPs and bytes are XLA:TPU's cost analysis of the compiled per-chip program (remat recomputation "
               "included, so the MFU is of hardware FLOPs); the time is a roofline, not a measurement")
@@ -24,6 +25,21 @@ NOTE_FLOPS = ("FLOPs and bytes are XLA:TPU's cost analysis of the compiled per-c
 def default_job(config: Any) -> str:
     """'train' for a training config (it has a `training` section), 'sample' for an inference one."""
     return "train" if "training" in config else "sample"
+
+
+def _compile(lower: Any, groups: dict[str, Any], chip: Chip, notes: list[str]) -> tuple[Any, float, float]:
+    """(compiled, lowering seconds, compile seconds); when the arguments alone exceed the chip's HBM
+    nothing is lowered or compiled (minutes saved: no activation size can make it fit)."""
+    need = arguments_bytes(groups)
+    if need > chip.hbm_bytes:
+        notes.append(f"not compiled: the arguments alone need {need / GiB:.2f} GiB per chip "
+                     f"(temp, FLOPs and time unknown)")
+        return not_compiled(groups), 0.0, 0.0
+    t0 = time.perf_counter()
+    lowered = lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, t1 - t0, time.perf_counter() - t1
 
 
 def compile_check(config: Any, topology: str, *, job: str | None = None, config_name: str = "config",
@@ -36,34 +52,40 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
     job = job or default_job(config)
     notes = [NOTE_FLOPS]
     if job == "train":
-        from .train_step import compile_train_step
+        from .train_step import lower_train_step
 
-        hw = (int(height), int(width)) if width or height else None
-        if hw is not None and not (width and height):
+        if bool(width) != bool(height):
             raise ValueError("--width and --height go together")
-        compiled, groups, facts = compile_train_step(config, devices, hw)
+        groups, facts = lower_train_step(config, devices, (int(height), int(width)) if width else None)
+        compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes)
         h, w = facts["image_shape"][:2]
-        notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global)")
+        notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global); traced and lowered in "
+                     f"{lower_s:.1f} s, compiled in {seconds:.1f} s")
         return build_report(compiled, job="train", config=config_name, topology=topology, chip=chip,
                             devices=devices, mesh=facts["mesh"], images_per_step=facts["batch_size"],
-                            groups=groups, compile_seconds=facts["lower_seconds"] + facts["compile_seconds"],
-                            notes=notes), chip
+                            groups=groups, compile_seconds=lower_s + seconds, notes=notes), chip
     if job != "sample":
         raise ValueError(f"--job {job!r}: train or sample")
-    from .sample_step import compile_sampling
+    from .sample_step import lower_sampling
 
-    compiled, groups, facts = compile_sampling(config, devices, width=width, height=height, steps=steps, num=num,
-                                               sampler=sampler, dtype=dtype, param_dtype=param_dtype,
-                                               name=config_name)
+    groups, facts = lower_sampling(config, devices, width=width, height=height, steps=steps, num=num,
+                                   sampler=sampler, dtype=dtype, param_dtype=param_dtype, name=config_name)
+    compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes)
+    extra, body_seconds = None, 0.0
+    if facts["body"] is not None and seconds:
+        t0 = time.perf_counter()
+        extra = (facts["body"]().compile(), facts["evals"] - facts["per_step"])
+        body_seconds = time.perf_counter() - t0
     spec, (w, h) = facts["spec"], facts["size"]
     notes.append(f"sampling: {facts['batch_size']} images of {w}x{h} per call, {spec.name} {spec.steps} steps "
                  f"{'with' if spec.guided else 'without'} CFG + VAE decode, on one host's {len(facts['devices'])} "
-                 f"chip(s); the step is one whole call ({facts['evals']} guided denoiser evaluations, counted from "
-                 f"a compile of one loop step, {facts['body_compile_seconds']:.1f} s)")
-    extra = (facts["body"], facts["evals"] - facts["per_step"]) if facts["body"] is not None else None
+                 f"chip(s); the step is one whole call ({facts['evals']} denoiser calls: the loop's remaining steps "
+                 f"are counted from a compile of one step, {body_seconds:.1f} s); lowered in "
+                 f"{lower_s:.1f} s, compiled in {seconds:.1f} s")
     return build_report(compiled, job="sample", config=config_name, topology=topology, chip=chip,
                         devices=facts["devices"], mesh=facts["mesh"], images_per_step=facts["batch_size"],
-                        groups=groups, compile_seconds=facts["compile_seconds"], extra=extra, notes=notes), chip
+                        groups=groups, compile_seconds=lower_s + seconds + body_seconds,
+                        extra=extra, notes=notes), chip
 
 
 __all__ = ["CHIPS", "Chip", "Report", "build_report", "chip_of", "compile_check", "compile_only_devices",

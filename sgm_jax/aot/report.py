@@ -86,6 +86,7 @@ class Report:
     bytes_accessed: float
     transcendentals: float
     compile_seconds: float
+    compiled: bool = True           # False: the arguments alone exceed HBM, nothing was compiled
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -129,7 +130,7 @@ def format_report(r: Report, chip: Chip) -> str:
     roof = r.roofline(chip)
     mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
     lines = [f"{r.config} ({r.job}) on {r.topology}: {r.chips} {r.chip} chips, {r.hosts} host(s), mesh {mesh}; "
-             f"compiled in {r.compile_seconds:.1f} s",
+             + (f"compiled in {r.compile_seconds:.1f} s" if r.compiled else "not compiled"),
              "memory per chip:"]
     for name, n in r.groups.items():
         lines.append(f"  {name:<22}{_gib(n)}   (all chips: {r.groups_global[name] / GiB:.3f} GiB)")
@@ -143,6 +144,8 @@ def format_report(r: Report, chip: Chip) -> str:
     if lp:
         lines.append(f"  largest parameter {lp['path']} {lp['shape']} {lp['dtype']} sharded {lp['spec'] or 'P()'}: "
                      f"{lp['bytes'] / 2**20:.1f} MiB, {lp['bytes_per_chip'] / 2**20:.1f} MiB per chip")
+    if not r.compiled:
+        return "\n".join(lines + [f"note: {n}" for n in r.notes])
     lines += ["per step, per chip:",
               f"  {r.flops / 1e12:.3f} TFLOP, {r.bytes_accessed / 1e9:.3f} GB accessed "
               f"(intensity {roof['arithmetic_intensity']:.0f} FLOP/byte)",
@@ -155,12 +158,35 @@ def format_report(r: Report, chip: Chip) -> str:
     return "\n".join(lines)
 
 
+class _NotCompiled:
+    """Stands in for a compiled step whose arguments alone exceed HBM (no compile was run)."""
+
+    def __init__(self, argument_bytes: int):
+        self.argument_size_in_bytes, self.output_size_in_bytes = argument_bytes, 0
+        self.alias_size_in_bytes = self.temp_size_in_bytes = self.generated_code_size_in_bytes = 0
+
+    def memory_analysis(self) -> "_NotCompiled":
+        return self
+
+    def cost_analysis(self) -> dict:
+        return {}
+
+
+def arguments_bytes(groups: Mapping[str, Any]) -> int:
+    return sum(shard_bytes(v) for v in groups.values())
+
+
+def not_compiled(groups: Mapping[str, Any]) -> Any:
+    return _NotCompiled(arguments_bytes(groups))
+
+
 def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: Chip, devices: list[Any],
                  mesh: Any, images_per_step: int, groups: Mapping[str, Any], compile_seconds: float,
                  params_group: str = "parameters", extra: tuple[Any, float] | None = None,
                  notes: list[str] | None = None) -> Report:
-    """groups: role -> abstract argument tree (with shardings). extra: (compiled loop body, how
-    many more times it runs than the cost analysis counted)."""
+    """groups: role -> abstract argument tree (with shardings). compiled: the compiled step (or
+    not_compiled(groups)). extra: (compiled loop body, how many more times it runs than the cost
+    analysis counted)."""
     mem = compiled.memory_analysis()
     cost = cost_of(compiled)
     if extra is not None:
@@ -176,4 +202,5 @@ def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: C
                   argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                   alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                   code_bytes=int(mem.generated_code_size_in_bytes), hbm_bytes=chip.hbm_bytes,
-                  compile_seconds=float(compile_seconds), notes=list(notes or []), **cost)
+                  compile_seconds=float(compile_seconds), compiled=not isinstance(compiled, _NotCompiled),
+                  notes=list(notes or []), **cost)

@@ -12,7 +12,6 @@ second compile of one guided denoising step (the loop body's UNet call with its 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import jax
@@ -29,10 +28,11 @@ def _abstract(x: Any, sharding: Any, dtype: Any = None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(np.shape(x)), dtype or x.dtype, sharding=sharding)
 
 
-def compile_sampling(config: Any, devices: list[Any], *, width: int | None, height: int | None,
+def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height: int | None,
                      steps: int | None, num: int | None, sampler: str | None = None, dtype: str | None = None,
-                     param_dtype: str = "float32", name: str = "model") -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(compiled sampling call, argument groups, facts) for `num` images of width x height."""
+                     param_dtype: str = "float32", name: str = "model") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(argument groups, facts) for `num` images of width x height; facts["lower"]: () -> the lowered
+    call, facts["body"]: () -> one loop step lowered (None when the loop runs once)."""
     from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder, get_batch
     from sgm_jax.inference.pipeline import check_size, default_zero_uc_keys, engine_for_sampling
     from sgm_jax.inference.runner import SamplingRunner
@@ -75,9 +75,6 @@ def compile_sampling(config: Any, devices: list[Any], *, width: int | None, heig
 
     runner = SamplingRunner(engine, mesh, name, step_progress=False)
     fn = runner.sampling_fn(spec, False, True, True, False)
-    t0 = time.perf_counter()
-    compiled = fn.lower(params, None, noise, rows(c), rows(uc), key, scale).compile()
-    t1 = time.perf_counter()
     body = None
     per_step = 2 if spec.name in TWO_EVALS else 1
     evals = spec.num_loop * per_step
@@ -90,11 +87,10 @@ def compile_sampling(config: Any, devices: list[Any], *, width: int | None, heig
             return g(engine.denoise(p, xi, si, ci), sigma)
 
         sigma = jax.ShapeDtypeStruct((bs,), jnp.float32, sharding=split)
-        body = jax.jit(one_step).lower(params, noise, sigma, rows(c), rows(uc), scale).compile()
-    t2 = time.perf_counter()
+        body = lambda: jax.jit(one_step).lower(params, noise, sigma, rows(c), rows(uc), scale)  # noqa: E731
     groups = {"parameters": params["model"], "first stage": params.get("first_stage", {}),
               "batch": {"noise": noise, "c": rows(c), "uc": rows(uc)}}
     facts = {"mesh": mesh, "devices": local, "batch_size": bs, "num": num, "spec": spec, "evals": evals, "per_step": per_step,
-             "size": (width, height), "compile_seconds": t1 - t0, "body_compile_seconds": t2 - t1,
-             "body": body}
-    return compiled, groups, facts
+             "size": (width, height), "body": body,
+             "lower": lambda: fn.lower(params, None, noise, rows(c), rows(uc), key, scale)}
+    return groups, facts
