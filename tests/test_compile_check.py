@@ -63,7 +63,8 @@ def test_finetune_step_compiles_with_fsdp_splitting_the_largest_parameters(train
         assert r[key] > 0, key
     assert r["hbm_bytes"] == {"v5e:2x2": 16, "v5p:2x2x2": 95}[r["topology"]] * GiB
     # the compiler's argument bytes are the shardings' sum (parameters, AdamW moments, frozen parts, batch)
-    assert abs(r["argument_bytes"] - sum(groups.values())) <= 0.02 * r["argument_bytes"] + 4096
+    # plus TPU tile padding, which is large only for micro widths (32 channels fill a 128-lane tile)
+    assert sum(groups.values()) <= r["argument_bytes"] <= 2 * sum(groups.values())
     largest = r["largest_param"]
     assert "fsdp" in largest["spec"] and largest["bytes_per_chip"] * chips == largest["bytes"]
     # small arrays stay replicated (parallel.MIN_FSDP_SIZE): per chip a bit over 1/N of the whole
