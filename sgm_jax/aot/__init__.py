@@ -12,6 +12,7 @@ MFU and images/s they imply (report.py). libtpu is imported only here, never on 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -51,6 +52,11 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
     devices = compile_only_devices(topology)
     job = job or default_job(config)
     notes = [NOTE_FLOPS]
+    shape = topology.split(":", 1)[1].lower().split("x")
+    chips = math.prod(int(n) for n in shape) if all(n.isdigit() for n in shape) else len(devices)
+    if chips != len(devices):  # v4: libtpu may list each TensorCore of a chip as a device
+        notes.append(f"libtpu lists {len(devices)} devices for {chips} chips: figures are per device, the HBM "
+                     f"per device is taken as the chip's")
     if job == "train":
         from .train_step import lower_train_step
 
