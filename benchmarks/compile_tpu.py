@@ -48,7 +48,7 @@ ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
 
 # Published figures a user compares with (sources in RESULTS.md). None found for training steps.
 PUBLISHED = {
-    (SDXL, "v5e:1x1"): "HF blog (2023-10-03): v5e-4, 4 images 1024² (1 per chip) in ~2.3 s",
+    "inference.sd_xl_base@v5e:1x1@b1": "HF blog sdxl_jax (2023-10-03): v5e-4, 4 images 1024² (1 per chip) in ~2.3 s",
 }
 
 
@@ -87,7 +87,7 @@ def table(rows: list[tuple[str, str, tuple[str, ...], str]]) -> str:
     for config, topo, extra, label in rows:
         rid = row_id(config, topo, extra)
         path = file_of(rid)
-        published = PUBLISHED.get((config, topo), "none found")
+        published = PUBLISHED.get(rid, "none found")
         if not path.is_file():
             out.append(f"| {config} | {topo} ({label}) | | not run yet | | | | | | | | {published} |")
             continue
