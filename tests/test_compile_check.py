@@ -118,3 +118,30 @@ def test_importing_the_compile_check_chooses_no_platform():
                          env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["None", "False"]
+
+
+def test_stand_in_data_has_the_configs_shapes_and_keys():
+    from sgm_jax.aot.stand_in import stand_in_data
+    from sgm_jax.cli.configs import load_config
+
+    data = stand_in_data(load_config("sdxl_finetune"))  # 1024 px aspect buckets: the largest is 1024x1024
+    assert data["target"] == "synthetic"
+    assert data["params"] == {"batch_size": 32, "image_shape": [1024, 1024, 3], "keys": [
+        "txt", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"]}
+    assert stand_in_data(load_config("txt2img_clipl"))["params"]["image_shape"] == [256, 256, 3]  # Resize 256
+    assert stand_in_data(load_config("imagenet_f8_cond"))["params"]["keys"][0] == "cls"
+    assert stand_in_data(load_config("sdxl_finetune"), (512, 768))["params"]["image_shape"] == [512, 768, 3]
+
+
+def test_roofline_takes_the_longer_bound():
+    from sgm_jax.aot.report import Report
+
+    chip = topology.CHIPS["v5e"]
+    r = Report(job="train", config="c", topology="v5e:1x1", chip="v5e", chips=1, hosts=1, mesh={"data": 1, "fsdp": 1},
+               images_per_step=4, groups={}, groups_global={}, largest_param={}, argument_bytes=10 * GiB,
+               output_bytes=GiB, alias_bytes=GiB, temp_bytes=7 * GiB, code_bytes=0, hbm_bytes=chip.hbm_bytes,
+               flops=197e12, bytes_accessed=0.819e12 * 2, transcendentals=0, compile_seconds=1.0)
+    roof = r.roofline(chip)
+    assert roof["bound"] == "memory" and roof["step_seconds"] == pytest.approx(2.0)
+    assert roof["mfu"] == pytest.approx(0.5) and roof["images_per_second"] == pytest.approx(2.0)
+    assert r.total_bytes == 17 * GiB and not r.fits and "1.00 GiB short" in r.shortfall()
