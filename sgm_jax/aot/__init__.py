@@ -28,12 +28,15 @@ def default_job(config: Any) -> str:
     return "train" if "training" in config else "sample"
 
 
-def _compile(lower: Any, groups: dict[str, Any], chip: Chip, notes: list[str]) -> tuple[Any, float, float]:
+def _compile(lower: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
+             args_only: bool = False) -> tuple[Any, float, float]:
     """(compiled, lowering seconds, compile seconds); when the arguments alone exceed the chip's HBM
-    nothing is lowered or compiled (minutes saved: no activation size can make it fit)."""
+    nothing is lowered or compiled (minutes saved: no activation size can make it fit), nor with
+    args_only (the shardings' bytes in seconds, for a first look at a large slice)."""
     need = arguments_bytes(groups)
-    if need > chip.hbm_bytes:
-        notes.append(f"not compiled: the arguments alone need {need / GiB:.2f} GiB per chip "
+    if need > chip.hbm_bytes or args_only:
+        why = "--args-only" if need <= chip.hbm_bytes else "the arguments alone exceed HBM"
+        notes.append(f"not compiled ({why}): the arguments need {need / GiB:.2f} GiB per chip "
                      f"(temp, FLOPs and time unknown)")
         return not_compiled(groups), 0.0, 0.0
     t0 = time.perf_counter()
@@ -46,8 +49,9 @@ def _compile(lower: Any, groups: dict[str, Any], chip: Chip, notes: list[str]) -
 def compile_check(config: Any, topology: str, *, job: str | None = None, config_name: str = "config",
                   width: int | None = None, height: int | None = None, steps: int | None = None,
                   num: int | None = None, sampler: str | None = None, dtype: str | None = None,
-                  param_dtype: str = "float32") -> tuple[Report, Chip]:
-    """Compile `config`'s training step or sampling call for `topology` ('v5p:2x2x2'); its Report."""
+                  param_dtype: str = "float32", args_only: bool = False) -> tuple[Report, Chip]:
+    """Compile `config`'s training step or sampling call for `topology` ('v5p:2x2x2'); its Report.
+    args_only: stop before lowering, with the arguments' bytes per chip from the shardings."""
     chip = chip_of(topology)
     devices = compile_only_devices(topology)
     job = job or default_job(config)
@@ -63,7 +67,7 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
         if bool(width) != bool(height):
             raise ValueError("--width and --height go together")
         groups, facts = lower_train_step(config, devices, (int(height), int(width)) if width else None)
-        compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes)
+        compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes, args_only)
         h, w = facts["image_shape"][:2]
         notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global); traced and lowered in "
                      f"{lower_s:.1f} s, compiled in {seconds:.1f} s")
@@ -76,7 +80,7 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
 
     groups, facts = lower_sampling(config, devices, width=width, height=height, steps=steps, num=num,
                                    sampler=sampler, dtype=dtype, param_dtype=param_dtype, name=config_name)
-    compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes)
+    compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes, args_only)
     extra, body_seconds = None, 0.0
     if facts["body"] is not None and seconds:
         t0 = time.perf_counter()

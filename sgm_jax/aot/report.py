@@ -134,6 +134,10 @@ def format_report(r: Report, chip: Chip) -> str:
              "memory per chip:"]
     for name, n in r.groups.items():
         lines.append(f"  {name:<22}{_gib(n)}   (all chips: {r.groups_global[name] / GiB:.3f} GiB)")
+    if not r.compiled:
+        lines.append(f"  {'arguments':<22}{_gib(r.argument_bytes)} of {r.hbm_bytes / GiB:.0f} GiB HBM (from the "
+                     "shardings; activations unknown: not compiled)")
+        return "\n".join(lines + [f"note: {n}" for n in r.notes])
     lines += [f"  {'arguments (compiler)':<22}{_gib(r.argument_bytes)}",
               f"  {'activations (temp)':<22}{_gib(r.temp_bytes)}",
               f"  {'outputs not donated':<22}{_gib(max(r.output_bytes - r.alias_bytes, 0))}",
@@ -144,8 +148,6 @@ def format_report(r: Report, chip: Chip) -> str:
     if lp:
         lines.append(f"  largest parameter {lp['path']} {lp['shape']} {lp['dtype']} sharded {lp['spec'] or 'P()'}: "
                      f"{lp['bytes'] / 2**20:.1f} MiB, {lp['bytes_per_chip'] / 2**20:.1f} MiB per chip")
-    if not r.compiled:
-        return "\n".join(lines + [f"note: {n}" for n in r.notes])
     lines += ["per step, per chip:",
               f"  {r.flops / 1e12:.3f} TFLOP, {r.bytes_accessed / 1e9:.3f} GB accessed "
               f"(intensity {roof['arithmetic_intensity']:.0f} FLOP/byte)",

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="sampling compute dtype (default inference.dtype)")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="sampling weights as loaded (default float32, as converted)")
+    p.add_argument("--args-only", action="store_true",
+                   help="stop before compiling: parameter / optimiser / frozen / batch bytes per chip from the "
+                        "shardings, in seconds (no activations, FLOPs or time)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
 
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
     report, chip = compile_check(config, args.topology, job=args.job, config_name=config_name(args.config),
                                  width=args.width, height=args.height, steps=args.steps, num=args.num,
-                                 sampler=args.sampler, dtype=args.dtype, param_dtype=args.param_dtype)
+                                 sampler=args.sampler, dtype=args.dtype, param_dtype=args.param_dtype,
+                                 args_only=args.args_only)
     print(json.dumps(report.as_dict(chip)) if args.json else format_report(report, chip), flush=True)
     if not report.fits:
         print(f"error: {report.shortfall()}", file=sys.stderr, flush=True)
