@@ -46,7 +46,9 @@ def image_datapipeline(size: int, urls: str | Sequence[str] = "", *, required_ke
     return {
         "urls": urls,  # USER: shard paths, globs, brace patterns, folders, gs://...
         "pipeline_config": {"shardshuffle": shuffle, "sample_shuffle": shuffle, "required_keys": list(required_keys),
-                            "skip_bad_samples": True, "aspect_buckets": [list(b) for b in aspect_buckets]},
+                            "skip_bad_samples": True, "aspect_buckets": [list(b) for b in aspect_buckets],
+                            # 0: one stream per host; S: the same batches on any host count dividing S
+                            "num_streams": 0},
         "decoders": [decoder],
         "preencoded": False,  # True: urls are shards of python -m sgm_jax.data.preencode (postprocessors done)
         "postprocessors": [
@@ -61,7 +63,8 @@ def image_datapipeline(size: int, urls: str | Sequence[str] = "", *, required_ke
 
 def streaming_data(datapipeline: dict[str, Any], batch_size: int, num_workers: int = 6) -> dict[str, Any]:
     return {"target": "sgm.data.dataset.StableDataModuleFromConfig", "params": {"train": {
-        "datapipeline": datapipeline, "loader": {"batch_size": batch_size, "num_workers": num_workers}}}}
+        "datapipeline": datapipeline, "loader": {"batch_size": batch_size, "num_workers": num_workers}}},
+        "allow_changed_shards": False}  # True: resume on shards replaced under their names, with a warning
 
 
 def seed_lightning_training(name: str, **overrides: Any) -> dict[str, Any]:

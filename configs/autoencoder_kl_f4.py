@@ -55,7 +55,7 @@ def webdataset(urls=("DATA-PATH",), size=256, batch_size=8):
     return {"target": "sgm.data.dataset.StableDataModuleFromConfig", "params": {"train": {
         "datapipeline": {
             "urls": tuple(urls),
-            "pipeline_config": {"shardshuffle": 10000, "sample_shuffle": 10000},
+            "pipeline_config": {"shardshuffle": 10000, "sample_shuffle": 10000, "num_streams": 0},
             "decoders": ("pil",),
             "postprocessors": (
                 {"target": "sdata.mappers.TorchVisionImageTransforms", "params": {"key": "jpg", "transforms": (
@@ -65,7 +65,8 @@ def webdataset(urls=("DATA-PATH",), size=256, batch_size=8):
                 {"target": "sdata.mappers.AddOriginalImageSizeAsTupleAndCropToSquare",
                  "params": {"h_key": "height", "w_key": "width"}},
             )},
-        "loader": {"batch_size": batch_size, "num_workers": 4}}}}
+        "loader": {"batch_size": batch_size, "num_workers": 4}}},
+        "allow_changed_shards": False}  # True: resume on shards replaced under their names, with a warning
 
 
 def training(**overrides):

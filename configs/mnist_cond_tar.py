@@ -14,7 +14,7 @@ from sgm_jax.configs import mnist_cond_cpu
 
 def datapipeline(urls="", **pipeline_config):
     config = {"shardshuffle": 10000, "sample_shuffle": 1000, "required_keys": ["jpg", "cls"],
-              "skip_bad_samples": True, "aspect_buckets": []}
+              "skip_bad_samples": True, "aspect_buckets": [], "num_streams": 0}
     config.update(pipeline_config)
     return {
         "urls": urls,  # shard paths, globs, brace patterns, folders, gs://...
@@ -33,6 +33,6 @@ def get_config():
     config.data = {"target": "sgm.data.dataset.StableDataModuleFromConfig", "params": {"train": {
         "datapipeline": datapipeline(),
         "loader": {"batch_size": 32, "num_workers": 0},
-    }}}
+    }}, "allow_changed_shards": False}  # True: resume on shards replaced under their names, with a warning
     config.training.update(name="mnist_cond_tar", max_steps=3000, max_minutes=0.0)
     return config

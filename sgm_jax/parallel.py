@@ -8,7 +8,10 @@ one dimension). Global batches are split over both axes. One code path serves on
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
+import time
 from typing import Any, Mapping
 
 import jax
@@ -20,16 +23,112 @@ BATCH_AXES = ("data", "fsdp")
 MIN_FSDP_SIZE = 2**14
 
 
-def initialize_distributed() -> None:
-    """jax.distributed.initialize() when launched on several hosts (cluster env detected)."""
-    multi_host_env = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "TPU_WORKER_HOSTNAMES",
-                      "MEGASCALE_COORDINATOR_ADDRESS")
-    if any(os.environ.get(k) for k in multi_host_env) and jax.process_count() == 1:
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """How this process joins the others. Explicit settings (flags, or the variables
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) win; without them jax's own
+    cluster detection decides (Cloud TPU, SLURM, Open MPI, Kubernetes); neither: one process."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout: int = 300  # seconds the first contact may take (jax's default)
+    heartbeat_timeout: int = 100       # seconds without a peer's heartbeat before the job is failed
+
+    @classmethod
+    def from_env(cls, coordinator_address: str | None = None, num_processes: int | None = None,
+                 process_id: int | None = None, **timeouts: int) -> "DistributedSpec":
+        def env_int(name: str) -> int | None:
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return None
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+        return cls(coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+                   num_processes if num_processes is not None else env_int("JAX_NUM_PROCESSES"),
+                   process_id if process_id is not None else env_int("JAX_PROCESS_ID"),
+                   **{k: int(v) for k, v in timeouts.items() if v is not None})
+
+    @property
+    def explicit(self) -> bool:
+        return any(v is not None for v in (self.coordinator_address, self.num_processes, self.process_id))
+
+    def check(self) -> None:
+        """ValueError naming the missing / wrong setting of an explicit multi-process start."""
+        if not self.explicit or self.num_processes == 1:
+            return
+        missing = [flag for flag, v in (("--coordinator-address / JAX_COORDINATOR_ADDRESS", self.coordinator_address),
+                                        ("--num-processes / JAX_NUM_PROCESSES", self.num_processes),
+                                        ("--process-id / JAX_PROCESS_ID", self.process_id)) if v is None]
+        if missing:
+            raise ValueError(f"several processes need all three settings: {', '.join(missing)} not given")
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process id {self.process_id} is not in [0, {self.num_processes})")
+        if ":" not in self.coordinator_address:
+            raise ValueError(f"coordinator address {self.coordinator_address!r} needs a port: HOST:PORT")
+
+
+def detected_cluster() -> str | None:
+    """The name of the cluster environment jax would join through (no JAX call, no network
+    beyond what jax's own detection does), or None on a plain machine."""
+    from jax._src.clusters import ClusterEnv
+
+    for env in ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__
+    return None
+
+
+def initialize_distributed(spec: DistributedSpec | None = None) -> int:
+    """Join the job's processes; call first, before any other JAX call. Returns the process count.
+
+    A requested multi-process start that fails raises ValueError (one line): a run never goes
+    on alone when it was asked to run with others."""
+    spec = DistributedSpec.from_env() if spec is None else spec
+    spec.check()
+    if jax.distributed.is_initialized():
+        return jax.process_count()
+    if spec.explicit and spec.num_processes == 1:
+        return 1
+    cluster = None if spec.explicit else detected_cluster()
+    if not spec.explicit and cluster is None:
+        return 1
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        # CPU devices of several processes talk through gloo (GPU / TPU backends ignore this)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = (f"{spec.num_processes} processes at {spec.coordinator_address} (this is {spec.process_id})"
+             if spec.explicit else f"the {cluster} job")
+    kwargs = dict(initialization_timeout=spec.initialization_timeout,
+                  heartbeat_timeout_seconds=spec.heartbeat_timeout)
+    if spec.explicit:
+        kwargs.update(coordinator_address=spec.coordinator_address, num_processes=spec.num_processes,
+                      process_id=spec.process_id, cluster_detection_method="deactivate")
+    if spec.explicit and spec.process_id:
+        # jax aborts with a C++ trace when the coordinator never answers: find that out first
+        _wait_for_coordinator(spec.coordinator_address, spec.initialization_timeout, where)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as err:  # noqa: BLE001 (jax raises RuntimeError / XlaRuntimeError / ValueError)
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"could not join {where}: {reason}") from None
+    return jax.process_count()
+
+
+def _wait_for_coordinator(address: str, timeout: float, where: str) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError) as err:  # a single-host TPU VM also sets TPU_* vars
-            if "already" not in str(err).lower():
-                print(f"jax.distributed.initialize() skipped: {err}")
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise ValueError(f"could not join {where}: nothing answers at {address} after {timeout:.0f} s "
+                                 f"({err.strerror or err}); start process 0 there first, or fix the address") from None
+            time.sleep(0.5)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:

@@ -88,6 +88,7 @@ def test_train_bad_input_is_one_line_and_creates_nothing(args, message, tmp_path
     (["--config.inference.nums=1"], "did you mean --config.inference.num_steps?"),
     (["--sampler", "bogus"], "argument --sampler: invalid choice: 'bogus'"),
     (["--num", "100000", "--out", "/tmp/big_grid.png"], "a grid of 100000 images is too large"),
+    (["--lora", "style.safetensors:abc"], "--lora style.safetensors:abc: the scale 'abc' is not a number"),
 ])
 def test_sample_bad_values_are_one_line_before_any_work(args, message, tmp_path, capsys):
     rc = sample_cli.main(["--config", "inference/tiny_sdxl", "--checkpoint", str(tmp_path / "none"),
@@ -110,10 +111,22 @@ def test_sample_output_location_checked_first(tmp_path, capsys):
     assert "converted weights not found" in err and "convert_torch_weights.py" in err
 
 
+def _setuptools_builds_wheels() -> bool:
+    """Whether the installed setuptools meets pyproject's build requirement and builds wheels by
+    itself (70.1+, or older with the `wheel` package): a fresh venv's 65.5 does neither."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = tuple(int(x) for x in version("setuptools").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return installed >= (70, 1) or (installed >= (68, 0) and importlib.util.find_spec("wheel") is not None)
+
+
 def test_wheel_ships_the_configs_and_runs_outside_the_source_tree(tmp_path):
     """A non-editable build: the wheel holds sgm_jax.configs, and its commands work from any folder."""
     dist = tmp_path / "dist"
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []  # else pip fetches it
+    isolation = ["--no-build-isolation"] if _setuptools_builds_wheels() else []  # else pip fetches setuptools
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q",
                             "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]

@@ -357,3 +357,29 @@ def test_config_errors_are_one_line(mnist_shards):
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="divisible by 3 hosts"):
         from_config(stream_config(mnist_shards, batch_size=8), process_index=0, process_count=3)
+
+
+def test_an_image_of_another_size_is_a_bad_sample_not_a_shape_error(tmp_path, caplog):
+    """A 1x1 image among 8x8 ones (first in the file, even): skipped, named and counted, or fatal by flag."""
+    levels = [10, 40, 70, 100, 130, 160, 190]
+    samples = [{"__key__": "tiny", "png": _png(np.full((1, 1), 255, np.uint8)), "txt": "a dot", "cls": "1"}]
+    samples += [{"__key__": f"{v:04d}", "png": _png(np.full((8, 8), v, np.uint8)), "txt": "grey", "cls": "0"}
+                for v in levels]
+    W.write_tar_shards(iter(samples), str(tmp_path / "mixed-%d.tar"), 8)
+    urls = [str(tmp_path / "mixed-0.tar")]
+    ds = from_config(stream_config(urls, batch_size=7, shardshuffle=0), process_index=0, process_count=1)
+    assert ds.image_shape == (8, 8, 1)
+    it = ds.iterator(7, seed=0)
+    with caplog.at_level("WARNING"):
+        batch = next(it)
+    assert batch["jpg"].shape == (7, 8, 8, 1)
+    assert sorted(np.rint((batch["jpg"][:, 0, 0, 0] + 1) * 127.5).astype(int).tolist()) == levels
+    assert it.stats()["wrong_size"] == 1 and it.stats()["skipped_samples"] == 1
+    assert f"skipping bad sample tiny in {urls[0]}: 1x1 image after the postprocessors, but the model trains on " \
+           "8x8 (resize / crop all images to one size) (counted as data/wrong_size)" in caplog.text
+    strict = from_config(stream_config(urls, batch_size=7, shardshuffle=0, skip_bad_samples=False),
+                         process_index=0, process_count=1)
+    with pytest.raises(UserError, match="^bad sample tiny in .*mixed-0.tar: 1x1 image after the postprocessors, "
+                                        "but the model trains on 8x8") as e:
+        next(strict.iterator(7, seed=0))
+    assert "\n" not in str(e.value)

@@ -279,3 +279,43 @@ def test_gallery_captions_name_the_class_or_the_prompt(tmp_path):
         path = tmp_path / f"{len(condition)}.png"
         Image.new("L", (4, 4)).save(path, pnginfo=info)
         assert _caption(path) == shown
+
+
+def test_gradio_api_serves_without_the_page_and_caps_abusive_requests(models, cli_images, tmp_path):
+    """gradio_client against a live server on 127.0.0.1: class choices exist without a page load; a request
+    beyond the caps is one message naming the cap, and the valid request after it is served."""
+    pytest.importorskip("gradio_client")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from gradio_client import Client
+
+    from sgm_jax.cli.demo import SAMPLER_OPTIONS, build_app
+
+    label = models["sources"][0].label
+    service = DemoService(models["sources"][:1], tmp_path / "out", max_images=4, max_pixels=3 * 28 * 28)
+    service.cache = models["service"].cache  # the weights and compiled loop the other tests loaded
+    port = free_port()
+    app = build_app(service)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                       quiet=True, allowed_paths=[str(service.out_dir)])
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+
+        def generate(num: int) -> tuple:
+            return client.predict(label, "", "", ["3"], None, None, None, None, None, "config", SEED, num, None,
+                                  0.75, "none", 0.15, "", *[None] * len(SAMPLER_OPTIONS), api_name="/generate")
+
+        assert generate(10**6)[3] == ("error: 1000000 images asked: this demo serves at most 4 per request "
+                                      "(sgm-demo --max-images)")
+        assert generate(4)[3] == ("error: 4 images of 28x28 are 3,136 pixels: this demo serves at most 2,352 "
+                                  "(width x height x images) per request (sgm-demo --max-pixels)")
+        gallery, files, meta, status = generate(2)
+        assert status.startswith("2 image(s) in") and meta["conditions"] == "3"
+        shown = [np.asarray(Image.open(item["image"])) for item in gallery]
+        for a, b in zip(shown, cli_images["mnist"], strict=True):
+            np.testing.assert_array_equal(a, b)
+        # a seed beyond the generator's range is reduced modulo 2**32, not a traceback in the server log
+        paths, _ = service.generate(DemoRequest(model=label, classes=[3], seed=2**70 + SEED, num=2))
+        for a, b in zip(png_pixels(paths), cli_images["mnist"], strict=True):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        app.close()

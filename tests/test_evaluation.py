@@ -343,3 +343,35 @@ def test_full_size_clip_vit_l14_layout():
     validate(shapes, text_key_map(abstract["params"]), abstract["params"], prefix="text_model.",
              ignore_unexpected=("position_ids",))
     assert shapes["text_projection.weight"] == (768, 768) and shapes["visual_projection.weight"] == (768, 1024)
+
+
+def test_a_corrupt_or_truncated_statistics_file_is_one_line_naming_it(tmp_path, capsys):
+    import pickle
+
+    from sgm_jax.evaluation.cli import main
+    from sgm_jax.evaluation.images import save_image_folder
+
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, mu=np.zeros(64), sigma=np.eye(64))
+    files = {"garbage.npz": b"\xff\xfe not a zip at all", "truncated.npz": good.read_bytes()[:200],
+             "object.npz": pickle.dumps({"mu": [0.0], "sigma": [[1.0]]})}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    np.save(tmp_path / "bare.npy", np.zeros(3))
+    (tmp_path / "bare.npy").rename(tmp_path / "bare.npz")
+    for name in [*files, "bare.npz"]:
+        with pytest.raises(ValueError) as info:
+            load_statistics(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / name}: not a statistics file (a .npz of arrays 'mu' and 'sigma'; "
+                                  "this one is corrupt, truncated or another format: "), message
+        assert message.endswith("write one with evaluate.py --ref IMAGES --save-ref-stats FILE.npz")
+        assert "pickle" not in message.replace(str(tmp_path), "").lower() and "\n" not in message
+    assert load_statistics(good)[1].shape == (64, 64)
+    save_image_folder(tmp_path / "images", np.zeros((2, 8, 8, 1), np.uint8))
+    with pytest.raises(SystemExit) as exit_:  # before any weights are looked for
+        main(["--images", str(tmp_path / "images"), "--ref", str(tmp_path / "truncated.npz"), "--metrics", "fid",
+              "--out", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith(f"error: {tmp_path / 'truncated.npz'}: not a statistics file")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out.json").exists()

@@ -24,7 +24,7 @@ from sgm_jax.convert.unet import make_unet, unet_abstract_params, unet_key_map
 from sgm_jax.errors import UserError
 from sgm_jax.lora import (ATTENTION_TARGETS, CONV_TARGETS, LoraSet, LoraWarning, adapter_items, apply_loras,
                           export_kohya, init_adapters, load_adapters, merge_adapters, parse_lora_spec,
-                          seed_to_diffusers)
+                          read_lora, seed_to_diffusers)
 
 TOL = 1e-5
 UNET = "model.diffusion_model."
@@ -316,3 +316,23 @@ def test_lora_training_changes_only_adapters_and_exports(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the exported names all resolve
         apply_loras({"model": base}, [(path, 0.5)])
+
+
+def test_a_scale_that_is_no_number_and_a_file_holding_nan_are_one_line(tmp_path):
+    path = tmp_path / "style.safetensors"
+    down = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_v.lora_down.weight"
+    up = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_v.lora_up.weight"
+    broken = np.ones((64, 2), np.float32)
+    broken[3, 1] = np.nan
+    save_file({down: np.ones((2, 64), np.float32), up: broken, "lora_unet_out_0.alpha": np.array([np.inf], np.float32)}, str(path))
+    assert parse_lora_spec(f"{path}:0.5") == (str(path), 0.5)
+    for tail in ("abc", "nan", "inf", ""):
+        with pytest.raises(UserError) as info:
+            parse_lora_spec(f"{path}:{tail}")
+        assert str(info.value) == (f"--lora {path}:{tail}: the scale {tail!r} is not a number "
+                                   f"(FILE[:SCALE], e.g. {path}:0.8)")
+    with pytest.raises(UserError) as info:
+        read_lora(path)
+    assert str(info.value) == (f"LoRA file {path}: lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_v."
+                               "lora_up.weight holds NaN or Inf values (a damaged file or a diverged training): "
+                               "re-export or re-download it")

@@ -79,3 +79,33 @@ def test_class_folders_and_csv(photos, tmp_path):
     missing = subprocess.run([sys.executable, str(REPO / "prepare_data.py"), str(tmp_path / "nope"), str(out)],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist"
+
+
+def test_a_caption_that_is_not_utf8_is_named_skipped_and_counted(tmp_path):
+    for name, value in (("a", 10), ("b", 200), ("latin1", 90)):
+        _save(tmp_path / "in" / f"{name}.png", np.full((8, 8, 3), value, np.uint8))
+    (tmp_path / "in" / "a.txt").write_text("a dark square")
+    (tmp_path / "in" / "b.txt").write_text("a bright square")
+    (tmp_path / "in" / "latin1.txt").write_bytes("un carr\xe9 gris".encode("latin-1"))
+    proc = subprocess.run([sys.executable, str(REPO / "prepare_data.py"), str(tmp_path / "in"), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: {tmp_path / 'in' / 'latin1.txt'} is not UTF-8 text; skipping latin1.png" in proc.stderr
+    assert "wrote 2 samples in 1 shards; skipped 1 unreadable images or captions" in proc.stdout
+    captions = sorted(s["txt"].decode() for s in W.shard_samples(str(tmp_path / "out" / "data-000000.tar")))
+    assert captions == ["a bright square", "a dark square"]
+
+
+def test_a_source_that_is_an_image_or_a_non_utf8_table_is_one_line(tmp_path):
+    image = tmp_path / "photo.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    proc = subprocess.run([sys.executable, str(REPO / "prepare_data.py"), str(image), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {image} is neither a folder nor a .csv / .parquet table: give a folder of images (with same-name "
+        ".txt captions or class sub-folders) or a table of path,caption rows")
+    table = tmp_path / "table.csv"
+    table.write_bytes("path,caption\nphoto.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(Exception, match=f"^{table} is not UTF-8 text: save the path,caption table as UTF-8$"):
+        prepare(str(table), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()

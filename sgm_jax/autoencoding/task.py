@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax import multihost
 from sgm_jax.autoencoding.engine import AutoencoderState, build_parts, init_state, logvar_of
 from sgm_jax.autoencoding.lpips import LPIPS, find_lpips_weights, load_lpips_params
 from sgm_jax.autoencoding.step import make_train_step, reconstruct
@@ -77,7 +78,7 @@ class AutoencoderTask:
         n, nrow = int(tc.get("num_samples", 16)), int(tc.get("sample_nrow", 8))
         x = np.asarray(self.images(self.dataset.example_batch(n)), np.float32)
         rec, _ = jax.jit(lambda p, x: reconstruct(self.parts, p, x))(self.first_stage_params(state), x)
-        rec = np.clip(np.asarray(rec), -1.0, 1.0)
+        rec = np.clip(multihost.to_host(rec), -1.0, 1.0)
         rows = []  # each row of inputs, then the same row reconstructed
         for start in range(0, len(x), nrow):
             rows += [x[start:start + nrow], rec[start:start + nrow]]
@@ -143,7 +144,7 @@ class AutoencoderTask:
             sums: dict[str, float] = {}
             for start in range(0, len(x_all), batch):
                 x = x_all[start:start + batch]
-                for k, v in jax.device_get(fn(params, disc_vars, logvar, x)).items():
+                for k, v in multihost.to_host(fn(params, disc_vars, logvar, x)).items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(x)
             out.update({prefix + k: v / len(x_all) for k, v in sums.items()})
         return out

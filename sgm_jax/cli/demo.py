@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sgm_jax.errors import USER_EXCEPTIONS, one_line, run_cli
+from sgm_jax.errors import USER_EXCEPTIONS, UserError, one_line, run_cli
 
 from .configs import ArgumentParser
 
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where generated PNGs are kept (default: a temporary folder)")
     p.add_argument("--cache-dir", default="~/.cache/sgm_jax/jax_cache", help="JAX persistent compilation cache")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--max-images", type=int, default=64, help="images per request at most (default 64)")
+    p.add_argument("--max-pixels", type=int, default=16 * 1024 * 1024,
+                   help="width x height x images per request at most (default 16 x 1024 x 1024)")
     return p
 
 
@@ -44,15 +47,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_cli(lambda: serve(args))
 
 
-def make_service(specs: Sequence[str], tokenizer: str | None = None, out: str | None = None) -> Any:
+def make_service(specs: Sequence[str], tokenizer: str | None = None, out: str | None = None, **caps: int) -> Any:
+    """caps: max_images, max_pixels (DemoService's)."""
     from sgm_jax.inference.service import DemoService, ModelSource, discover
 
     sources = [ModelSource.parse(s) for s in specs] if specs else discover(["workdir", "checkpoints"])
-    return DemoService(sources, out, tokenizer)
+    return DemoService(sources, out, tokenizer, **caps)
 
 
 def serve(args: argparse.Namespace) -> int:
-    service = make_service(args.model, args.tokenizer, args.out)  # checked before anything starts
+    if args.max_images <= 0 or args.max_pixels <= 0:
+        raise UserError("--max-images and --max-pixels must be positive")
+    service = make_service(args.model, args.tokenizer, args.out, max_images=args.max_images,
+                           max_pixels=args.max_pixels)  # checked before anything starts
     if not args.no_cache:
         from sgm_jax.inference.loading import enable_compilation_cache
 
@@ -81,14 +88,18 @@ def build_app(service: Any) -> Any:
 
     labels = list(service.sources)
     converted = [label for label in labels if service.sources[label].kind == "converted"]
-    first = service.info(labels[0])
+    infos = [service.info(label) for label in labels]
+    first = infos[0]
+    # the choices the server accepts are fixed here: every model's, so the API works without a page load
+    # (each page load and model change then narrows them to that model's)
+    all_classes = [str(c) for c in sorted({c for info in infos for c in info["classes"]})]
+    all_resolutions = [CUSTOM] + sorted({r for info in infos for r in info["resolutions"]})
 
     def model_fields(info: dict[str, Any]) -> list[Any]:
         resolution = f"{info['width']}x{info['height']}"
         choices = [CUSTOM] + info["resolutions"]
         discretizations = (["config"] if info["kind"] == "workdir" else []) + ["legacy_ddpm", "edm"]
-        disc = info["discretization"]
-        disc = disc if disc in discretizations else ("edm" if "edm" in str(disc).lower() else "legacy_ddpm")
+        disc = _discretization(info)
         sized = info["kind"] != "workdir"  # a trained model samples at its training size
         return [gr.update(visible=info["text"]), gr.update(visible=info["text"]),
                 gr.update(choices=[str(c) for c in info["classes"]], value=[str(c) for c in info["classes"][:1]],
@@ -106,8 +117,10 @@ def build_app(service: Any) -> Any:
                 model = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="model")
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative_prompt")
-                classes = gr.CheckboxGroup(label="Classes", elem_id="classes")
-                resolution = gr.Dropdown(label="Resolution (width x height)", elem_id="resolution")
+                classes = gr.CheckboxGroup(all_classes, value=[str(c) for c in first["classes"][:1]],
+                                           label="Classes", elem_id="classes")
+                resolution = gr.Dropdown(all_resolutions, value=CUSTOM, label="Resolution (width x height)",
+                                         elem_id="resolution")
                 with gr.Row():
                     width = gr.Number(label="Width", precision=0, elem_id="width")
                     height = gr.Number(label="Height", precision=0, elem_id="height")
@@ -115,7 +128,8 @@ def build_app(service: Any) -> Any:
                     sampler = gr.Dropdown(list(SAMPLER_NAMES), label="Sampler", elem_id="sampler")
                     steps = gr.Number(label="Steps", precision=0, elem_id="steps")
                     cfg = gr.Number(label="CFG scale", elem_id="cfg_scale")
-                    discretization = gr.Dropdown(label="Discretization", elem_id="discretization")
+                    discretization = gr.Dropdown(["config", "legacy_ddpm", "edm"], value=_discretization(first),
+                                                 label="Discretization", elem_id="discretization")
                 with gr.Accordion("Sampler parameters (those of the chosen sampler apply)", open=False):
                     with gr.Row():
                         options = [gr.Number(value=None, label=f"{k} (empty: default)", elem_id=k)
@@ -177,8 +191,16 @@ def build_app(service: Any) -> Any:
 
         generate.click(run, [model, prompt, negative, classes, width, height, sampler, steps, cfg, discretization,
                              seed, num, init, strength, refiner, refiner_strength, lora, *options],
-                       [gallery, files, metadata, status])
+                       [gallery, files, metadata, status], api_name="generate")
     return app
+
+
+def _discretization(info: dict[str, Any]) -> str:
+    """The discretization choice that names a model's own schedule."""
+    disc = info["discretization"]
+    if info["kind"] == "workdir" and disc == "config":
+        return disc
+    return disc if disc in ("legacy_ddpm", "edm") else ("edm" if "edm" in str(disc).lower() else "legacy_ddpm")
 
 
 def _caption(path: Any) -> str:

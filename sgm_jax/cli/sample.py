@@ -25,8 +25,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from sgm_jax.errors import UserError, run_cli
+from sgm_jax import multihost
+from sgm_jax.errors import UserError
 
+from . import distributed
 from .configs import ArgumentParser, apply_overrides, config_name, load_config, split_overrides
 
 SAMPLERS = ("euler_edm", "heun_edm", "euler_ancestral", "dpmpp2s_ancestral", "dpmpp2m", "linear_multistep")
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--progress-steps", action="store_true",
                      help="per-step progress from inside the compiled loop even with the cache on (recompiles)")
     out.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    distributed.add_flags(p)
     return p
 
 
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(rest)
         if args.debug:
             os.environ["SGM_JAX_TRACEBACK"] = "1"
-        run_cli(lambda: run(args, overrides))
+        distributed.run_job(lambda: run(args, overrides))
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     return 0
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     from sgm_jax.inference.outputs import output_paths, save_grid, save_images
 
     config = request_config(args, overrides)
+    distributed.start(args)  # before any other JAX call; each host then samples its share on its devices
     inf = config.inference
     options = parse_options(args.sampler_option)
     loras = parse_loras(args.lora)
@@ -219,18 +223,36 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
             captions += caps
         else:
             written += save_images(images, paths[first:first + len(images)], meta, caps, first=first)
-    if grid is not None:
-        written = [save_grid(np.concatenate(kept), grid, num, meta, captions)]
+    if grid is not None:  # every host's share, in image order, to process 0
+        images = multihost.gather_rows(np.concatenate(kept) if kept else np.zeros((0,), np.uint8))
+        captions = [c for host in multihost.gather_json(captions) for c in host]
+        written = [save_grid(images, grid, num, meta, captions)] if multihost.is_main() else []
     report_timings(models, time.perf_counter() - t0, max(len(conds), 1) * num)
     for path in written:
         print(f"wrote {path}")
     return 0
 
 
-def blocks_of(total: int, batch: int) -> list[tuple[int, int]]:
-    """(first, count) blocks of a request: whole compiled batches, a few at a time."""
-    block = batch * BLOCK_BATCHES
-    return [(first, min(block, total - first)) for first in range(0, total, block)]
+def whole_devices(batch: int, devices: int) -> int:
+    """The batch each compiled call runs: rounded up to the devices (the runner pads so)."""
+    return -(-batch // devices) * devices
+
+
+def blocks_of(groups: int, per_group: int, batch: int) -> list[tuple[int, int, int]]:
+    """(group, first, count) blocks of this host's share of a request: `groups` prompts / one
+    workdir request of `per_group` images each, in whole compiled batches, a few at a time.
+
+    On several hosts each takes a contiguous share of the compiled batches (host order = image
+    order), samples it on its own devices and writes its images; image i's noise depends on
+    (seed, i) alone, so the pixels do not depend on the number of hosts."""
+    batches = [(g, first, min(batch, per_group - first)) for g in range(groups) for first in range(0, per_group, batch)]
+    blocks: list[tuple[int, int, int]] = []
+    for g, first, count in (batches[i] for i in multihost.host_share(len(batches))):
+        if blocks and blocks[-1][0] == g and blocks[-1][2] < batch * BLOCK_BATCHES:
+            blocks[-1] = (g, blocks[-1][1], blocks[-1][2] + count)
+        else:
+            blocks.append((g, first, count))
+    return blocks
 
 
 def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], options: dict[str, float],
@@ -244,7 +266,7 @@ def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], opti
     spec = model.spec(**options)
     num = int(inf["num_samples"])
     total = max(len(conds), 1) * num
-    batch = args.batch_size or model.batch_size(total)
+    batch = whole_devices(args.batch_size or model.batch_size(total), model.mesh.size)
     print(f"{model.name} (step {model.step}): {len(conds) or 1} condition(s) x {num}, {spec.name} "
           f"{spec.steps} steps, cfg {inf['cfg_scale']}, {model.mesh.size} device(s)")
     meta = {"model": model.name, "workdir": str(args.workdir), "step": model.step, "ema": not args.no_ema,
@@ -255,7 +277,7 @@ def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], opti
 
     def blocks() -> Iterator:
         bars = ProgressBars()
-        for first, count in blocks_of(total, batch):
+        for _, first, count in blocks_of(1, total, batch):
             result = model.sample(conds, num=num, seed=int(inf["seed"]), spec=spec, batch_size=batch,
                                   negative_prompt=str(inf.get("negative_prompt", "")), progress=bars,
                                   start=first, count=count)
@@ -303,7 +325,7 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
     spec = SamplerSpec.create(inf["sampler"], int(inf["num_steps"]), inf["discretization"], **options)
     refiner_spec = SamplerSpec.create(inf["sampler"], int(args.refiner_steps or inf["num_steps"]),
                                       inf["discretization"], **options)
-    batch = args.batch_size or base.batch_size(num)
+    batch = whole_devices(args.batch_size or base.batch_size(num), mesh.size)
     negative, img2img = str(inf["negative_prompt"]), float(inf["img2img_strength"])
     print(f"{name}: {width}x{height}, {len(prompts)} prompt(s) x {num}, {spec.name} {spec.steps} steps, "
           f"cfg {scale}, {mesh.size} {jax.default_backend()} device(s)")
@@ -336,10 +358,9 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
 
     def blocks() -> Iterator:
         bars = ProgressBars()
-        for p, prompt in enumerate(prompts):  # each prompt: the images of its own request
-            for first, count in blocks_of(num, batch):
-                images = one(prompt, count, {"batch_size": batch, "progress": bars, "first_index": first})
-                yield p * num + first, images, [prompt] * count if len(prompts) > 1 else []
+        for p, first, count in blocks_of(len(prompts), num, batch):  # each prompt: its own request
+            images = one(prompts[p], count, {"batch_size": batch, "progress": bars, "first_index": first})
+            yield p * num + first, images, [prompts[p]] * count if len(prompts) > 1 else []
         bars.close()
 
     return meta, [base] + ([refiner] if refiner else []), blocks()

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from sgm_jax.errors import run_cli
-
+from . import distributed
 from .configs import ArgumentParser, apply_overrides, load_config, packaged_config_names, split_overrides
 
 DEFAULT_CONFIG = "mnist_cond_cpu"
@@ -29,18 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help=f"config file or shipped config name (default {DEFAULT_CONFIG})")
     p.add_argument("--workdir", help="checkpoints, metrics, samples and the resolved config go here "
-                                     "(default: workdir/<config.training.name>)")
+                                     "(default: workdir/<config.training.name>); on several hosts, one shared "
+                                     "folder (NFS, Filestore, gcsfuse) that every host sees")
+    distributed.add_flags(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
-    run_cli(lambda: run(args.config, overrides, args.workdir))
+    distributed.run_job(lambda: run(args.config, overrides, args.workdir, args))
 
 
-def run(config_spec: str, overrides: list[tuple[str, str]], workdir: str | None) -> int:
+def run(config_spec: str, overrides: list[tuple[str, str]], workdir: str | None,
+        args: argparse.Namespace | None = None) -> int:
     config = apply_overrides(load_config(config_spec), overrides)  # before anything touches the disk
+    distributed.start(args or build_parser().parse_args([]))  # before any other JAX call
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,9 +34,20 @@ class DataSource:
     name: str
     kind: str
     location: str
+    files: tuple[str, ...] = ()  # the shard / record files read, whose size and mtime a resumed run checks
 
     def describe(self) -> str:
         return f"{self.name} from {self.kind}: {self.location}"
+
+    def file_stamps(self) -> dict[str, list[int]]:
+        """{path: [size in bytes, modification time in ns]} of the local files (remote ones are not read):
+        what run.json records so that a resumed run notices shards replaced under the same names."""
+        stamps = {}
+        for path in self.files:
+            if "://" not in path and os.path.isfile(path):
+                st = os.stat(path)
+                stamps[path] = [int(st.st_size), int(st.st_mtime_ns)]
+        return stamps
 
 
 def to_model_range(images: np.ndarray) -> np.ndarray:

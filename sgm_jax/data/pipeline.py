@@ -16,8 +16,10 @@ Exact resume by deterministic index arithmetic, wrapped in Grain's checkpointabl
   on the worker's slice of the host's shards and interleaves their batches round-robin;
   its state holds each worker's state, so the order is exact for a fixed worker count.
 
-Hosts: host p of P reads shards p, p + P, ... (records: indices p, p + P, ...) and yields
-batch_size / P samples per step, so the hosts' batches together form the global batch.
+Hosts: the data is read as S streams (`num_streams`, default one per host): stream s reads
+shards s, s + S, ... (records: indices s, s + S, ...) and gives batch_size / S samples per step;
+host p of P reads streams p S/P ... (p + 1) S/P - 1, one after another, so the hosts' batches
+together form the global batch, the same for any P that divides S.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class StreamSpec:
     buckets: tuple = ()
     skip_bad_samples: bool = True
     preencoded: bool = False                   # samples of sgm_jax.data.preencode: arrays, no image to decode
+    image_size: tuple = ()                     # (H, W) every transformed image must have (() = the first's)
 
 
 def _record_source(spec: StreamSpec) -> Any:
@@ -237,6 +240,8 @@ class BatchIterator(grain.DatasetIterator):
         self.steps = T.build_steps(spec.postprocessors, spec.buckets or None)
         self.pending: dict[int, list] = {}
         self.counts: collections.Counter = collections.Counter()
+        self._size: tuple = ()
+        self._named: set[str] = set()
 
     def transform(self, identity: Sequence[int], raw: dict) -> dict:
         if self.spec.preencoded:  # the transforms ran when the shards were written
@@ -244,11 +249,26 @@ class BatchIterator(grain.DatasetIterator):
             if self.spec.buckets:
                 sample["__bucket__"] = _bucket_of(sample["__image_shape__"], self.spec.buckets)
             return sample
+        sample = self.transform_image(identity, raw)
+        if not self.spec.buckets:  # buckets crop every image to its bucket; otherwise one size must fit all
+            self._check_size(tuple(sample["jpg"].shape[:2]))
+        return sample
+
+    def transform_image(self, identity: Sequence[int], raw: dict) -> dict:
+        """A raw image sample decoded and transformed (no size check)."""
         if P.is_preencoded(raw):
             raise UserError(f"sample {raw.get('__key__')} in {raw.get('__url__', 'the data')} is pre-encoded: "
                             "set datapipeline.preencoded=True to train from it")
         sample = T.decode(raw, self.spec.image_mode, ("jpg",) + tuple(self.spec.required))
         return T.apply_steps(sample, self.steps, T.sample_rng(self.spec.seed, identity), to_float=False)
+
+    def _check_size(self, size: tuple[int, int]) -> None:
+        expected = tuple(self.spec.image_size) or self._size
+        if not expected:
+            self._size = size
+        elif size != expected:
+            raise T.BadSample("wrong_size", f"{size[0]}x{size[1]} image after the postprocessors, but the model "
+                              f"trains on {expected[0]}x{expected[1]} (resize / crop all images to one size)")
 
     def __next__(self) -> dict:
         while True:
@@ -259,6 +279,10 @@ class BatchIterator(grain.DatasetIterator):
                 if not self.spec.skip_bad_samples:
                     raise UserError(f"bad sample {raw.get('__key__')} in {raw.get('__url__', 'records')}: {e} "
                                     "(pipeline_config.skip_bad_samples=True skips and counts them)") from None
+                if e.kind not in self._named:  # the first of each kind by name, the rest counted
+                    log.warning("skipping bad sample %s in %s: %s (counted as data/%s)", raw.get("__key__"),
+                                raw.get("__url__", "records"), e, e.kind)
+                    self._named.add(e.kind)
                 self.counts[e.kind] += 1
                 continue
             key = int(sample.pop("__bucket__", 0))

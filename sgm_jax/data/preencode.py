@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from sgm_jax import multihost
+
 from sgm_jax.data import preencoded as P
 from sgm_jax.errors import UserError
 
@@ -84,8 +86,6 @@ def _check_config(config: Any) -> None:
     if str(config.data.get("target", "")) not in STREAMING_TARGETS:
         raise UserError(f"data.target {config.data.get('target')!r} is not a streaming data set: pre-encoding reads "
                         "webdataset tar shards (prepare_data.py writes them)")
-    if jax.process_count() > 1:
-        raise UserError("pre-encode on one host (all its devices are used); the shards then feed any number of hosts")
 
 
 def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", samples_per_shard: int = 1000,
@@ -105,6 +105,7 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.glob(f"{name}-*.tar")) and not overwrite:
         raise UserError(f"{out} already holds {name}-*.tar shards (--overwrite replaces them)")
+    multihost.sync("sgm_jax:preencode_checked")  # no host writes before every host has looked
     dataset = data.from_config(config.data, split="train")
     if dataset.spec.kind != "tar":
         raise UserError(f"pre-encoding reads webdataset tar shards, not {dataset.source.describe()}")
@@ -115,7 +116,13 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
     if engine.first_stage is None:
         raise UserError("this config has no first stage (model.params.first_stage_config): pre-encoding stores "
                         "latent moments; train pixel-space models from the raw data")
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    # several hosts: each encodes its own shards on its own devices (no collectives: their sample
+    # counts differ) and writes <name>-host<p>-NNNNNN.tar; the glob <name>-*.tar reads them all
+    local = jax.local_devices()
+    fsdp = len(local) if int(config.mesh.fsdp) == -1 else int(config.mesh.fsdp)
+    mesh = parallel.make_mesh(-1, fsdp if len(local) % fsdp == 0 else 1, devices=local)
+    hosts, host = jax.process_count(), jax.process_index()
+    shard_name = name if hosts == 1 else f"{name}-host{host:03d}"
     batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
     example = task.prepare_batch({k: v[:2] for k, v in dataset.example_batch(2).items()})
@@ -152,13 +159,21 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
             yield from encode_group(group)
 
     # (--overwrite) a failed or interrupted pass leaves the earlier shards intact
-    paths = replace_shard_set(out, name, samples(), samples_per_shard)
+    paths = replace_shard_set(out, shard_name, samples(), samples_per_shard)
+    every = multihost.gather_json({"paths": paths, "samples": index, "skipped": dict(counts),
+                                   "shapes": sorted(shapes)})
+    paths = [path for h in every for path in h["paths"]]
     if not paths:
         raise UserError(f"no usable sample in the data ({dict(counts) or 'empty'})")
-    result = {"paths": paths, "samples": index, "skipped": dict(counts), "urls": shard_urls(paths),
-              "stored_embedders": list(stored), "passthrough": sorted(keep), "image_shapes": sorted(shapes),
-              "dtype": dtype}
-    (out / f"{name}.json").write_text(json.dumps({k: v for k, v in result.items() if k != "paths"}, indent=1))
+    skipped: collections.Counter = collections.Counter()
+    for h in every:
+        skipped.update(h["skipped"])
+    result = {"paths": paths, "samples": sum(h["samples"] for h in every), "skipped": dict(skipped),
+              "urls": shard_urls(paths) if hosts == 1 else str(out / f"{name}-*.tar"),
+              "stored_embedders": list(stored), "passthrough": sorted(keep),
+              "image_shapes": sorted({tuple(s) for h in every for s in h["shapes"]}), "dtype": dtype}
+    if multihost.is_main():
+        (out / f"{name}.json").write_text(json.dumps({k: v for k, v in result.items() if k != "paths"}, indent=1))
     return result
 
 
@@ -166,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """python -m sgm_jax.data.preencode --config CONFIG --out DIR [--dtype float16] [--config.a.b=v ...]"""
     import sys
 
+    from sgm_jax.cli import distributed
     from sgm_jax.cli.configs import ArgumentParser, apply_overrides, load_config, split_overrides
-    from sgm_jax.errors import run_cli
 
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     p = ArgumentParser(prog="python -m sgm_jax.data.preencode", description=__doc__.split("\n\n")[0])
@@ -177,23 +192,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--name", default="preencoded", help="shard file prefix: <name>-000000.tar")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards of that name")
+    distributed.add_flags(p)
     args = p.parse_args(rest)
 
     def run() -> int:
         config = apply_overrides(load_config(args.config), overrides)
+        distributed.start(args)  # before any other JAX call; each host then encodes its own shards
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
         r = preencode(config, args.out, dtype=args.dtype, samples_per_shard=args.samples_per_shard, name=args.name,
                       overwrite=args.overwrite)
         skipped = sum(v for k, v in r["skipped"].items() if k != "truncated_shards")
+        if not multihost.is_main():
+            return 0
         print(f"wrote {r['samples']} samples in {len(r['paths'])} shards (frozen embedders stored: "
               f"{r['stored_embedders'] or 'none'}){f'; skipped {skipped} bad samples' if skipped else ''}")
         print(f"train from them with the same config and --config.data.params.train.datapipeline.urls='{r['urls']}' "
               "--config.data.params.train.datapipeline.preencoded=True")
         return 0
 
-    run_cli(run)
+    distributed.run_job(run)
 
 
 if __name__ == "__main__":

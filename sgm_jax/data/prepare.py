@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +26,7 @@ from sgm_jax.data import webdataset as W
 from sgm_jax.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+TABLE_SUFFIXES = (".csv", ".parquet")
 
 
 def list_folder(root: Path) -> list[dict]:
@@ -37,13 +39,17 @@ def list_folder(root: Path) -> list[dict]:
     entries = []
     for p in images:
         caption_file = p.with_suffix(".txt")
-        entry = {"path": p, "caption": caption_file.read_text("utf-8").strip() if caption_file.is_file() else None,
-                 "cls": None, "class_name": None}
+        entry = {"path": p, "caption": None, "cls": None, "class_name": None}
+        if caption_file.is_file():
+            try:
+                entry["caption"] = caption_file.read_text("utf-8").strip()
+            except UnicodeDecodeError:  # the sample is skipped and counted, the pack goes on
+                entry["bad"] = caption_file
         if by_class:
             name = p.relative_to(root).parts[0]
             entry.update(cls=class_dirs.index(name), class_name=name)
         entries.append(entry)
-    if not by_class and not any(e["caption"] for e in entries):
+    if not by_class and not any(e["caption"] or "bad" in e for e in entries):
         raise UserError(f"{root}: images have neither same-name .txt captions nor class sub-folders")
     return entries
 
@@ -55,8 +61,11 @@ def list_table(table: Path) -> list[dict]:
 
         rows = pq.read_table(table).to_pylist()
     else:
-        with open(table, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(table, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except UnicodeDecodeError:
+            raise UserError(f"{table} is not UTF-8 text: save the path,caption table as UTF-8") from None
     if not rows or "path" not in rows[0] or "caption" not in rows[0]:
         raise UserError(f"{table} needs 'path' and 'caption' columns (found {list(rows[0]) if rows else 'no rows'})")
     return [{"path": (table.parent / str(r["path"])).resolve(), "caption": str(r["caption"] or "").strip() or None,
@@ -101,8 +110,9 @@ def write_array_records(samples: Iterator[dict], pattern: str, per_file: int) ->
 
 def prepare(source: str, out_dir: str, *, samples_per_shard: int = 1000, name: str = "data", fmt: str = "tar",
             shuffle_seed: int | None = 0, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the shards; returns {"paths", "samples", "skipped", "urls"} (urls: the pattern
-    to put in config.data ... datapipeline.urls)."""
+    """Write the shards; returns {"paths", "samples", "skipped", "urls"} (skipped: the unreadable
+    images and non-UTF-8 captions, whose samples are left out; urls: the pattern to put in
+    config.data ... datapipeline.urls)."""
     src, out = Path(source).expanduser(), Path(out_dir).expanduser()
     if not src.exists():
         raise UserError(f"{source} does not exist")
@@ -113,6 +123,9 @@ def prepare(source: str, out_dir: str, *, samples_per_shard: int = 1000, name: s
     suffix = ".tar" if fmt == "tar" else ".array_record"
     if out.exists() and any(out.glob(f"{name}-*{suffix}")) and not overwrite:
         raise UserError(f"{out} already holds {name}-*{suffix} shards (--overwrite replaces them)")
+    if not src.is_dir() and src.suffix.lower() not in TABLE_SUFFIXES:
+        raise UserError(f"{source} is neither a folder nor a .csv / .parquet table: give a folder of images (with "
+                        "same-name .txt captions or class sub-folders) or a table of path,caption rows")
     entries = list_folder(src) if src.is_dir() else list_table(src)
     if shuffle_seed is not None:  # mix classes / folders across shards: streams read shards in order
         random.Random(shuffle_seed).shuffle(entries)
@@ -120,6 +133,11 @@ def prepare(source: str, out_dir: str, *, samples_per_shard: int = 1000, name: s
 
     def samples() -> Iterator[dict]:
         for i, entry in enumerate(tqdm(entries, desc="packing", unit="img", disable=not progress)):
+            if "bad" in entry:
+                print(f"warning: {entry['bad']} is not UTF-8 text; skipping {Path(entry['path']).name}",
+                      file=sys.stderr)
+                skipped.append(str(entry["bad"]))
+                continue
             sample = encode_sample(i, entry)
             if sample is None:
                 skipped.append(str(entry["path"]))
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                          fmt=args.format, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
                          overwrite=args.overwrite)
         print(f"wrote {result['samples']} samples in {len(result['paths'])} shards"
-              + (f"; skipped {len(result['skipped'])} unreadable images" if result["skipped"] else ""))
+              + (f"; skipped {len(result['skipped'])} unreadable images or captions" if result["skipped"] else ""))
         print(f"config.data ... datapipeline.urls: {result['urls']}")
         return 0
 

@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from sgm_jax.data.image_modes import to_mode
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CLASS_JSON_KEYS = ("cls", "class", "label")
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
@@ -70,7 +72,7 @@ def decode(raw: dict, mode: str = "RGB", required: Sequence[str] = ("jpg",)) -> 
             else:
                 arr = np.asarray(image)
                 pil = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-            out["jpg"] = pil if pil.mode == mode else pil.convert(mode)
+            out["jpg"] = to_mode(pil, mode)  # 16-bit, float and transparent images keep their values
         except Exception as e:  # PIL raises many types for broken files
             raise BadSample("undecodable_image", f"undecodable image ({type(e).__name__})") from None
         out["__decoded_size__"] = (out["jpg"].height, out["jpg"].width)

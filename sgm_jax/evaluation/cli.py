@@ -21,9 +21,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
-from sgm_jax.errors import UserError, run_cli
+from sgm_jax import multihost
+from sgm_jax.cli import distributed
+from sgm_jax.errors import UserError
 from sgm_jax.evaluation.images import load_image_folder, save_image_folder
 from sgm_jax.evaluation.registry import EVALUATORS, EvalOptions, build_evaluators, evaluate_images
 
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-data", help="MNIST IDX folder the classifier trains on (default: search)")
     p.add_argument("--save-ref-stats", help="write the reference FID statistics (.npz) here")
     p.add_argument("--out", help="JSON output (default: <workdir>/evaluation.json or <images>_metrics.json)")
+    distributed.add_flags(p)
     return p
 
 
@@ -82,8 +86,15 @@ def generate_from_workdir(workdir: str, conditions: Sequence[Any], num: int, *, 
 
     model = TrainedModel.load(workdir)
     used = conditions if model.conditional else []
-    result = model.sample(used, num=per, seed=seed, spec=model.spec(sampler, steps), cfg_scale=cfg_scale)
-    return np.asarray(result.images), labels
+    # several hosts: each samples a contiguous share of the compiled batches (noise depends on the image index)
+    batch = model.batch_size(num)
+    mine = multihost.host_share(-(-num // batch))
+    start, stop = mine.start * batch, min(mine.stop * batch, num)
+    if start >= stop:
+        return np.zeros((0, *model.image_shape), np.uint8), []
+    result = model.sample(used, num=per, seed=seed, spec=model.spec(sampler, steps), cfg_scale=cfg_scale,
+                          batch_size=batch, start=start, count=stop - start)
+    return np.asarray(result.images), labels[start:stop]
 
 
 def real_main(args: argparse.Namespace) -> int:
@@ -95,6 +106,7 @@ def real_main(args: argparse.Namespace) -> int:
     if not (args.workdir or args.images) and not (args.save_ref_stats and metrics == ["fid"]):
         raise UserError("give --workdir W or --images DIR (or only --ref REF --save-ref-stats OUT.npz "
                         "to compute reference FID statistics)")
+    distributed.start(args)  # before any other JAX call
     t0 = time.time()
     evaluators = build_evaluators(metrics, options)  # weights and references first: fail before sampling
     if not (args.workdir or args.images):
@@ -107,8 +119,9 @@ def real_main(args: argparse.Namespace) -> int:
         conditions = _read_lines(args.prompts) if args.prompts else conditions
         images, conditioning = generate_from_workdir(args.workdir, conditions, args.num, sampler=args.sampler,
                                                      steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
-        if args.save_samples:
-            save_image_folder(args.save_samples, images, conditioning)
+        if args.save_samples:  # each host its own images, named by their index in the request
+            first = multihost.gather_json(len(images))[: jax.process_index()]
+            save_image_folder(args.save_samples, images, conditioning, start=sum(first))
         out = Path(args.out or Path(args.workdir) / "evaluation.json")
     else:
         images, conditioning = load_image_folder(args.images, args.limit)
@@ -117,19 +130,23 @@ def real_main(args: argparse.Namespace) -> int:
             if len(captions) < len(images):
                 raise UserError(f"{args.captions}: {len(captions)} lines for {len(images)} images")
             conditioning = captions[: len(images)]
+        mine = multihost.host_share(len(images))  # several hosts: each evaluates its share
+        images = images[mine.start:mine.stop]
+        conditioning = None if conditioning is None else list(conditioning)[mine.start:mine.stop]
         out = Path(args.out or Path(args.images).resolve().parent / f"{Path(args.images).resolve().name}_metrics.json")
     results = evaluate_images(evaluators, images, conditioning)
     report = {"metrics": results, "source": args.workdir or args.images, "ref": args.ref,
               "seconds": round(time.time() - t0, 2)}
     if args.workdir:
         report.update(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(results))
-    print(f"wrote {out}")
+    if multihost.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(results))
+        print(f"wrote {out}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    run_cli(lambda: real_main(args))
+    distributed.run_job(lambda: real_main(args))

@@ -92,13 +92,25 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such statistics file")
-    with np.load(path) as f:
-        if "mu" not in f.files or "sigma" not in f.files:
-            raise ValueError(f"{path}: not FID statistics (needs arrays 'mu' and 'sigma', has {f.files})")
-        mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+    arrays = _read_npz(path)
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise ValueError(f"{path}: not FID statistics (needs arrays 'mu' and 'sigma', has {sorted(arrays)})")
+    mu, sigma = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
     return mu, sigma
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz; a file that is none (corrupt, truncated, a pickle, a bare .npy) is one
+    line that names it and never suggests unpickling (statistics are plain arrays)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: np.asarray(f[k]) for k in f.files}
+    except Exception as e:  # zipfile, zlib, numpy and OS errors alike
+        raise ValueError(f"{path}: not a statistics file (a .npz of arrays 'mu' and 'sigma'; this one is corrupt, "
+                         f"truncated or another format: {type(e).__name__}); write one with evaluate.py --ref "
+                         "IMAGES --save-ref-stats FILE.npz") from None
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:

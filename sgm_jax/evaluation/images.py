@@ -51,9 +51,9 @@ def load_image_folder(directory: str | os.PathLike, limit: int | None = None) ->
 
 
 def save_image_folder(directory: str | os.PathLike, images: np.ndarray, conditioning: Sequence[Any] | None = None,
-                      prefix: str = "") -> list[Path]:
-    """Write uint8 `[N, H, W, C]` (or float in [-1, 1]) as PNGs `<prefix>000000.png`, ...; the
-    conditioning goes into each PNG's text metadata (`class` or `prompt`)."""
+                      prefix: str = "", start: int = 0) -> list[Path]:
+    """Write uint8 `[N, H, W, C]` (or float in [-1, 1]) as PNGs `<prefix>000000.png`, ... (numbered
+    from `start`); the conditioning goes into each PNG's text metadata (`class` or `prompt`)."""
     from PIL import Image, PngImagePlugin
 
     directory = Path(directory)
@@ -67,7 +67,7 @@ def save_image_folder(directory: str | os.PathLike, images: np.ndarray, conditio
         cond = None if conditioning is None else conditioning[i]
         if cond is not None:
             meta.add_text("class" if isinstance(cond, (int, np.integer)) else "prompt", str(cond))
-        path = directory / f"{prefix}{i:06d}.png"
+        path = directory / f"{prefix}{start + i:06d}.png"
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, pnginfo=meta)
         paths.append(path)
     return paths

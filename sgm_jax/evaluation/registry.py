@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from sgm_jax import multihost
 from sgm_jax.evaluation import fid as fid_lib
 from sgm_jax.evaluation.images import is_split_reference, load_image_folder, load_split
 
@@ -54,7 +55,14 @@ class FIDEvaluator:
         self.features, self.reference = features, reference
 
     def __call__(self, images: np.ndarray, conditioning: Any = None) -> dict[str, float]:
-        stats = fid_lib.GaussianStats.from_features(self.features(images))
+        return self.from_rows(self.rows(images, conditioning))
+
+    def rows(self, images: np.ndarray, conditioning: Any = None) -> np.ndarray:
+        """Per-image Inception features [N, 2048]: what each host computes of its share."""
+        return self.features(images)
+
+    def from_rows(self, features: np.ndarray) -> dict[str, float]:
+        stats = fid_lib.GaussianStats.from_features(features)
         return {"fid": fid_lib.frechet_distance_stats(stats, self.reference)}
 
 
@@ -63,9 +71,10 @@ def build_fid(options: EvalOptions) -> FIDEvaluator:
 
     if not options.ref:
         raise ValueError("FID needs reference images or statistics: give --ref DIR|stats.npz|mnist:test")
+    stats = fid_lib.load_statistics(options.ref) if str(options.ref).endswith(".npz") else None  # before the weights
     features = fid_lib.InceptionFeatures(load_inception_params(options.inception_weights), options.batch_size)
-    if str(options.ref).endswith(".npz"):
-        reference = fid_lib.GaussianStats(*fid_lib.load_statistics(options.ref))
+    if stats is not None:
+        reference = fid_lib.GaussianStats(*stats)
     else:
         images, _ = load_reference_images(options.ref, options.ref_limit)
         reference = fid_lib.GaussianStats.from_features(features(images))
@@ -137,11 +146,27 @@ def check_conditioning(evaluator: Any, conditioning: Sequence[Any] | None, n: in
 
 def evaluate_images(evaluators: Sequence[Any], images: np.ndarray,
                     conditioning: Sequence[Any] | None) -> dict[str, float]:
-    """Every evaluator's metrics on one image set, merged, plus `num_images`."""
+    """Every evaluator's metrics on one image set, merged, plus `num_images`.
+
+    On several hosts `images` / `conditioning` are this host's share, and the metrics (the same
+    on every host) are those of all hosts' images: an evaluator with per-image `rows` (FID's
+    features) computes them on its share and the rows are gathered; the others see the
+    gathered images."""
     for evaluator in evaluators:
         check_conditioning(evaluator, conditioning, len(images))
-    metrics: dict[str, float] = {"num_images": float(len(images))}
+    everything: tuple[np.ndarray, Any] | None = None
+    metrics: dict[str, float] = {"num_images": float(sum(multihost.gather_json(len(images))))}
     for evaluator in evaluators:
-        metrics.update(evaluator(images, conditioning))
+        if hasattr(evaluator, "rows"):
+            metrics.update(evaluator.from_rows(multihost.gather_rows(evaluator.rows(images, conditioning))))
+            continue
+        if everything is None:
+            everything = (multihost.gather_rows(images), None if conditioning is None else
+                          [c for host in multihost.gather_json(_json_conditions(conditioning)) for c in host])
+        metrics.update(evaluator(*everything))
     return metrics
+
+
+def _json_conditions(conditioning: Sequence[Any]) -> list[Any]:
+    return [int(c) if isinstance(c, (int, np.integer)) else c for c in conditioning]
 

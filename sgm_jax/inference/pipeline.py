@@ -32,7 +32,7 @@ from sgm_jax.parallel import make_mesh, replicated
 
 from .conditioning import ConditioningValues, PromptEncoder
 from .runner import SamplingRunner, StepEvent, Timing, to_uint8  # noqa: F401  (re-exported)
-from .sampling import SamplerSpec
+from .sampling import SamplerSpec, seed_key
 
 Cond = dict[str, jax.Array]
 
@@ -191,7 +191,7 @@ class Pipeline:
         run_kw = {**run_kw, "batch_size": run_kw.get("batch_size") or self.batch_size(num)}
         out = self.runner.run(self.sampling_params, spec, c, uc, num=num, latent_shape=tuple(latent_shape), x0=x0,
                               add_noise=add_noise, decode=decode, cfg_scale=scale,
-                              seed_key=jax.random.fold_in(jax.random.key(seed), stage), **run_kw)
+                              seed_key=jax.random.fold_in(seed_key(seed), stage), **run_kw)
         sigmas = {self.name: spec.sigmas()}
         if decode:
             return SampleResult(images=out, latents=np.empty((0,), np.float32), sigmas=sigmas)

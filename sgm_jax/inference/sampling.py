@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import numpy as np
 
 from sgm_jax.diffusion.discretization import (
@@ -22,6 +23,15 @@ from sgm_jax.diffusion.discretization import (
 )
 from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
 from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler, get_sampler
+
+SEED_RANGE = 2**32  # seeds are reduced modulo this: JAX keeps only the low 32 bits of a seed without x64
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a user's seed: any integer works, reduced modulo 2**32 (so 2**32 + 5 gives
+    seed 5's images, as it always did: JAX itself keeps the low 32 bits of a 64-bit seed)."""
+    return jax.random.key(int(seed) % SEED_RANGE)
+
 
 # the seed's demo defaults for each sampler's extra knobs (streamlit_helpers.get_sampler)
 _EDM = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 999.0, "s_noise": 1.0}

@@ -28,7 +28,7 @@ from .outputs import save_images, to_pil
 from .pipeline import check_size, engine_for_sampling, size_multiple, txt2img_with_refiner
 from .runner import StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec
-from .workdir import AS_TRAINED
+from .workdir import AS_TRAINED, read_workdir_config
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class ModelSource:
             config, path = None, spec
         p = Path(path).expanduser()
         if (p / "config.json").is_file() and config is None:
+            read_workdir_config(p)  # an autoencoder's workdir: one line saying what it is for
             return cls(f"{p.name} (trained)", "workdir", str(p))
         if config is None:
             meta = p / "metadata.json"
@@ -93,12 +94,19 @@ class DemoRequest:
     loras: list[str] = field(default_factory=list)
 
 
+MAX_IMAGES = 64                   # images per request (sgm-demo --max-images)
+MAX_PIXELS = 16 * 1024 * 1024     # width x height x images per request: 16 SDXL images (--max-pixels)
+
+
 class DemoService:
     """Per-step progress comes from inside the compiled loop (step_progress=True): such loops are
-    not written to JAX's persistent cache, but a server compiles each once per process anyway."""
+    not written to JAX's persistent cache, but a server compiles each once per process anyway.
+    A request beyond max_images, or beyond max_pixels in width x height x images, is refused
+    before any work, so one abusive request cannot hold the queue."""
 
     def __init__(self, sources: list[ModelSource], out_dir: str | os.PathLike | None = None,
-                 tokenizer: str | None = None) -> None:
+                 tokenizer: str | None = None, max_images: int = MAX_IMAGES, max_pixels: int = MAX_PIXELS) -> None:
+        self.max_images, self.max_pixels = int(max_images), int(max_pixels)
         if not sources:
             raise UserError("no models: pass --model DIR (a train.py workdir or converted weights) or put them "
                             "under ./workdir or ./checkpoints")
@@ -148,6 +156,7 @@ class DemoService:
         if req.num <= 0 or (req.steps is not None and req.steps <= 0) or req.seed < 0:
             raise UserError("count and steps must be positive, the seed >= 0")
         s = self.source(req.model)
+        self._check_caps(s, req)
         t0 = time.perf_counter()
         if s.kind == "workdir":
             images, captions, meta = self._trained(s, req, progress)
@@ -158,6 +167,22 @@ class DemoService:
         paths = save_images(images, [folder / f"{config_name(s.path)}_s{req.seed}_{i:03d}.png"
                                      for i in range(len(images))], meta, captions)
         return paths, meta
+
+    def _check_caps(self, s: ModelSource, req: DemoRequest) -> None:
+        if req.num > self.max_images:
+            raise UserError(f"{req.num} images asked: this demo serves at most {self.max_images} per request "
+                            "(sgm-demo --max-images)")
+        info = self.info(s.label)
+        if req.init_image is not None:  # img2img: the upload's size
+            height, width = np.shape(req.init_image)[:2]
+        elif s.kind == "workdir":  # a trained model samples at its training size
+            width, height = info["width"], info["height"]
+        else:
+            width, height = req.width or info["width"], req.height or info["height"]
+        pixels = int(width) * int(height) * req.num
+        if pixels > self.max_pixels:
+            raise UserError(f"{req.num} images of {width}x{height} are {pixels:,} pixels: this demo serves at most "
+                            f"{self.max_pixels:,} (width x height x images) per request (sgm-demo --max-pixels)")
 
     def _trained(self, s: ModelSource, req: DemoRequest, progress) -> tuple[np.ndarray, list[str], dict]:
         model = self.cache.trained(s.path, step_progress=True)

@@ -13,6 +13,7 @@ the SDXL pipelines (sgm_jax.inference.runner): a new condition, seed or CFG scal
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,16 +31,25 @@ from sgm_jax.parallel import make_mesh, replicated
 from .conditioning import ConditioningValues, embedder_input_keys, get_batch
 from .pipeline import SampleResult
 from .runner import SamplingRunner, StepEvent
-from .sampling import SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization
+from .sampling import SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization, seed_key
 
 AS_TRAINED = "config"  # inference.discretization of a workdir: the training config's own schedule
 
 
 def read_workdir_config(workdir: str | Path) -> ConfigDict:
+    """config.json of a diffusion model's train.py run; an autoencoder's run is one line saying what it is for."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a train.py --workdir?")
-    return ConfigDict(json.loads(path.read_text()))
+    config = ConfigDict(json.loads(path.read_text()))
+    model = config.get("model") or {}
+    params = model.get("params") or {}
+    autoencoder = "encoder_config" in params or "autoencod" in str(model.get("target", "")).lower()
+    if autoencoder and "network_config" not in params:
+        raise UserError(f"{workdir} holds an autoencoder (a first stage), which has no sampler: use it as a latent "
+                        f"model's first stage (--config.model.params.first_stage_config.params.ckpt_path={workdir}) "
+                        f"or export it (python -m sgm_jax.autoencoding.firststage {workdir} --safetensors FILE)")
+    return config
 
 
 def example_batch(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -99,7 +109,11 @@ def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[i
                 else split_params(engine, abstract)[0])
     check_tree_matches(ckpt_dir / str(step if step is not None else steps[0]), {"params": expected},
                        prefixes=("params.",))
-    step, params = restore_params(ckpt_dir, step=step, use_ema=use_ema)
+    def skipped(bad: int, reason: str) -> None:  # train.py's warning line: which step, why
+        print(f"warning: checkpoint {bad} does not restore ({reason}); sampling from the previous one",
+              file=sys.stderr)
+
+    step, params = restore_params(ckpt_dir, step=step, use_ema=use_ema, on_skip=skipped)
     bad = next((jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params)
                 if not np.isfinite(np.asarray(v)).all()), None)
     if bad is not None:  # a run that diverged before the finite-update guard existed: images would be noise
@@ -230,7 +244,7 @@ class TrainedModel:
         scale = float(self.inference["cfg_scale"] if cfg_scale is None else cfg_scale)
         latent = tuple(self.engine.latent_shape((1,) + self.image_shape))[1:]
         images = self.runner.run(self.params, spec, c, uc, num=count, latent_shape=latent, cfg_scale=scale,
-                                 seed_key=jax.random.key(seed), batch_size=batch_size or self.batch_size(total),
+                                 seed_key=seed_key(seed), batch_size=batch_size or self.batch_size(total),
                                  progress=progress, first_index=start)
         captions = [str(conditions[i]) for i in rows] if self.conditional else []
         return SampleResult(images=images, latents=np.empty((0,), np.float32), sigmas={self.name: spec.sigmas()},

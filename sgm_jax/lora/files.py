@@ -18,6 +18,7 @@ diffusers / peft (diffusers' training scripts, `save_lora_weights`):
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -151,6 +152,11 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"LoRA file {path}: not a readable safetensors file: {' '.join(str(e).split())}") from None
+    bad = next((k for k in sorted(tensors) if np.issubdtype(tensors[k].dtype, np.floating)
+                and not np.isfinite(tensors[k]).all()), None)
+    if bad is not None:  # merged, it would turn every image black
+        raise UserError(f"LoRA file {path}: {bad} holds NaN or Inf values (a damaged file or a diverged "
+                        "training): re-export or re-download it")
     lora = parse_lora(tensors, str(path), metadata)
     if not lora.modules:
         raise UserError(f"LoRA file {path}: no LoRA weights in it (neither kohya `lora_unet_*.lora_down.weight` "
@@ -159,11 +165,15 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """`FILE[:SCALE]` (the CLI's --lora) -> (path, scale); scale 1.0 when absent."""
+    """`FILE[:SCALE]` (the CLI's --lora) -> (path, scale); scale 1.0 when absent. A file whose
+    name holds a colon is taken whole; any other text after the last colon must be a finite number."""
     path, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or tail.endswith(".safetensors") or Path(spec).expanduser().is_file():
+        return spec, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        scale = math.nan
+    if not math.isfinite(scale):
+        raise UserError(f"--lora {spec}: the scale {tail!r} is not a number (FILE[:SCALE], e.g. {path}:0.8)")
+    return path, scale

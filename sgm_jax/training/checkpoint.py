@@ -16,12 +16,13 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sgm_jax import multihost
 from sgm_jax.errors import UserError, one_line
 
 STATE, DATA, LEGACY = "state", "data", "default"
@@ -77,6 +78,8 @@ class Checkpointer:
             if saved and not self.async_save:
                 self.manager.wait_until_finished()
         except Exception as e:  # disk full, permission, ...: one line, no half-written folder left
+            if multihost.lost_peer(e):  # not the disk: another host is gone (the entry point says so)
+                raise
             self._failed(step, e)
         self._pending = step if saved and self.async_save else None
         return bool(saved)
@@ -88,10 +91,23 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
+            if multihost.lost_peer(e):
+                raise
             self._failed(step, e)
 
     def _failed(self, step: int, e: BaseException) -> None:
+        try:  # let the failed save's other writes end first: they would recreate its temp folder
+            self.manager.wait_until_finished()
+        except Exception:
+            pass
+        # TensorStore writes of a failed synchronous save have no handle to wait on and can still
+        # create files after the error: remove until no temp folder reappears for half a second
         remove_interrupted_saves(self.directory)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if not remove_interrupted_saves(self.directory):
+                break
         raise UserError(f"saving checkpoint {step} in {self.directory} failed: {one_line(e)} "
                         "(disk full or not writable?); earlier checkpoints are intact", exit_code=3) from e
 
@@ -114,20 +130,29 @@ class Checkpointer:
         """
         for step in step_dirs(self.directory):
             check_tree_matches(self.directory / str(step), abstract_state)
+            error: Exception | None = None
             try:
                 state, data_state = self.restore_step(step, abstract_state)
-                return step, state, data_state
             except Exception as e:  # truncated / deleted files: fall back to the previous checkpoint
-                aside = self.quarantine(step)
-                report(f"warning: checkpoint {step} does not restore ({one_line(e)[:200]}); moved to {aside}, "
+                error = e
+            # all hosts restore the same step: one host's failure moves the checkpoint aside for all
+            if not multihost.agree_max([error is not None])[0]:
+                return step, state, data_state
+            aside = self.quarantine(step)
+            if multihost.is_main():
+                why = one_line(error)[:200] if error is not None else "it failed on another host"
+                report(f"warning: checkpoint {step} does not restore ({why}); moved to {aside}, "
                        "resuming from the previous one")
         return None, None, None
 
     def quarantine(self, step: int) -> Path:
+        """Process 0 moves checkpoint `step` to corrupt_checkpoints/; every host then forgets it."""
         src = self.directory / str(step)
         dest = self.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(dest))
+        if multihost.is_main():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dest))
+        multihost.sync(f"sgm_jax:quarantine_{step}")
         self.manager.reload()
         return dest
 
@@ -201,14 +226,16 @@ def check_tree_matches(step_dir: Path, abstract_state: Any, prefixes: Iterable[s
         raise UserError(f"checkpoint {step_dir} was written by a different model than this config: {problem}")
 
 
-def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema: bool = True) -> tuple[int, Any]:
+def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema: bool = True,
+                   on_skip: Callable[[int, str], None] | None = None) -> tuple[int, Any]:
     """(step, params) of a training checkpoint: the EMA weights when present and asked for, else
-    the raw ones; nothing else (no optimiser state) is read. Newest restorable step by default."""
+    the raw ones; nothing else (no optimiser state) is read. Newest restorable step by default;
+    on_skip(step, reason) hears of each newer one that did not restore (when an older one does)."""
     directory = Path(checkpoint_dir).absolute()
     steps = [step] if step is not None else step_dirs(directory)
     if not steps or not (directory / str(steps[0])).is_dir():
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory}: train first")
-    errors = []
+    skipped: list[tuple[int, str]] = []
     for s in steps:
         step_dir = directory / str(s)
         item = step_dir / _item_names(step_dir)[0]
@@ -217,15 +244,18 @@ def restore_params(checkpoint_dir: str | Path, step: int | None = None, use_ema:
             name = "ema_params" if use_ema and tree.get("ema_params") is not None else "params"
             target = jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(
-                    jax.devices()[0])), {name: tree[name]})
+                    jax.local_devices()[0])), {name: tree[name]})
             with ocp.PyTreeCheckpointer() as ckptr:
                 restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                     partial_restore=True))
-            return s, restored[name]
         except Exception as e:
-            errors.append(f"{s}: {one_line(e)[:160]}")
-    raise UserError(f"no checkpoint in {directory} restores ({'; '.join(errors)})")
+            skipped.append((s, one_line(e)[:200]))
+            continue
+        for bad, reason in skipped if on_skip is not None else ():
+            on_skip(bad, reason)
+        return s, restored[name]
+    raise UserError(f"no checkpoint in {directory} restores ({'; '.join(f'{s}: {r[:160]}' for s, r in skipped)})")
 
 
 def read_json(path: Path) -> Any:

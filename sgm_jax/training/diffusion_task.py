@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax import multihost
 from sgm_jax.data.preencoded import is_stored_output
 from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.engine import DiffusionEngine, build_engine
@@ -166,7 +167,8 @@ class DiffusionTask:
             shape = (int(tc.num_samples),) + tuple(self.dataset.image_shape)
             self._sample_fn = make_sample_fn(self.engine, self.engine.latent_shape(shape))
         batch, labels = self._grid
-        images = jax.device_get(self._sample_fn(self.sampling_params(state), batch, jax.random.key(int(tc.seed) + 7)))
+        images = multihost.to_host(self._sample_fn(self.sampling_params(state), batch,
+                                                   jax.random.key(int(tc.seed) + 7)))
         scale = 2 if images.shape[1] <= 64 else 1
         return {"": make_grid(np.asarray(images), int(tc.sample_nrow), labels, scale=scale)}
 
@@ -187,8 +189,7 @@ class DiffusionTask:
             images = []
             for start in range(0, n, chunk):
                 part = {k: np.resize(v[start:start + chunk], (chunk,) + v.shape[1:]) for k, v in batch.items()}
-                images.append(np.asarray(jax.device_get(sample(params, part, jax.random.fold_in(
-                    jax.random.key(seed), start)))))
+                images.append(multihost.to_host(sample(params, part, jax.random.fold_in(jax.random.key(seed), start))))
             return np.concatenate(images)[:n], conditioning
 
         return self._evaluator(generate, step)

@@ -8,6 +8,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from sgm_jax.errors import UserError
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[N, H, W, C] in [-1, 1] -> uint8 [N, H, W, C]."""
@@ -69,6 +71,11 @@ def save_png(image: Image.Image, path: str | Path, metadata: Mapping[str, str] |
     for k, v in (metadata or {}).items():
         info.add_text(str(k), str(v))
     tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)
+    except OSError as e:  # a full disk: one line, and no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"writing {path} failed: {e.strerror or e} (disk full or not writable?); nothing was "
+                        "written there", exit_code=3) from None
     return path

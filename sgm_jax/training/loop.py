@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from sgm_jax import parallel
+from sgm_jax import multihost, parallel
 from sgm_jax.errors import UserError
 
 from .checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
@@ -62,6 +62,15 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    @classmethod
+    def code(cls, name: str | None) -> int:
+        """A signal's name as a number the hosts can agree on (0: none)."""
+        return 0 if name is None else 1 + [s.name for s in cls.SIGNALS].index(name)
+
+    @classmethod
+    def name(cls, code: int) -> str:
+        return cls.SIGNALS[code - 1].name
 
 
 def _dataset(config: Any) -> Any:
@@ -162,21 +171,6 @@ def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: An
                jax.jit(init, out_shardings=state_sharding), step_fn, example, prepare)
 
 
-def _gather_hosts(value: dict) -> list[dict]:
-    """Every host's JSON-able `value`, in process order (the data position of each host)."""
-    if jax.process_count() == 1:
-        return [value]
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    length = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
-    padded = np.zeros((length,), np.uint8)
-    padded[: raw.size] = raw
-    rows = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in np.asarray(rows).reshape(jax.process_count(), -1)]
-
-
 def step_flops(run: Run, batch: Any, base_key: Any, nonfinite_run: Any, frozen: Any) -> float | None:
     """FLOPs of one train step (XLA's cost analysis of the lowered step, all devices together)."""
     try:
@@ -217,23 +211,30 @@ def train(config: Any, workdir: str | Path, run: Run | None = None) -> dict[str,
 
     `run`: a Run built earlier from a config that differs from this one in `training` stopping
     and logging fields at most (benchmarks and tests: the compiled step is reused)."""
-    parallel.initialize_distributed()
     workdir = Path(workdir)
-    is_main = jax.process_index() == 0
+    is_main = multihost.is_main()
     run = build_run(config) if run is None else dataclasses.replace(run, config=config)
     ckpt_dir = workdir / "checkpoints"
     existing = step_dirs(ckpt_dir)
     if existing:  # the checkpoint must belong to this model before anything is written
         check_tree_matches(ckpt_dir / str(existing[0]), run.abstract_state)
     data_description = run.dataset.source.describe() if run.dataset.source else ""
-    check_run_record(workdir, data_description)
+    check_run_record(workdir, data_description, run.dataset.source.file_stamps() if run.dataset.source else None,
+                     bool(config.data.get("allow_changed_shards", False)))
 
     workdir.mkdir(parents=True, exist_ok=True)
-    with WorkdirLock(workdir):
+    lock = WorkdirLock(workdir, jax.process_index())
+    problem = lock.acquire()
+    if multihost.agree_max([problem is not None])[0]:  # every host stops, not only the one refused
+        lock.release()
+        raise UserError(problem or f"{workdir} is in use by another training (another host of this job was "
+                                   "refused its lock); wait for it to finish or choose another --workdir")
+    with lock:
         if is_main:
             removed = remove_interrupted_saves(ckpt_dir)
             if removed:
                 print(f"removed {len(removed)} unfinished checkpoint save(s): {', '.join(p.name for p in removed)}")
+        multihost.sync("sgm_jax:workdir_ready")
         return _train_locked(run, workdir, is_main, data_description)
 
 
@@ -249,7 +250,8 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
     if is_main:
         write_json_atomic(workdir / "config.json", _config_text(config))
         write_json_atomic(workdir / "run.json", {"image_shape": list(dataset.image_shape), "data": data_description,
-                                                 "task": task.name})
+                                                 "task": task.name,
+                                                 "shards": dataset.source.file_stamps() if dataset.source else {}})
         if restored_step is not None:
             truncate_after(workdir / "metrics.jsonl", start)
             print(f"resumed from {checkpointer.directory}/{restored_step}")
@@ -295,7 +297,7 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
         if not bool(jax.device_get(finite_fn(state_))):
             raise UserError(f"state at step {step} holds non-finite values: not saved (last checkpoint: "
                             f"{checkpointer.latest_step()}); lower model.base_learning_rate", exit_code=3)
-        data = {"hosts": _gather_hosts(batches.get_state())}
+        data = {"hosts": multihost.gather_json(batches.get_state())}
         checkpointer.save(step, state_, data, force=force)
 
     metrics = MetricsWriter(workdir, enabled=is_main)
@@ -335,8 +337,12 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                     metrics.write(done, row)
                     bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{rate:.2f}")
                     loss_acc, n_acc, skipped, last_t, last_step = 0.0, 0, 0, now, done
-                if flag.stop:
-                    stopped_by = flag.stop
+                # one collective a step (none on one host): a signal or the time budget that reached any
+                # host stops every host after this same step
+                signal_code, over_time = multihost.agree_max(
+                    [_StopFlag.code(flag.stop), bool(max_seconds and time.time() - t0 > max_seconds)])
+                if signal_code:
+                    stopped_by = _StopFlag.name(signal_code)
                     break
                 if done % ckpt_every == 0:
                     check_divergence(nonfinite_run, done)
@@ -345,7 +351,7 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
                     write_grids(state, done)
                 if eval_every > 0 and done % eval_every == 0:
                     metrics.write(done, {f"eval/{k}": v for k, v in task.evaluate(state, done).items()})
-                if max_seconds and time.time() - t0 > max_seconds:
+                if over_time:
                     stopped_by = "max_minutes"
                     break
         bar.close()

@@ -1,0 +1,111 @@
+"""Several real processes on this machine, joined as the hosts of one job (test helper).
+
+Each process is an entry point's real command line with the README's flags
+(`--coordinator-address 127.0.0.1:PORT --num-processes N --process-id I`), `devices` simulated
+CPU devices of its own and gloo collectives: what N nodes of a cluster see. A persistent
+compilation cache shared by all runs of a test session keeps repeated compiles cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("SGM_JAX_TEST_CACHE", REPO / ".pytest_cache" / "jax_cache"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_env(devices: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_", "OMPI_", "PMI_"))}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COMPILATION_CACHE_DIR=str(CACHE),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    return env
+
+
+class Job:
+    """`n` processes of one command line (`argv` after the python executable), started at once."""
+
+    def __init__(self, argv: Sequence[str], n: int, devices: int, logs: Path, heartbeat: int = 20):
+        self.port, self.logs = free_port(), Path(logs)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        flags = [] if n == 1 else ["--coordinator-address", f"127.0.0.1:{self.port}", "--num-processes", str(n),
+                                   "--heartbeat-timeout", str(heartbeat)]
+        for i in range(n):
+            ids = [] if n == 1 else ["--process-id", str(i)]
+            with open(self.logs / f"out{i}.txt", "w") as out, open(self.logs / f"err{i}.txt", "w") as err:
+                self.procs.append(subprocess.Popen([sys.executable, *map(str, argv), *flags, *ids], cwd=REPO,
+                                                   env=host_env(devices), stdout=out, stderr=err))
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.time() + timeout
+        try:
+            return [p.wait(timeout=max(deadline - time.time(), 1)) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"job still running after {timeout} s:\n{self.tail()}") from None
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def signal(self, index: int, sig: int = signal.SIGTERM) -> None:
+        self.procs[index].send_signal(sig)
+
+    def stderr(self, index: int) -> str:
+        return (self.logs / f"err{index}.txt").read_text()
+
+    def stdout(self, index: int) -> str:
+        return (self.logs / f"out{index}.txt").read_text()
+
+    def tail(self) -> str:
+        return "\n".join(f"--- process {i}:\n{self.stderr(i)[-1500:]}" for i in range(len(self.procs)))
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
+
+def error_lines(text: str) -> list[str]:
+    """The lines a user reads: jax's distributed-runtime chatter (gloo's peer counts) left out."""
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("[Gloo]")]
+
+
+def metrics(workdir: Path) -> list[dict]:
+    rows = []
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the line process 0 is writing right now
+            pass
+    return rows
+
+
+def wait_for_step(workdir: Path, step: int, job: Job, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = Path(workdir) / "metrics.jsonl"
+        if path.is_file() and any(row["step"] >= step for row in metrics(workdir)):
+            return
+        if any(p.poll() is not None for p in job.procs):
+            raise AssertionError(f"a process ended before step {step}:\n{job.tail()}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s:\n{job.tail()}")
