@@ -70,7 +70,8 @@ def run_row(config: str, topology: str, extra: tuple[str, ...]) -> dict:
     wall = time.time() - t0
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "wall_seconds": wall,
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": last.removeprefix("error: "), "wall_seconds": wall,
                 "command": " ".join(cmd[1:])}
     report = json.loads(lines[-1])
     report.update(wall_seconds=wall, exit_code=proc.returncode, command=" ".join(cmd[1:-1]))
