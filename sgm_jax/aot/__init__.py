@@ -69,8 +69,8 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
         groups, facts = lower_train_step(config, devices, (int(height), int(width)) if width else None)
         compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes, args_only)
         h, w = facts["image_shape"][:2]
-        notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global); traced and lowered in "
-                     f"{lower_s:.1f} s, compiled in {seconds:.1f} s")
+        notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global)" + (
+            f"; traced and lowered in {lower_s:.1f} s, compiled in {seconds:.1f} s" if seconds else ""))
         return build_report(compiled, job="train", config=config_name, topology=topology, chip=chip,
                             devices=devices, mesh=facts["mesh"], images_per_step=facts["batch_size"],
                             groups=groups, compile_seconds=lower_s + seconds, notes=notes), chip

@@ -135,8 +135,10 @@ def format_report(r: Report, chip: Chip) -> str:
     for name, n in r.groups.items():
         lines.append(f"  {name:<22}{_gib(n)}   (all chips: {r.groups_global[name] / GiB:.3f} GiB)")
     if not r.compiled:
+        verdict = ("the arguments fit, activations unknown" if r.fits else
+                   f"DOES NOT FIT ({(r.total_bytes - r.hbm_bytes) / GiB:.2f} GiB short before any activation)")
         lines.append(f"  {'arguments':<22}{_gib(r.argument_bytes)} of {r.hbm_bytes / GiB:.0f} GiB HBM (from the "
-                     "shardings; activations unknown: not compiled)")
+                     f"shardings; not compiled): {verdict}")
         return "\n".join(lines + [f"note: {n}" for n in r.notes])
     lines += [f"  {'arguments (compiler)':<22}{_gib(r.argument_bytes)}",
               f"  {'activations (temp)':<22}{_gib(r.temp_bytes)}",
