@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+
+# With libtpu installed (CI installs it for tests/test_compile_check.py), a plain JAX start on a
+# CPU machine would first try to open a TPU (seconds, and error lines on the stderr that CLI tests
+# read): the suite runs on CPU, and libtpu's one-process lock would stop `pytest -n 2`. Set before
+# JAX is imported; subprocesses inherit it. The compile check itself picks its platform alone.
+if importlib.util.find_spec("libtpu") is not None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SGM_JAX_SHARED", REPO.parent / "shared"))

@@ -74,7 +74,9 @@ class DiffusionTask:
     name = "diffusion"
     accumulates_gradients = True  # training.grad_accum: the loop feeds k stacked micro-batches (step.py)
 
-    def __init__(self, config: Any, dataset: Any):
+    def __init__(self, config: Any, dataset: Any, tokenizer: Any = None):
+        """tokenizer: the CLIP tokenizer (default: load_tokenizer(training.tokenizer)), or a stand-in
+        when only shapes matter (sgm_jax.aot's compile check)."""
         self.config, self.dataset = config, dataset
         tc = config.training
         self.engine = build_engine(config.model, dtype=tc.dtype)
@@ -86,7 +88,8 @@ class DiffusionTask:
         if any(spec.is_text for spec in self.engine.conditioner.specs):
             from sgm_jax.nn.tokenizer import load_tokenizer
 
-            self._tokenizers = text_tokenizers(self.engine.conditioner, load_tokenizer(tc.tokenizer or None))
+            tokenizer = load_tokenizer(tc.tokenizer or None) if tokenizer is None else tokenizer
+            self._tokenizers = text_tokenizers(self.engine.conditioner, tokenizer)
         self._tx = None
         self._loaded: tuple[dict | None, dict] | None = None
         self.frozen: Any = None  # device copy, set by frozen_params()

@@ -127,19 +127,22 @@ def check_training_config(tc: Any) -> None:
                         "training() defaults)")
 
 
-def build_run(config: Any) -> Run:
-    """Task, dataset, mesh, shardings and the jitted step from a config. No state, no files."""
+def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: Any = None) -> Run:
+    """Task, dataset, mesh, shardings and the jitted step from a config. No state, no files.
+
+    dataset / task / devices: given by the caller instead of built from the config and
+    jax.devices() (sgm_jax.aot's compile check: stand-in data, a TPU slice's compile-only devices)."""
     check_training_config(config.training)
-    cls = task_class(config.model.target)
+    cls = task_class(config.model.target) if task is None else type(task)
     grad_accum = int(config.training.get("grad_accum", 1))
     if grad_accum < 1:
         raise UserError(f"training.grad_accum={grad_accum}: must be 1 (no accumulation) or more")
     if grad_accum > 1 and not getattr(cls, "accumulates_gradients", False):
         raise UserError(f"training.grad_accum={grad_accum}: the {cls.name} task has no gradient accumulation; "
                         "set --config.training.grad_accum=1 and a larger data.params.batch_size")
-    dataset = _dataset(config)
-    task = cls(config, dataset)
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    dataset = _dataset(config) if dataset is None else dataset
+    task = cls(config, dataset) if task is None else task
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
     prepare = getattr(task, "prepare_batch", lambda b: b)

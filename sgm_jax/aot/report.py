@@ -1,0 +1,210 @@
+"""What one compiled step costs per chip: memory against the chip's HBM, FLOPs and bytes, and the
+roofline estimate of its time (the compiler's own `optimal_seconds` is not used: XLA:TPU reports
+it negative for large modules).
+
+All figures are per chip. XLA:TPU's memory analysis gives argument / output / alias / temp
+bytes of the partitioned program (one chip's share); the argument groups (parameters,
+optimiser state, frozen parts, batch) are summed from the shardings the step is compiled
+with, shard by shard. Its cost analysis counts one iteration of a loop body (a sampler's
+scan): callers add the remaining iterations from a separately compiled body (`extra`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from .topology import GiB, Chip
+
+
+def _itemsize(dtype: Any) -> int:
+    try:
+        return int(np.dtype(dtype).itemsize)
+    except TypeError:  # typed PRNG keys: two uint32 words
+        return 8
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        shape = tuple(leaf.shape)
+        shard = leaf.sharding.shard_shape(shape) if getattr(leaf, "sharding", None) is not None else shape
+        total += int(np.prod(shard, dtype=np.int64)) * _itemsize(leaf.dtype)
+    return total
+
+
+def global_bytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape, dtype=np.int64)) * _itemsize(x.dtype) for x in jax.tree_util.tree_leaves(tree))
+
+
+def largest_leaf(tree: Any) -> dict[str, Any]:
+    """The largest array of a tree: its path, shape, sharding spec, bytes in all and per chip."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    if not leaves:
+        return {}
+    path, leaf = max(leaves, key=lambda pl: int(np.prod(pl[1].shape, dtype=np.int64)) * _itemsize(pl[1].dtype))
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    return {"path": jax.tree_util.keystr(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
+            "spec": str(spec) if spec is not None else "", "bytes": global_bytes(leaf),
+            "bytes_per_chip": shard_bytes(leaf)}
+
+
+def cost_of(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "transcendentals": float(cost.get("transcendentals", 0.0))}
+
+
+@dataclasses.dataclass
+class Report:
+    """One compile's figures, per chip unless named otherwise (see the module docstring)."""
+
+    job: str
+    config: str
+    topology: str
+    chip: str
+    chips: int
+    hosts: int
+    mesh: dict[str, int]
+    images_per_step: int
+    groups: dict[str, int]          # argument bytes per chip by role: params, optimizer, frozen, batch, ...
+    groups_global: dict[str, int]   # the same, whole arrays (all chips together)
+    largest_param: dict[str, Any]
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes: int
+    flops: float
+    bytes_accessed: float
+    transcendentals: float
+    compile_seconds: float
+    compiled: bool = True           # False: the arguments alone exceed HBM, nothing was compiled
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM of the step: inputs, temporaries, outputs not written over donated inputs, code."""
+        return self.argument_bytes + self.temp_bytes + max(self.output_bytes - self.alias_bytes, 0) + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+    def roofline(self, chip: Chip) -> dict[str, Any]:
+        compute_s, memory_s = self.flops / chip.bf16_flops, self.bytes_accessed / chip.hbm_bandwidth
+        step_s = max(compute_s, memory_s)
+        return {"compute_seconds": compute_s, "memory_seconds": memory_s, "step_seconds": step_s,
+                "bound": "compute" if compute_s >= memory_s else "memory",
+                "mfu": compute_s / step_s if step_s > 0 else 0.0,
+                "images_per_second": self.images_per_step / step_s if step_s > 0 else math.inf,
+                "arithmetic_intensity": self.flops / self.bytes_accessed if self.bytes_accessed else math.inf,
+                "peak_flops": chip.bf16_flops, "hbm_bandwidth": chip.hbm_bandwidth}
+
+    def as_dict(self, chip: Chip) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(total_bytes=self.total_bytes, fits=self.fits, shortfall_bytes=max(self.total_bytes - self.hbm_bytes, 0),
+                   **self.roofline(chip))
+        return out
+
+    def shortfall(self) -> str:
+        need, have = self.total_bytes / GiB, self.hbm_bytes / GiB
+        return (f"{self.config} ({self.job}) does not fit {self.topology}: {need:.2f} GiB per chip needed, "
+                f"{self.chip} has {have:.2f} GiB ({need - have:.2f} GiB short: args {self.argument_bytes / GiB:.2f} "
+                f"+ temp {self.temp_bytes / GiB:.2f} GiB)")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.3f} GiB"
+
+
+def format_report(r: Report, chip: Chip) -> str:
+    """The human-readable report (stdout)."""
+    roof = r.roofline(chip)
+    mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
+    lines = [f"{r.config} ({r.job}) on {r.topology}: {r.chips} {r.chip} chips, {r.hosts} host(s), mesh {mesh}; "
+             + (f"compiled in {r.compile_seconds:.1f} s" if r.compiled else "not compiled"),
+             "memory per chip:"]
+    for name, n in r.groups.items():
+        lines.append(f"  {name:<22}{_gib(n)}   (all chips: {r.groups_global[name] / GiB:.3f} GiB)")
+    if not r.compiled:
+        verdict = ("the arguments fit, activations unknown" if r.fits else
+                   f"DOES NOT FIT ({(r.total_bytes - r.hbm_bytes) / GiB:.2f} GiB short before any activation)")
+        lines.append(f"  {'arguments':<22}{_gib(r.argument_bytes)} of {r.hbm_bytes / GiB:.0f} GiB HBM (from the "
+                     f"shardings; not compiled): {verdict}")
+        return "\n".join(lines + [f"note: {n}" for n in r.notes])
+    lines += [f"  {'arguments (compiler)':<22}{_gib(r.argument_bytes)}",
+              f"  {'activations (temp)':<22}{_gib(r.temp_bytes)}",
+              f"  {'outputs not donated':<22}{_gib(max(r.output_bytes - r.alias_bytes, 0))}",
+              f"  {'code':<22}{_gib(r.code_bytes)}",
+              f"  {'total':<22}{_gib(r.total_bytes)} of {r.hbm_bytes / GiB:.0f} GiB HBM: "
+              + ("fits" if r.fits else f"DOES NOT FIT ({(r.total_bytes - r.hbm_bytes) / GiB:.2f} GiB short)")]
+    lp = r.largest_param
+    if lp:
+        lines.append(f"  largest parameter {lp['path']} {lp['shape']} {lp['dtype']} sharded {lp['spec'] or 'P()'}: "
+                     f"{lp['bytes'] / 2**20:.1f} MiB, {lp['bytes_per_chip'] / 2**20:.1f} MiB per chip")
+    lines += ["per step, per chip:",
+              f"  {r.flops / 1e12:.3f} TFLOP, {r.bytes_accessed / 1e9:.3f} GB accessed "
+              f"(intensity {roof['arithmetic_intensity']:.0f} FLOP/byte)",
+              f"roofline ({chip.name}: {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e12:.2f} TB/s HBM):",
+              f"  compute {roof['compute_seconds'] * 1e3:.2f} ms, memory {roof['memory_seconds'] * 1e3:.2f} ms -> "
+              f"{roof['step_seconds'] * 1e3:.2f} ms per step, {roof['bound']}-bound",
+              f"  MFU at most {roof['mfu'] * 100:.1f}%, {roof['images_per_second']:.2f} images/s "
+              f"({r.images_per_step} images per step)"]
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+class _NotCompiled:
+    """Stands in for a compiled step whose arguments alone exceed HBM (no compile was run)."""
+
+    def __init__(self, argument_bytes: int):
+        self.argument_size_in_bytes, self.output_size_in_bytes = argument_bytes, 0
+        self.alias_size_in_bytes = self.temp_size_in_bytes = self.generated_code_size_in_bytes = 0
+
+    def memory_analysis(self) -> "_NotCompiled":
+        return self
+
+    def cost_analysis(self) -> dict:
+        return {}
+
+
+def arguments_bytes(groups: Mapping[str, Any]) -> int:
+    return sum(shard_bytes(v) for v in groups.values())
+
+
+def not_compiled(groups: Mapping[str, Any]) -> Any:
+    return _NotCompiled(arguments_bytes(groups))
+
+
+def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: Chip, devices: list[Any],
+                 mesh: Any, images_per_step: int, groups: Mapping[str, Any], compile_seconds: float,
+                 params_group: str = "parameters", extra: tuple[Any, float] | None = None,
+                 notes: list[str] | None = None) -> Report:
+    """groups: role -> abstract argument tree (with shardings). compiled: the compiled step (or
+    not_compiled(groups)). extra: (compiled loop body, how many more times it runs than the cost
+    analysis counted)."""
+    mem = compiled.memory_analysis()
+    cost = cost_of(compiled)
+    if extra is not None:
+        body, times = extra
+        more = cost_of(body)
+        cost = {k: v + times * more[k] for k, v in cost.items()}
+    return Report(job=job, config=config, topology=topology, chip=chip.name, chips=len(devices),
+                  hosts=len({d.process_index for d in devices}), mesh={k: int(v) for k, v in mesh.shape.items()},
+                  images_per_step=int(images_per_step),
+                  groups={k: shard_bytes(v) for k, v in groups.items()},
+                  groups_global={k: global_bytes(v) for k, v in groups.items()},
+                  largest_param=largest_leaf(groups.get(params_group)),
+                  argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+                  alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+                  code_bytes=int(mem.generated_code_size_in_bytes), hbm_bytes=chip.hbm_bytes,
+                  compile_seconds=float(compile_seconds), compiled=not isinstance(compiled, _NotCompiled),
+                  notes=list(notes or []), **cost)

@@ -1,0 +1,147 @@
+"""sgm-compile (python -m sgm_jax.compile_check): a micro SDXL fine-tune and a micro SDXL sampling job
+compile for a 1-host (v5e:2x2) and a 2-host (v5p:2x2x2) TPU slice through the real command line,
+without a TPU (libtpu's compile-only devices). Skipped, with the reason, where libtpu is not installed.
+
+The micro configs (tests/compile_configs/) keep SDXL's structure (two text towers, size embedders,
+adm, attention, the f=8 VAE) at tiny widths: XLA:TPU compiles a training step of it in about a
+minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sgm_jax.aot import topology
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "tests" / "compile_configs"
+GiB = 2**30
+
+needs_libtpu = pytest.mark.skipif(not topology.libtpu_available(),
+                                  reason="libtpu is not installed (pip install libtpu): no TPU compiler here")
+
+
+def compile_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    return subprocess.run([sys.executable, "-m", "sgm_jax.compile_check", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=900)
+
+
+def report_of(*args: str) -> dict:
+    proc = compile_cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", params=["v5e:2x2", "v5p:2x2x2"])
+def train_report(request) -> dict:
+    return report_of("--config", str(CONFIGS / "micro_sdxl_finetune.py"), "--topology", request.param)
+
+
+@pytest.fixture(scope="module", params=["v5e:2x2", "v5p:2x2x2"])
+def sample_report(request) -> dict:
+    return report_of("--config", str(CONFIGS / "micro_sdxl.py"), "--topology", request.param, "--job", "sample",
+                     "--steps", "4", "--num", "8")
+
+
+@needs_libtpu
+def test_finetune_step_compiles_with_fsdp_splitting_the_largest_parameters(train_report):
+    r = train_report
+    chips = {"v5e:2x2": 4, "v5p:2x2x2": 8}[r["topology"]]
+    assert (r["chips"], r["hosts"]) == (chips, 1 if chips == 4 else 2)
+    assert r["mesh"] == {"data": 1, "fsdp": chips}  # sdxl_finetune: FSDP over every chip
+    assert r["job"] == "train" and r["compiled"] and r["fits"]
+    groups = r["groups"]
+    assert {"parameters", "optimizer state", "frozen parameters", "batch"} <= set(groups)
+    for key in ("argument_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "flops", "bytes_accessed"):
+        assert r[key] > 0, key
+    assert r["hbm_bytes"] == {"v5e:2x2": 16, "v5p:2x2x2": 95}[r["topology"]] * GiB
+    # the compiler's argument bytes are the shardings' sum (parameters, AdamW moments, frozen parts, batch)
+    # plus TPU tile padding, which is large only for micro widths (32 channels fill a 128-lane tile)
+    assert sum(groups.values()) <= r["argument_bytes"] <= 2 * sum(groups.values())
+    largest = r["largest_param"]
+    assert "fsdp" in largest["spec"] and largest["bytes_per_chip"] * chips == largest["bytes"]
+    # small arrays stay replicated (parallel.MIN_FSDP_SIZE): per chip a bit over 1/N of the whole
+    total = r["groups_global"]["parameters"]
+    assert total / chips <= groups["parameters"] < 0.6 * total
+    assert groups["optimizer state"] < 0.6 * r["groups_global"]["optimizer state"]
+    assert r["bound"] in ("compute", "memory") and 0 < r["mfu"] <= 1
+    assert r["step_seconds"] == pytest.approx(max(r["flops"] / r["peak_flops"], r["bytes_accessed"] / r["hbm_bandwidth"]))
+    assert r["images_per_second"] == pytest.approx(8 / r["step_seconds"])
+
+
+@needs_libtpu
+def test_sampling_call_compiles_on_one_hosts_chips(sample_report):
+    r = sample_report
+    local = {"v5e:2x2": 4, "v5p:2x2x2": 4}[r["topology"]]  # sample.py: each host on its own chips
+    assert r["chips"] == local and r["hosts"] == 1 and r["mesh"] == {"data": local, "fsdp": 1}
+    assert r["job"] == "sample" and r["fits"] and r["images_per_step"] == 8
+    assert {"parameters", "first stage", "batch"} <= set(r["groups"])
+    assert r["groups"]["parameters"] == r["groups_global"]["parameters"]  # replicated for sampling
+    assert r["temp_bytes"] > 0 and r["flops"] > 0 and r["step_seconds"] > 0
+    assert any("4 denoiser calls" in n for n in r["notes"])
+
+
+@needs_libtpu
+def test_too_big_for_the_chip_exits_1_naming_the_shortfall():
+    proc = compile_cli("--config", str(CONFIGS / "micro_sdxl_finetune.py"), "--topology", "v5e:2x2",
+                       "--config.model.params.network_config.params.model_channels=4096")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "does not fit v5e:2x2" in error[0] and "GiB short" in error[0], proc.stderr[-2000:]
+    assert "DOES NOT FIT" in proc.stdout
+
+
+def test_without_libtpu_one_line_says_pip_install_libtpu(monkeypatch):
+    monkeypatch.setattr(topology, "libtpu_available", lambda: False)
+    with pytest.raises(topology.UserError, match="pip install libtpu"):
+        topology.compile_only_devices("v5e:2x2")
+
+
+def test_unknown_generation_is_one_line():
+    with pytest.raises(topology.UserError, match="v5p:2x2x2"):
+        topology.chip_of("v7x")
+
+
+def test_importing_the_compile_check_chooses_no_platform():
+    """Only compile_only_devices() sets jax_platforms (to cpu, for the host side): importing the
+    package, as every CLI module's parser does, leaves the plain path alone."""
+    code = ("import jax, sgm_jax.aot, sgm_jax.cli.compile_check; import sys; "
+            "print(jax.config.jax_platforms, 'libtpu' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["None", "False"]
+
+
+def test_stand_in_data_has_the_configs_shapes_and_keys():
+    from sgm_jax.aot.stand_in import stand_in_data
+    from sgm_jax.cli.configs import load_config
+
+    data = stand_in_data(load_config("sdxl_finetune"))  # 1024 px aspect buckets: the largest is 1024x1024
+    assert data["target"] == "synthetic"
+    assert data["params"] == {"batch_size": 32, "image_shape": [1024, 1024, 3], "keys": [
+        "txt", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"]}
+    assert stand_in_data(load_config("txt2img_clipl"))["params"]["image_shape"] == [256, 256, 3]  # Resize 256
+    assert stand_in_data(load_config("imagenet_f8_cond"))["params"]["keys"][0] == "cls"
+    assert stand_in_data(load_config("sdxl_finetune"), (512, 768))["params"]["image_shape"] == [512, 768, 3]
+
+
+def test_roofline_takes_the_longer_bound():
+    from sgm_jax.aot.report import Report
+
+    chip = topology.CHIPS["v5e"]
+    r = Report(job="train", config="c", topology="v5e:1x1", chip="v5e", chips=1, hosts=1, mesh={"data": 1, "fsdp": 1},
+               images_per_step=4, groups={}, groups_global={}, largest_param={}, argument_bytes=10 * GiB,
+               output_bytes=GiB, alias_bytes=GiB, temp_bytes=7 * GiB, code_bytes=0, hbm_bytes=chip.hbm_bytes,
+               flops=197e12, bytes_accessed=0.819e12 * 2, transcendentals=0, compile_seconds=1.0)
+    roof = r.roofline(chip)
+    assert roof["bound"] == "memory" and roof["step_seconds"] == pytest.approx(2.0)
+    assert roof["mfu"] == pytest.approx(0.5) and roof["images_per_second"] == pytest.approx(2.0)
+    assert r.total_bytes == 17 * GiB and not r.fits and "1.00 GiB short" in r.shortfall()
