@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sgm_jax import xla_cpu
+
 BATCH_AXES = ("data", "fsdp")
 # parameters smaller than this stay replicated: sharding them saves nothing and adds collectives
 MIN_FSDP_SIZE = 2**14
@@ -96,6 +98,7 @@ def initialize_distributed(spec: DistributedSpec | None = None) -> int:
     cluster = None if spec.explicit else detected_cluster()
     if not spec.explicit and cluster is None:
         return 1
+    xla_cpu.apply_cpu_defaults(flags=xla_cpu.MULTI_PROCESS_FLAGS)  # read when the CPU backend starts, below
     if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
         # CPU devices of several processes talk through gloo (GPU / TPU backends ignore this)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

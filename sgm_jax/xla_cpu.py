@@ -43,14 +43,20 @@ def _jaxlib_knows(name: str) -> bool:
     return False
 
 
-def apply_cpu_defaults(environ: dict | None = None) -> list[str]:
-    """Appends CPU_FLAGS to XLA_FLAGS where supported; returns the flags it added."""
+# Several CPU processes (gloo): a collective waits this long for its peers; XLA's 30 s fail a job
+# whose hosts compile at different speeds (one misses the compilation cache). A dead peer is
+# noticed by its closed connections and the peer watch (multihost.PeerWatch), not by this.
+MULTI_PROCESS_FLAGS = ("--xla_cpu_collective_timeout_seconds=3600",)
+
+
+def apply_cpu_defaults(environ: dict | None = None, flags: tuple[str, ...] = CPU_FLAGS) -> list[str]:
+    """Appends `flags` to XLA_FLAGS where supported; returns the flags it added."""
     env = os.environ if environ is None else environ
     if env.get("SGM_JAX_XLA_CPU_DEFAULTS", "1") == "0":
         return []
     current = env.get("XLA_FLAGS", "")
     added = []
-    for flag in CPU_FLAGS:
+    for flag in flags:
         if flag_name(flag) not in current and _jaxlib_knows(flag_name(flag)):
             added.append(flag)
     if added:
