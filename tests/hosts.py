@@ -8,6 +8,7 @@ compilation cache shared by all runs of a test session keeps repeated compiles c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SGM_JAX_TEST_CACHE", REPO / ".pytest_cache" / "jax_cache"))
@@ -36,11 +37,44 @@ def host_env(devices: int) -> dict[str, str]:
     return env
 
 
-class Job:
+@contextlib.contextmanager
+def shared_folder(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """(folder, whether this caller must fill it): one folder for all pytest-xdist workers of this
+    session, filled by the first that asks while the others wait (a module fixture of real
+    processes then runs once, on whichever worker gets there first)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with FileLock(str(root) + ".lock"):
+        done = root / ".done"
+        root.mkdir(parents=True, exist_ok=True)
+        yield root, not done.exists()
+        done.touch()
+
+
+class Logs:
+    """What the processes of a job printed: logs/out<i>.txt, logs/err<i>.txt."""
+
+    def __init__(self, logs: Path, n: int):
+        self.logs, self.n = Path(logs), n
+
+    def stderr(self, index: int) -> str:
+        return (self.logs / f"err{index}.txt").read_text()
+
+    def stdout(self, index: int) -> str:
+        return (self.logs / f"out{index}.txt").read_text()
+
+    def tail(self) -> str:
+        return "\n".join(f"--- process {i}:\n{self.stderr(i)[-1500:]}" for i in range(self.n))
+
+
+class Job(Logs):
     """`n` processes of one command line (`argv` after the python executable), started at once."""
 
     def __init__(self, argv: Sequence[str], n: int, devices: int, logs: Path, heartbeat: int = 20):
-        self.port, self.logs = free_port(), Path(logs)
+        super().__init__(logs, n)
+        self.port = free_port()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         flags = [] if n == 1 else ["--coordinator-address", f"127.0.0.1:{self.port}", "--num-processes", str(n),
@@ -67,15 +101,6 @@ class Job:
 
     def signal(self, index: int, sig: int = signal.SIGTERM) -> None:
         self.procs[index].send_signal(sig)
-
-    def stderr(self, index: int) -> str:
-        return (self.logs / f"err{index}.txt").read_text()
-
-    def stdout(self, index: int) -> str:
-        return (self.logs / f"out{index}.txt").read_text()
-
-    def tail(self) -> str:
-        return "\n".join(f"--- process {i}:\n{self.stderr(i)[-1500:]}" for i in range(len(self.procs)))
 
     def __enter__(self) -> "Job":
         return self

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import DATA, REPO
-from hosts import Job, error_lines, free_port, host_env, metrics, wait_for_step
+from hosts import Job, Logs, error_lines, free_port, host_env, metrics, shared_folder, wait_for_step
 
 # one worker runs the module: its fixture starts real processes, once
 pytestmark = pytest.mark.xdist_group("multihost_training")
@@ -46,12 +46,9 @@ def final_params(workdir: Path) -> dict[str, np.ndarray]:
         "step": np.asarray(step)}
 
 
-@pytest.fixture(scope="module")
-def mnist_shards(tmp_path_factory) -> str:
+def write_mnist_shards(out: Path) -> str:
     """8 tar shards of 12 real MNIST digits (<key>.png + <key>.cls), as prepare_data.py writes them."""
     import io
-
-    from PIL import Image
 
     from sgm_jax.data import webdataset as W
     from sgm_jax.data.mnist import find_idx_files, read_idx
@@ -66,29 +63,31 @@ def mnist_shards(tmp_path_factory) -> str:
         Image.fromarray(array).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    out = tmp_path_factory.mktemp("mnist_shards")
+    out.mkdir(parents=True, exist_ok=True)
     W.write_tar_shards(iter({"__key__": f"{i:06d}", "png": png(x), "cls": str(int(y))}
                             for i, (x, y) in enumerate(zip(images, labels))), str(out / "mnist-%06d.tar"), 12)
     return str(out / "mnist-{000000..000007}.tar")
 
 
 @pytest.fixture(scope="module")
-def reference_runs(tmp_path_factory, mnist_shards):
-    """The same 8 steps on 2 hosts x 2 devices and on 1 host x 4 devices."""
-    root = tmp_path_factory.mktemp("multihost")
-    t0 = time.time()
-    with Job(train_argv(mnist_shards, root / "two"), n=2, devices=2, logs=root / "logs_two") as two:
-        codes = two.wait(300)
-        assert codes == [0, 0], two.tail()
-    t1 = time.time()
-    with Job(train_argv(mnist_shards, root / "one"), n=1, devices=4, logs=root / "logs_one") as one:
-        assert one.wait(300) == [0], one.tail()
-    print(f"2 hosts: {t1 - t0:.1f} s, 1 host: {time.time() - t1:.1f} s")
-    return root, two, one
+def reference_runs(tmp_path_factory):
+    """The same 8 steps on 2 hosts x 2 devices and on 1 host x 4 devices (once per session)."""
+    with shared_folder(tmp_path_factory, "multihost_reference") as (root, fresh):
+        shards = str(root / "shards" / "mnist-{000000..000007}.tar")
+        if fresh:
+            write_mnist_shards(root / "shards")
+            t0 = time.time()
+            with Job(train_argv(shards, root / "two"), n=2, devices=2, logs=root / "logs_two") as two:
+                assert two.wait(300) == [0, 0], two.tail()
+            t1 = time.time()
+            with Job(train_argv(shards, root / "one"), n=1, devices=4, logs=root / "logs_one") as one:
+                assert one.wait(300) == [0], one.tail()
+            print(f"2 hosts: {t1 - t0:.1f} s, 1 host: {time.time() - t1:.1f} s")
+    return root, Logs(root / "logs_two", 2), Logs(root / "logs_one", 1), shards
 
 
 def test_two_hosts_train_the_same_steps_as_one(reference_runs):
-    root, two, _ = reference_runs
+    root, two, _, _ = reference_runs
     losses_two = [row["loss"] for row in metrics(root / "two")]
     losses_one = [row["loss"] for row in metrics(root / "one")]
     assert len(losses_two) == len(losses_one) == STEPS
@@ -116,10 +115,10 @@ def test_two_hosts_train_the_same_steps_as_one(reference_runs):
     assert single["hosts"][0]["grain"] == [h["grain"] for h in data["hosts"]]  # 1 host reads both streams
 
 
-def test_a_second_job_on_the_workdir_is_refused_on_every_host(reference_runs, mnist_shards, tmp_path):
+def test_a_second_job_on_the_workdir_is_refused_on_every_host(reference_runs, tmp_path):
     from sgm_jax.training.workdir import WorkdirLock
 
-    root, _, _ = reference_runs
+    root, _, _, mnist_shards = reference_runs
     workdir = tmp_path / "busy"
     workdir.mkdir()
     with WorkdirLock(workdir):  # another training holds host 0's lock
@@ -130,8 +129,8 @@ def test_a_second_job_on_the_workdir_is_refused_on_every_host(reference_runs, mn
         assert len(lines) == 1 and "in use by another training" in lines[0], lines
 
 
-def test_sigterm_on_one_host_stops_both_at_one_step_and_resume_is_exact(reference_runs, mnist_shards, tmp_path):
-    root, _, _ = reference_runs
+def test_sigterm_on_one_host_stops_both_at_one_step_and_resume_is_exact(reference_runs, tmp_path):
+    root, _, _, mnist_shards = reference_runs
     workdir = tmp_path / "stopped"
     argv = train_argv(mnist_shards, workdir)
     with Job(argv, n=2, devices=2, logs=tmp_path / "logs_stop") as job:
@@ -151,8 +150,8 @@ def test_sigterm_on_one_host_stops_both_at_one_step_and_resume_is_exact(referenc
     assert [r["step"] for r in metrics(workdir)] == list(range(1, STEPS + 1))
 
 
-def test_a_killed_host_stops_the_other_in_one_line_and_a_rerun_resumes(reference_runs, mnist_shards, tmp_path):
-    root, _, _ = reference_runs
+def test_a_killed_host_stops_the_other_in_one_line_and_a_rerun_resumes(reference_runs, tmp_path):
+    root, _, _, mnist_shards = reference_runs
     workdir = tmp_path / "killed"
     argv = train_argv(mnist_shards, workdir, "--config.training.max_steps=1000")
     with Job(argv, n=2, devices=2, logs=tmp_path / "logs_kill", heartbeat=20) as job:
@@ -185,7 +184,7 @@ def test_a_killed_host_stops_the_other_in_one_line_and_a_rerun_resumes(reference
 
 
 def test_sample_py_on_two_hosts_writes_each_image_once_as_one_host_does(reference_runs, tmp_path):
-    root, _, _ = reference_runs
+    root, _, _, _ = reference_runs
     outputs = {}
     for hosts in (2, 1):
         out = tmp_path / f"samples_{hosts}"

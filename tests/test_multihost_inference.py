@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from hosts import Job
+from hosts import Job, shared_folder
 
 # one worker runs the module: its fixture starts real processes, once
 pytestmark = pytest.mark.xdist_group("multihost_inference")
@@ -28,12 +28,13 @@ def sdxl_inputs(tmp_path_factory):
     from test_inference import convert_cli, write_random_checkpoint
     from test_latent_training import captioned_photos
 
-    tmp = tmp_path_factory.mktemp("sdxl_hosts")
-    micro = REPO / "tests" / "configs" / "micro_sdxl.py"
-    converted = convert_cli(micro, write_random_checkpoint(load_config(str(micro)), tmp / "micro.safetensors", seed=5),
-                            tmp / "converted")
-    shards = prepare(str(captioned_photos(tmp / "photos")), str(tmp / "shards"), samples_per_shard=4, progress=False)
-    return tmp, converted, shards["urls"]
+    with shared_folder(tmp_path_factory, "sdxl_hosts") as (tmp, fresh):  # once for the workers of this session
+        if fresh:
+            micro = REPO / "tests" / "configs" / "micro_sdxl.py"
+            convert_cli(micro, write_random_checkpoint(load_config(str(micro)), tmp / "micro.safetensors", seed=5),
+                        tmp / "converted")
+            prepare(str(captioned_photos(tmp / "photos")), str(tmp / "shards"), samples_per_shard=4, progress=False)
+    return tmp, tmp / "converted", str(tmp / "shards" / "data-{000000..000001}.tar")
 
 
 def test_sdxl_finetune_with_fsdp_over_two_hosts_resumes_and_samples(sdxl_inputs, monkeypatch):
