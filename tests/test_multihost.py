@@ -20,9 +20,6 @@ from PIL import Image
 from conftest import DATA, REPO
 from hosts import Job, Logs, error_lines, free_port, host_env, metrics, shared_folder, wait_for_step
 
-# one worker runs the module: its fixture starts real processes, once
-pytestmark = pytest.mark.xdist_group("multihost_training")
-
 STEPS = 8
 TRAIN = ["train.py", "--config", "tests/configs/tiny_mnist_tar.py",
          # 2 data streams on 1 host or 2: the same global batches, so the same losses

@@ -13,9 +13,6 @@ import pytest
 from conftest import REPO
 from hosts import Job, shared_folder
 
-# one worker runs the module: its fixture starts real processes, once
-pytestmark = pytest.mark.xdist_group("multihost_inference")
-
 BPE = REPO.parent / "shared" / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 
 
