@@ -77,10 +77,12 @@ def _lost(reason: str) -> None:
     os._exit(4)
 
 
-def run_job(main: Callable[[], int | None]) -> NoReturn:
+def run_job(main: Callable[[], int | None], hard_exit: bool = False) -> NoReturn:
     """`errors.run_cli` for a job that may span hosts: a host that lost its peers says so in one
     line; a failing host exits at once (jax's shutdown would wait for, then abort on, the peers
-    that are gone), while a run that ends well leaves through jax's shutdown barrier."""
+    that are gone), while a run that ends well leaves through jax's shutdown barrier.
+    hard_exit (a real command line, not a test calling main()): a failing single process exits at
+    once too, since Orbax's leftover writes of a failed save echo from interpreter finalization."""
 
     def guarded() -> int | None:
         try:
@@ -101,7 +103,7 @@ def run_job(main: Callable[[], int | None]) -> NoReturn:
             raise
         traceback.print_exc()
         code = 1
-    if code and _process_count() > 1:
+    if code and (hard_exit or _process_count() > 1):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

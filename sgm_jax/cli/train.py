@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
-    distributed.run_job(lambda: run(args.config, overrides, args.workdir, args))
+    distributed.run_job(lambda: run(args.config, overrides, args.workdir, args), hard_exit=argv is None)
 
 
 def run(config_spec: str, overrides: list[tuple[str, str]], workdir: str | None,
