@@ -69,10 +69,14 @@ def _quiet_lost_peer_threads() -> None:
     threading.excepthook = hook
 
 
+def _lost_message(reason: str) -> str:
+    return (f"lost contact with another host of this job ({reason}); the last checkpoint is kept: "
+            "start the same command on every host again to resume")
+
+
 def _lost(reason: str) -> None:
     # from the watch thread, while the main thread's progress bar may be mid-line: start a new one
-    print(f"\nerror: lost contact with another host of this job ({reason}); the last checkpoint is kept: "
-          "start the same command on every host again to resume", file=sys.stderr, flush=True)
+    print(f"\nerror: {_lost_message(reason)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(4)
 
@@ -90,8 +94,7 @@ def run_job(main: Callable[[], int | None], hard_exit: bool = False) -> NoReturn
         except Exception as e:
             if _process_count() > 1 and lost_peer(e) and os.environ.get("SGM_JAX_TRACEBACK") != "1":
                 first = " ".join(str(e).split())[:160]
-                raise UserError(f"lost contact with another host of this job ({first}); the last checkpoint is "
-                                "kept: start the same command on every host again to resume", exit_code=4) from None
+                raise UserError(_lost_message(first), exit_code=4) from None
             raise
 
     try:
