@@ -69,6 +69,7 @@ def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] 
     lowered step)."""
     from sgm_jax.data import from_config
     from sgm_jax.training.loop import build_run
+    from sgm_jax.training.progress import CARRY_SHAPE
 
     from .stand_in import stand_in_data
 
@@ -84,7 +85,7 @@ def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] 
     frozen = None if frozen is None else _with_sharding(frozen, parallel.param_shardings(frozen, mesh))
     key = jax.eval_shape(lambda: jax.random.fold_in(jax.random.key(0), 1))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl)
-    nonfinite = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+    nonfinite = jax.ShapeDtypeStruct(CARRY_SHAPE, jnp.int32, sharding=repl)
     state = run.abstract_with_sharding()
     groups = state_groups(state)
     if frozen is not None:

@@ -25,7 +25,7 @@ from sgm_jax.errors import UserError
 from .checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
 from .images import save_png
 from .metrics import MetricsWriter, truncate_after
-from .progress import NonfiniteWatch, next_carry, nonfinite_what, progress_bar
+from .progress import CARRY_SHAPE, NonfiniteWatch, next_carry, nonfinite_what, progress_bar
 from .run_control import Profiler, StopFlag
 from .task import task_class
 from .workdir import WorkdirLock, check_run_record, write_json_atomic
@@ -70,7 +70,7 @@ class Run:
 
     def nonfinite_start(self) -> jax.Array:
         """The guarded step's skipped-update carry at the start (progress.py), placed as the step returns it."""
-        return jax.device_put(jnp.zeros((3,), jnp.int32), parallel.replicated(self.mesh))
+        return jax.device_put(jnp.zeros(CARRY_SHAPE, jnp.int32), parallel.replicated(self.mesh))
 
     def initial_state(self, seed: int) -> Any:
         """A fresh state: the task's pretrained starting point when it has one, else random."""

@@ -17,6 +17,7 @@ from sgm_jax.errors import UserError
 # the guarded step's carry (loop.guarded): int32 [skipped in a row, step of the first skipped update of a
 # streak not yet reported (0: none), what was not finite in it (bits below)]
 RUN, FIRST_STEP, FIRST_WHAT = 0, 1, 2
+CARRY_SHAPE = (3,)
 LOSS_BAD, GRAD_BAD = 1, 2
 
 
