@@ -39,12 +39,14 @@ def report_of(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module", params=["v5e:2x2", "v5p:2x2x2"])
+# one full compile per job (each is about a minute of CI's 2 cores): training on the 2-host slice, where
+# FSDP spans hosts; sampling on a 1-host slice (sample.py runs each host on its own chips)
+@pytest.fixture(scope="module", params=["v5p:2x2x2"])
 def train_report(request) -> dict:
     return report_of("--config", str(CONFIGS / "micro_sdxl_finetune.py"), "--topology", request.param)
 
 
-@pytest.fixture(scope="module", params=["v5e:2x2", "v5p:2x2x2"])
+@pytest.fixture(scope="module", params=["v5e:2x2"])
 def sample_report(request) -> dict:
     return report_of("--config", str(CONFIGS / "micro_sdxl.py"), "--topology", request.param, "--job", "sample",
                      "--steps", "4", "--num", "8")
