@@ -57,7 +57,7 @@ def _capped_files(kib: int, cmd: list[str]) -> list[str]:
     return ["bash", "-c", f'trap "" XFSZ; ulimit -f {kib}; exec "$@"', "bash", *cmd]
 
 
-@pytest.mark.parametrize("traceback", [False, pytest.param(True, marks=pytest.mark.skip(reason="flaky on this 2-core machine (12-01): Orbax / TensorStore writes still in flight print 'Event loop is closed' tracebacks after the held window, from interpreter finalization; see the session note"))])
+@pytest.mark.parametrize("traceback", [False, True])
 def test_a_full_disk_during_a_save_is_one_line_on_stderr(tmp_path, traceback):
     workdir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "train.py"), "--workdir", str(workdir),
@@ -81,7 +81,6 @@ def test_a_full_disk_during_a_save_is_one_line_on_stderr(tmp_path, traceback):
         assert "UserError: saving checkpoint 2 in " in proc.stderr and len(lines) < 200, len(lines)
 
 
-@pytest.mark.skip(reason="flaky on this 2-core machine (12-01): Orbax / TensorStore writes still in flight print 'Event loop is closed' tracebacks after the held window, from interpreter finalization; see the session note")
 def test_resuming_past_truncated_checkpoints_is_the_warning_lines_alone(tmp_path):
     # many arrays: the reads still in flight when the first fails each echo it (tens to hundreds of
     # tracebacks, timing-dependent; five truncated checkpoints make at least one flood near certain before)

@@ -101,8 +101,8 @@ def run_job(main: Callable[[], int | None], hard_exit: bool = False) -> NoReturn
         run_cli(guarded)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except BaseException:
-        if _process_count() <= 1:
+    except BaseException:  # SGM_JAX_TRACEBACK=1, or not a user error: the traceback, then the same exit
+        if _process_count() <= 1 and not hard_exit:
             raise
         traceback.print_exc()
         code = 1

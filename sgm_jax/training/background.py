@@ -8,9 +8,11 @@ traceback through absl, and the futures and coroutines left behind say, whenever
 them (asyncio's log, warnings), that nobody retrieved or awaited them.
 The main thread already holds the error and reports it in one line (SGM_JAX_TRACEBACK=1: its
 traceback). So while a save or restore runs these channels are held: dropped when it fails,
-printed as usual when it succeeds (nothing another thread reports meanwhile is lost). After a
-failure, the leftovers' "never retrieved" / "never awaited" lines stay silenced for the process:
-they can come at any later collection, and asyncio serves nothing but Orbax here.
+printed as usual when it succeeds (nothing another thread reports meanwhile is lost).
+The operations in flight can outlive any wait (a busy machine, interpreter finalization), so after
+the first failure the echoes stay silenced for the process, by what they are, not by when they
+come: `Event loop is closed` from a callback or thread, Orbax's own error records, asyncio's
+"never retrieved" and "never awaited" leftovers. Anything else still reaches stderr.
 """
 
 from __future__ import annotations
@@ -38,12 +40,46 @@ class _Hold(logging.Filter):
         return False
 
 
-class _NeverRetrieved(logging.Filter):
+def _is_echo(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _Echoes(logging.Filter):
+    """Orbax's signalling threads' ERROR records (absl) and asyncio's leftovers of a failed operation."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "exception was never retrieved" not in record.getMessage()
+        if record.name == "asyncio":
+            return "exception was never retrieved" not in record.getMessage()
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_is_echo(exc) or (record.levelno >= logging.ERROR and "orbax" in record.pathname))
 
 
-_LEFTOVERS = _NeverRetrieved()
+_quieted = False
+
+
+def _quiet_echoes_for_good() -> None:
+    """After the first failed operation, for the rest of the process (idempotent)."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+
+    def unraisable(u: Any) -> None:
+        if not _is_echo(u.exc_value):
+            unraisable_hook(u)
+
+    def thread(args: Any) -> None:
+        if not _is_echo(args.exc_value):
+            thread_hook(args)
+
+    sys.unraisablehook, threading.excepthook = unraisable, thread
+    for name in LOGGERS:
+        logging.getLogger(name).addFilter(_ECHOES)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
+_ECHOES = _Echoes()
 
 
 class HeldBackgroundErrors:
@@ -62,15 +98,15 @@ class HeldBackgroundErrors:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self._drain()
-            logging.getLogger("asyncio").addFilter(_LEFTOVERS)  # a no-op when already there
-            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-            self.held.clear()  # what was held keeps the failed operation's futures alive: collect them now
-            gc.collect()
         sys.unraisablehook, threading.excepthook = self._hooks
         for name in LOGGERS:
             logging.getLogger(name).removeFilter(self._filter)
         if exc_type is None:
             self._replay()
+            return
+        _quiet_echoes_for_good()
+        self.held.clear()  # what was held keeps the failed operation's futures alive: collect them now
+        gc.collect()
 
     def _drain(self) -> None:
         """The operations in flight end soon after the failure: wait until none has spoken for a while."""
