@@ -10,6 +10,7 @@ browser) must show those images. Its screenshot is kept in $SGM_JAX_TEST_ARTIFAC
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -165,6 +166,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def live_client(service: DemoService, tmp_path: Path):
+    """A gradio_client Client on the demo app over `service`, served on 127.0.0.1 for the block."""
+    pytest.importorskip("gradio_client")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from gradio_client import Client
+
+    from sgm_jax.cli.demo import build_app
+
+    port = free_port()
+    app = build_app(service)
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                       quiet=True, allowed_paths=[str(service.out_dir)])
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.close()
+
+
+def api_args(label: str, num: int, steps: int | None = None) -> tuple:
+    """/generate's inputs for `num` images of class 3, seed SEED, the model's own sampler."""
+    from sgm_jax.cli.demo import SAMPLER_OPTIONS
+
+    return (label, "", "", ["3"], None, None, None, steps, None, "config", SEED, num, None, 0.75, "none", 0.15, "",
+            *[None] * len(SAMPLER_OPTIONS))
+
+
 def test_browser_generates_the_sample_py_images(models, cli_images, tmp_path):
     if CHROMIUM is None:
         pytest.skip("no Chromium at /usr/bin/chromium: install Debian's chromium (apt-get install chromium "
@@ -284,25 +312,12 @@ def test_gallery_captions_name_the_class_or_the_prompt(tmp_path):
 def test_gradio_api_serves_without_the_page_and_caps_abusive_requests(models, cli_images, tmp_path):
     """gradio_client against a live server on 127.0.0.1: class choices exist without a page load; a request
     beyond the caps is one message naming the cap, and the valid request after it is served."""
-    pytest.importorskip("gradio_client")
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    from gradio_client import Client
-
-    from sgm_jax.cli.demo import SAMPLER_OPTIONS, build_app
-
     label = models["sources"][0].label
     service = DemoService(models["sources"][:1], tmp_path / "out", max_images=4, max_pixels=3 * 28 * 28)
     service.cache = models["service"].cache  # the weights and compiled loop the other tests loaded
-    port = free_port()
-    app = build_app(service)
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
-                       quiet=True, allowed_paths=[str(service.out_dir)])
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-
+    with live_client(service, tmp_path) as client:
         def generate(num: int) -> tuple:
-            return client.predict(label, "", "", ["3"], None, None, None, None, None, "config", SEED, num, None,
-                                  0.75, "none", 0.15, "", *[None] * len(SAMPLER_OPTIONS), api_name="/generate")
+            return client.predict(*api_args(label, num), api_name="/generate")
 
         assert generate(10**6)[3] == ("error: 1000000 images asked: this demo serves at most 4 per request "
                                       "(sgm-demo --max-images)")
@@ -317,5 +332,36 @@ def test_gradio_api_serves_without_the_page_and_caps_abusive_requests(models, cl
         paths, _ = service.generate(DemoRequest(model=label, classes=[3], seed=2**70 + SEED, num=2))
         for a, b in zip(png_pixels(paths), cli_images["mnist"], strict=True):
             np.testing.assert_array_equal(a, b)
-    finally:
-        app.close()
+
+
+def test_a_request_its_client_cancels_stops_and_the_next_one_is_served(models, cli_images, tmp_path, caplog):
+    """gradio_client submits 64 images in 64 batches of one (a long request), cancels it once it runs,
+    and asks for 2 images: the cancelled run stops at the next batch's end (the server log, logger
+    sgm_jax.demo, says after how many), and the valid request gets sample.py's pixels."""
+    import logging
+    import time
+
+    from gradio_client.utils import Status
+
+    caplog.set_level(logging.INFO, logger="sgm_jax.demo")
+    label = models["sources"][0].label
+    service = DemoService(models["sources"][:1], tmp_path / "out")  # its own cache: batches of one image
+    model = service.cache.trained(str(models["workdir"]), step_progress=True)
+    model.inference["batch_per_device"] = 1
+    batches = 64 // model.batch_size(64)
+    with live_client(service, tmp_path) as client:
+        job = client.submit(*api_args(label, 64, steps=20), api_name="/generate")
+        deadline = time.monotonic() + 300
+        while not (job.status().code == Status.PROGRESS or job.done()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not job.done(), "the long request ended before it could be cancelled"
+        job.cancel()
+        gallery, files, meta, status = client.predict(*api_args(label, 2), api_name="/generate")
+        assert status.startswith("2 image(s) in") and meta["conditions"] == "3"
+        for item, expected in zip(gallery, cli_images["mnist"], strict=True):
+            np.testing.assert_array_equal(np.asarray(Image.open(item["image"])), expected)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sgm_jax.demo" and r.getMessage().startswith("cancelled")]
+    assert len(lines) == 1, lines
+    stopped = int(lines[0].split("stopped after ")[1].split(" of ")[0])
+    assert lines[0].endswith(f" of {batches} batches ({model.name})") and 1 <= stopped < batches, lines
+    assert not list(service.out_dir.glob("*/*_s5_063.png"))  # the cancelled request wrote nothing

@@ -14,14 +14,16 @@ reliably, and per-step progress needs no session-state plumbing.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sgm_jax.errors import USER_EXCEPTIONS, UserError, one_line, run_cli
 
 from .configs import ArgumentParser
 
+LOG = logging.getLogger("sgm_jax.demo")
 SAMPLER_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta", "order")
 CUSTOM = "custom"
 
@@ -64,6 +66,10 @@ def serve(args: argparse.Namespace) -> int:
         from sgm_jax.inference.loading import enable_compilation_cache
 
         enable_compilation_cache(args.cache_dir)
+    handler = logging.StreamHandler(sys.stdout)  # the server log: one line per cancelled request
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
     app = build_app(service)
     print(f"sgm_jax demo on http://{args.host}:{args.port} ({len(service.sources)} model(s))", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True,
@@ -83,6 +89,7 @@ def build_app(service: Any) -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
+    from sgm_jax.inference.runner import RequestCancelled
     from sgm_jax.inference.sampling import SAMPLER_NAMES, canonical_sampler_name
     from sgm_jax.inference.service import DemoRequest
 
@@ -167,8 +174,12 @@ def build_app(service: Any) -> Any:
         def run(label, prompt_, negative_, classes_, w, h, sampler_, steps_, cfg_, disc_, seed_, num_, init_,
                 strength_, refiner_, refiner_strength_, lora_, *option_values, progress=gr.Progress()):
             done: dict[str, int] = {}
+            abandoned = _abandoned_check()
 
             def report(ev) -> None:
+                if abandoned():
+                    raise RequestCancelled(f"{label}: request abandoned by its client, stopped after "
+                                           f"{ev.chunk + 1} of {ev.chunks} batches ({ev.stage})")
                 done[ev.stage] = done.get(ev.stage, 0) + 1
                 progress((done[ev.stage], ev.steps * ev.chunks), desc=f"{ev.stage}: step")
 
@@ -185,6 +196,9 @@ def build_app(service: Any) -> Any:
                 paths, meta = service.generate(req, progress=report)
             except USER_EXCEPTIONS as e:
                 return [], None, None, f"error: {one_line(e)}"
+            except RequestCancelled as e:  # nobody reads the answer; the server log says why the run ended
+                LOG.info("cancelled: %s", e)
+                return [], None, None, "cancelled"
             shown = [(str(p), meta.get("prompt") or _caption(p)) for p in paths]
             return (shown, [str(p) for p in paths], meta,
                     f"{len(paths)} image(s) in {meta['seconds']:.2f} s (seed {meta['seed']})")
@@ -193,6 +207,28 @@ def build_app(service: Any) -> Any:
                              seed, num, init, strength, refiner, refiner_strength, lora, *options],
                        [gallery, files, metadata, status], api_name="generate")
     return app
+
+
+def _abandoned_check() -> Callable[[], bool]:
+    """Inside an event handler: () -> whether Gradio has given up on this request, its client gone
+    (the page closed: the queue marks the job not alive) or cancelled (gradio_client's Job.cancel:
+    the job leaves the active ones while this thread still runs). Gradio offers no public hook for
+    this; without its queue (or on another Gradio layout) a request is never taken as abandoned."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    jobs = getattr(getattr(blocks, "_queue", None), "active_jobs", None)
+    if event_id is None or jobs is None:
+        return lambda: False
+
+    def abandoned() -> bool:
+        for job in list(jobs):
+            for event in job or ():
+                if getattr(event, "_id", None) == event_id:
+                    return not getattr(event, "alive", True)
+        return True
+
+    return abandoned
 
 
 def _discretization(info: dict[str, Any]) -> str:

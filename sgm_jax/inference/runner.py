@@ -51,6 +51,11 @@ class StepEvent:
     steps: int
 
 
+class RequestCancelled(Exception):
+    """Raised by a run's `progress` callback to stop the request: the run stops when the chunk in
+    flight ends (a compiled loop cannot be left midway) and re-raises it."""
+
+
 @dataclass
 class Timing:
     stage: str
@@ -158,11 +163,19 @@ class SamplingRunner:
         steps, chunks = spec.num_loop, -(-num // bs)
         if first_index % bs:
             raise ValueError(f"first_index {first_index} must be a multiple of the batch size {bs}")
-        outs = []
+        outs: list[np.ndarray] = []
+        cancelled: list[RequestCancelled] = []
+
+        def step_report(i: int, chunk: int) -> None:  # also called from inside the compiled loop: never raises
+            if not cancelled:
+                try:
+                    progress(StepEvent(self.name, chunk, chunks, i, steps))
+                except RequestCancelled as e:
+                    cancelled.append(e)
+
         try:
             for chunk, start in enumerate(range(0, num, bs)):
-                report = None if progress is None else (
-                    lambda i, c_=chunk: progress(StepEvent(self.name, c_, chunks, i, steps)))
+                report = None if progress is None else (lambda i, c_=chunk: step_report(i, c_))
                 self.relay.listener = report
                 rows = np.arange(start, start + bs, dtype=np.int32)  # rows >= num are padding
                 index = np.arange(first_index + start, first_index + start + bs, dtype=np.int32)
@@ -179,6 +192,8 @@ class SamplingRunner:
                     for i in range(steps):
                         report(i)
                 outs.append(out[: min(bs, num - start)])
+                if cancelled:
+                    raise cancelled[0]
         finally:
             self.relay.listener = None
         return np.concatenate(outs, axis=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,8 @@ class DemoService:
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="sgm_jax_demo_"))
         self._configs: dict[str, Any] = {}
+        # one request at a time, even when Gradio frees a cancelled request's slot while its batch still runs
+        self._running = threading.Lock()
 
     def source(self, label: str) -> ModelSource:
         if label not in self.sources:
@@ -157,11 +160,12 @@ class DemoService:
             raise UserError("count and steps must be positive, the seed >= 0")
         s = self.source(req.model)
         self._check_caps(s, req)
-        t0 = time.perf_counter()
-        if s.kind == "workdir":
-            images, captions, meta = self._trained(s, req, progress)
-        else:
-            images, captions, meta = self._converted(s, req, progress)
+        with self._running:
+            t0 = time.perf_counter()
+            if s.kind == "workdir":
+                images, captions, meta = self._trained(s, req, progress)
+            else:
+                images, captions, meta = self._converted(s, req, progress)
         meta.update(seed=req.seed, model=config_name(s.path), seconds=round(time.perf_counter() - t0, 3))
         folder = self.out_dir / f"{int(time.time() * 1000)}"
         paths = save_images(images, [folder / f"{config_name(s.path)}_s{req.seed}_{i:03d}.png"
