@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import resource
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ if importlib.util.find_spec("libtpu") is not None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+JAX_CACHE = Path(os.environ.get("SGM_JAX_TEST_CACHE", REPO / ".pytest_cache" / "jax_cache"))
 SHARED = Path(os.environ.get("SGM_JAX_SHARED", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 DATA = SHARED / "data"
@@ -34,7 +39,26 @@ def pytest_configure(config):
     """A persistent XLA cache shared by the test processes: repeated shapes compile once."""
     import jax
 
-    cache = Path(os.environ.get("SGM_JAX_TEST_CACHE", REPO / ".pytest_cache" / "jax_cache"))
-    cache.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(cache))
+    JAX_CACHE.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@contextlib.contextmanager
+def capped_file_size(limit_bytes: int):
+    """Files this process writes stop at `limit_bytes` (a write past it fails with EFBIG, SIGXFSZ
+    ignored), as on a full disk. XLA's cache entries written meanwhile are cut short too: they are
+    removed afterwards, so later tests do not read truncated executables."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    start = time.time() - 1.0
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+        for entry in JAX_CACHE.glob("*"):
+            with contextlib.suppress(OSError):
+                if entry.is_file() and entry.stat().st_mtime >= start:
+                    entry.unlink()

@@ -4,14 +4,13 @@ workdir, seeds beyond the generator's range, a full disk. A tiny class-condition
 from __future__ import annotations
 
 import json
-import resource
 import shutil
-import signal
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import capped_file_size
 from test_demo import tiny_train_config
 
 from sgm_jax.cli import sample as sample_cli
@@ -73,14 +72,8 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_sampled(wo
 def test_a_grid_onto_a_full_disk_is_one_line_and_leaves_no_partial_file(workdir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (512, limits[1]))
-    try:
+    with capped_file_size(512):
         rc, err = _sample(capsys, "--workdir", workdir, "--classes", "1,2", "--num", "2", "--out", out / "grid.png")
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, previous)
     assert rc == 3 and "Traceback" not in err and err.splitlines()[-1] == (
         f"error: writing {out / 'grid.png'} failed: File too large (disk full or not writable?); nothing was "
         "written there")

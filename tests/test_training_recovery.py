@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO
+from conftest import DATA, REPO, capped_file_size
 from sgm_jax.errors import UserError
 from sgm_jax.training.checkpoint import restore_params, step_dirs
 from sgm_jax.training.loop import StopFlag, train
@@ -105,15 +104,8 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_cleans_up(tmp_path):
 
     # a full disk (files capped at 64 KiB: the checkpoint's arrays do not fit) is reported at that
     # save, in one line, and leaves no temp folder behind
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
-    try:
-        with pytest.raises(UserError, match="saving checkpoint 6 .* failed") as info:
-            train(tiny_config(max_steps=6), workdir)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, previous)
+    with capped_file_size(64 * 1024), pytest.raises(UserError, match="saving checkpoint 6 .* failed") as info:
+        train(tiny_config(max_steps=6), workdir)
     assert info.value.exit_code == 3 and "\n" not in str(info.value)
     assert not list(ckpts.glob("*orbax-checkpoint-tmp*")) and step_dirs(ckpts) == [5, 2]
 
