@@ -62,3 +62,27 @@ def apply_cpu_defaults(environ: dict | None = None, flags: tuple[str, ...] = CPU
     if added:
         env["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
+
+
+def skip_absent_tpu(environ: dict | None = None) -> bool:
+    """With libtpu installed (the [tpu] extra, for sgm-compile's compile-only devices) on a machine
+    without TPU chips, JAX's first backend start would try the TPU runtime: about 2 s and three of
+    libtpu's error lines on stderr, then CPU anyway. Choose CPU there, as jax itself counts chips
+    (its cloud_tpu_init), unless the user chose platforms, forces a TPU start, or another PJRT
+    plugin (a GPU) is installed. Returns whether it chose CPU."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in env or importlib.util.find_spec("libtpu") is None:
+        return False
+    from importlib.metadata import entry_points
+
+    if entry_points(group="jax_plugins") or importlib.util.find_spec("jax_plugins") is not None:
+        return False
+    from jax._src import hardware_utils  # private, but the very count jax's own TPU start uses
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+        return False
+    env["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # jax may have read the environment already
+    return True

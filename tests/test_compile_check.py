@@ -111,15 +111,17 @@ def test_unknown_generation_is_one_line():
         topology.chip_of("v7x")
 
 
-def test_importing_the_compile_check_chooses_no_platform():
-    """Only compile_only_devices() sets jax_platforms (to cpu, for the host side): importing the
-    package, as every CLI module's parser does, leaves the plain path alone."""
-    code = ("import jax, sgm_jax.aot, sgm_jax.cli.compile_check; import sys; "
-            "print(jax.config.jax_platforms, 'libtpu' in sys.modules)")
+def test_a_cpu_user_never_meets_the_tpu_runtime():
+    """Importing the compile check (as every CLI module's parser does) loads no libtpu, and on a
+    machine without TPU chips the first backend start is CPU's alone: with libtpu installed, no
+    TPU start (seconds, and libtpu's error lines on stderr)."""
+    code = ("import sgm_jax.aot, sgm_jax.cli.compile_check, sys; import jax; "
+            "print('libtpu' in sys.modules, jax.devices()[0].platform)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["None", "False"]
+    assert out.stdout.split() == ["False", "cpu"]
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr[-2000:]
 
 
 def test_stand_in_data_has_the_configs_shapes_and_keys():
