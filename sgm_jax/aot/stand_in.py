@@ -25,6 +25,18 @@ class ShapeTokenizer:
         return {"input_ids": [[SOT, EOT] for _ in texts]}
 
 
+def lpips_stand_in() -> Any:
+    """Random LPIPS weights (VGG16 trunk + linear heads) of the converted files' shapes: the
+    autoencoder's step closes over them as constants, so a compile needs real arrays, never their values."""
+    import jax
+    import jax.numpy as jnp
+
+    from sgm_jax.autoencoding.lpips import LPIPS
+
+    x = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    return jax.jit(LPIPS().init)(jax.random.key(0), x, x)["params"]
+
+
 def conditioner_keys(model_config: Mapping[str, Any]) -> list[str]:
     """Input keys of a DiffusionEngine config's embedders, in order ([] without a conditioner)."""
     params = model_config.get("params", model_config)

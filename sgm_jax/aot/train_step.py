@@ -55,11 +55,14 @@ def state_groups(abstract_state: Any) -> dict[str, Any]:
 def make_task(config: Any, dataset: Any) -> Any:
     from sgm_jax.training.task import task_class
 
-    from .stand_in import ShapeTokenizer
+    from .stand_in import ShapeTokenizer, lpips_stand_in
 
     cls = task_class(config.model.target)
-    if "tokenizer" in inspect.signature(cls.__init__).parameters:
+    takes = inspect.signature(cls.__init__).parameters
+    if "tokenizer" in takes:
         return cls(config, dataset, tokenizer=ShapeTokenizer())
+    if "lpips_params" in takes:
+        return cls(config, dataset, lpips_params=lpips_stand_in())
     return cls(config, dataset)
 
 

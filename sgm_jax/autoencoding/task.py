@@ -40,14 +40,16 @@ class AutoencoderTask:
 
     name = "autoencoder"
 
-    def __init__(self, config: Any, dataset: Any):
+    def __init__(self, config: Any, dataset: Any, lpips_params: Any = None):
+        """lpips_params: LPIPS weights to use instead of the converted files (the compile check's
+        random stand-in of the same shapes)."""
         self.config, self.dataset = config, dataset
         self.parts = build_parts(config)
         self.pad_to = int(config.data.get("pad_to", 0) or 0)
         self.perceptual = None
         self._lpips_params = None
         if self.parts.loss.perceptual_weight > 0:  # stops here, with one line, when the weights are absent
-            self._lpips_params = load_lpips_params()
+            self._lpips_params = load_lpips_params() if lpips_params is None else lpips_params
             self.perceptual = self._perceptual_fn(self._lpips_params, bool(config.training.get("lpips_train_dropout", True)))
         self._step = make_train_step(self.parts, self.perceptual)
         self._eval_set: np.ndarray | None = None
