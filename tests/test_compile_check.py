@@ -149,3 +149,17 @@ def test_roofline_takes_the_longer_bound():
     assert roof["bound"] == "memory" and roof["step_seconds"] == pytest.approx(2.0)
     assert roof["mfu"] == pytest.approx(0.5) and roof["images_per_second"] == pytest.approx(2.0)
     assert r.total_bytes == 17 * GiB and not r.fits and "1.00 GiB short" in r.shortfall()
+
+
+@needs_libtpu
+def test_an_autoencoder_with_lpips_builds_without_the_lpips_files(tmp_path):
+    """The LPIPS loss reads converted VGG16 files that a compile-only machine does not have: the compile
+    check builds the task on random weights of their shapes (args-only here: the step's arguments)."""
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "SGM_JAX_LPIPS": str(tmp_path / "absent")}
+    proc = subprocess.run([sys.executable, "-m", "sgm_jax.compile_check", "--config", "autoencoder_mnist",
+                           "--topology", "v5e:2x2", "--args-only", "--json",
+                           "--config.model.params.loss_config.params.perceptual_weight=0.25"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"parameters", "optimizer state", "discriminator", "EMA parameters"} <= set(r["groups"]) and r["fits"]
