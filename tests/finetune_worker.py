@@ -2,7 +2,7 @@
 
     python tests/finetune_worker.py CONVERTED_DIR SHARDS_URLS OUT_DIR
 
-Fine-tunes tiny_sdxl (configs/sdxl_finetune.finetune: UNet trains with FSDP over 8 devices,
+Fine-tunes tests/configs/micro_sdxl.py (configs/sdxl_finetune.finetune, remat on: UNet trains with FSDP over 8 devices,
 VAE + both text towers frozen) from a converted checkpoint on captioned tar shards, once for
 4 steps and once for 2 + 2 (resumed), and writes what the test checks to OUT_DIR/result.npz.
 """
@@ -10,6 +10,7 @@ VAE + both text towers frozen) from a converted checkpoint on captioned tar shar
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,17 +19,18 @@ import jax
 import numpy as np
 
 from sgm_jax import parallel
+from sgm_jax.cli.configs import load_config
 from sgm_jax.configs import sdxl_finetune
-from sgm_jax.configs.inference import tiny_sdxl
 from sgm_jax.training.checkpoint import _read_metadata, restore_params
 from sgm_jax.training.frozen import merge_params
 from sgm_jax.training.loop import build_run, train
 
 parallel.MIN_FSDP_SIZE = 1024  # shard even this tiny model's larger kernels
+MICRO_SDXL = Path(__file__).with_name("configs") / "micro_sdxl.py"
 
 
 def config(ckpt: str, urls: str, steps: int):
-    c = sdxl_finetune.finetune(tiny_sdxl.model(), name="tiny_finetune", size=64, buckets=(),
+    c = sdxl_finetune.finetune(load_config(str(MICRO_SDXL)).model.to_dict(), name="tiny_finetune", size=64, buckets=(),
                                batch_size=8, lr=1e-3, sample_steps=2)
     c.model.params.ckpt_path = ckpt
     c.model.params.network_config.params.use_checkpoint = True
@@ -50,7 +52,7 @@ def fixed_loss(run, params, frozen) -> float:
 
 def main() -> None:
     ckpt, urls, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("SGM_JAX_TEST_CACHE", str(out / "jax_cache")))
     t0 = time.time()
     run = build_run(config(ckpt, urls, 4))  # one compiled step for the three runs
     full = train(config(ckpt, urls, 4), out / "full", run)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
-from sgm_jax.configs.inference import tiny_sdxl
+from conftest import JAX_CACHE, REPO
+from sgm_jax.cli.configs import load_config
 from test_inference import BPE, convert_cli, write_random_checkpoint
 
 PHOTOS = {"astronaut": "an astronaut in a white suit", "coffee": "a cup of coffee on a saucer",
@@ -41,12 +41,12 @@ def finetuned(tmp_path_factory):
     from sgm_jax.data.prepare import prepare
 
     tmp = tmp_path_factory.mktemp("finetune")
-    converted = convert_cli(REPO / "configs" / "inference" / "tiny_sdxl.py",
-                            write_random_checkpoint(tiny_sdxl.get_config(), tmp / "tiny.safetensors", seed=5),
+    micro = REPO / "tests" / "configs" / "micro_sdxl.py"
+    converted = convert_cli(micro, write_random_checkpoint(load_config(str(micro)), tmp / "micro.safetensors", seed=5),
                             tmp / "converted")
     shards = prepare(str(captioned_photos(tmp / "photos")), str(tmp / "shards"), samples_per_shard=4, progress=False)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "SGM_JAX_CLIP_BPE": str(BPE)}
+           "SGM_JAX_CLIP_BPE": str(BPE), "SGM_JAX_TEST_CACHE": str(JAX_CACHE)}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "finetune_worker.py"), str(converted), shards["urls"],
                            str(tmp)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
