@@ -173,3 +173,108 @@ def test_lms_coefficients_equal_numerical_quadrature():
                 basis *= (tau - sig[i - k]) / (sig[i - j] - sig[i - k])
         numeric = np.trapezoid(basis, tau)
         assert abs(smp.linear_multistep_coeff(order, sig, i, j) - numeric) < 1e-6 * max(1.0, abs(numeric))
+
+
+# ----------------------------------------------------------------------------- turbo.py's SubstepSampler
+
+
+def seed_turbo_sigmas(n_sample_steps: int) -> np.ndarray:
+    """turbo.py's schedule from the seed's formulas: LegacyDDPMDiscretization()(1000) (make_beta_schedule
+    "linear": sqrt-linear betas in float64, (1 - a) / a cast to float32 before the root, flipped, 0
+    appended), indexed by steps_subset[:n] + steps_subset[-1:] with steps_subset = [0, 100, 200, 300, 1000]."""
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    sigmas = np.append(np.sqrt(((1 - alphas_cumprod) / alphas_cumprod).astype(np.float32))[::-1], np.float32(0))
+    return sigmas[[0, 100, 200, 300][:n_sample_steps] + [1000]]
+
+
+def turbo_sampler(n: int, **kw) -> smp.SubstepSampler:
+    # turbo.py's own arguments: SubstepSampler(n_sample_steps=1, num_steps=1000, eta=1.0, LegacyDDPM)
+    return smp.SubstepSampler(n_sample_steps=n, num_steps=1000, eta=1.0,
+                              discretization=disc.LegacyDDPMDiscretization(), **kw)
+
+
+def recording(denoiser, seen: list):
+    """The denoiser, recording each evaluation's (batch, sigma) as it runs (inside jit and scan)."""
+
+    def run(x, sigma, cond):
+        jax.debug.callback(lambda s: seen.append((s.shape[0], float(s[0]))), sigma, ordered=True)
+        return denoiser(x, sigma, cond)
+
+    return run
+
+
+MU = np.array([[0.1, -0.2, 0.3], [-0.4, 0.0, 0.2]], np.float32)  # per-example, per-channel data means
+
+
+def test_substep_sigmas_are_the_seeds_substeps():
+    for n, timesteps in ((1, [999]), (2, [999, 899]), (4, [999, 899, 799, 699])):
+        want = seed_turbo_sigmas(n)
+        np.testing.assert_allclose(turbo_sampler(n).sigmas(), want, rtol=1e-6, atol=0)
+        betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+        ac = np.cumprod(1 - betas)[timesteps]
+        np.testing.assert_allclose(want[:-1], np.sqrt((1 - ac) / ac), rtol=1e-6)  # the DDPM timesteps they are
+    np.testing.assert_allclose(seed_turbo_sigmas(4), [14.614641, 8.302803, 5.0877633, 3.321083, 0.0], rtol=1e-6)
+    assert smp.SubstepSampler().sigmas().tolist() == turbo_sampler(1).sigmas().tolist()  # turbo.py's defaults
+    for bad in (0, 5, 1.5, True):
+        with pytest.raises(ValueError, match="SubstepSampler takes 1 to 4 steps"):
+            smp.SubstepSampler(n_sample_steps=bad)
+
+
+def test_substep_one_step_is_the_denoised_noise_at_sigma_max():
+    s, seen = 0.5, []
+    s0 = float(seed_turbo_sigmas(1)[0])
+    with enable_x64():  # float64 arithmetic: the update is checked exactly, not up to float32 cancellation
+        noise = jax.random.normal(jax.random.key(0), (2, 4, 4, 3), jnp.float64)
+        cond = {"vector": jnp.asarray(MU, jnp.float64)}
+        run = jax.jit(lambda x: turbo_sampler(1)(recording(gaussian_denoiser(s), seen), x, cond))  # no key: no noise
+        out = np.asarray(run(noise))
+    x = np.asarray(noise) * np.sqrt(1 + np.float32(s0) ** 2)  # the seed scales by sqrt(1 + sigma_0^2) in float32
+    mu = MU[:, None, None, :].astype(np.float64)
+    np.testing.assert_allclose(out, mu + (x - mu) * s**2 / (s**2 + s0**2), rtol=1e-10, atol=1e-12)
+    assert seen == [(2, pytest.approx(s0, rel=1e-6))]  # one denoiser call, at sigma_max, on the batch as is
+
+
+def test_substep_two_steps_follow_the_seeds_euler_ancestral_update():
+    s, key, seen = 0.5, jax.random.key(3), []
+    s0, s1, _ = seed_turbo_sigmas(2).astype(np.float64)
+    # the seed's get_ancestral_step (eta = 1) from s0 to s1, then the last step to 0 (sigma_up = 0)
+    up = min(s1, np.sqrt(s1**2 * (s0**2 - s1**2) / s0**2))
+    down = np.sqrt(s1**2 - up**2)
+    with enable_x64():
+        noise = jax.random.normal(jax.random.key(0), (2, 4, 4, 3), jnp.float64)
+        cond = {"vector": jnp.asarray(MU, jnp.float64)}
+        run = jax.jit(lambda x, k: turbo_sampler(2)(recording(gaussian_denoiser(s), seen), x, cond, key=k))
+        out = np.asarray(run(noise, key))
+        # the framework's noise contract: step i draws N(0, I) from jax.random.split(key, steps)[i]
+        z = np.asarray(jax.random.normal(jax.random.split(key, 2)[0], noise.shape, jnp.float64))
+    mu = MU[:, None, None, :].astype(np.float64)
+    denoise = lambda x, sigma: mu + (x - mu) * s**2 / (s**2 + sigma**2)  # noqa: E731
+    x0 = np.asarray(noise) * np.sqrt(1 + np.float32(s0) ** 2)
+    x1 = x0 + (down - s0) * (x0 - denoise(x0, s0)) / s0 + up * z  # Euler to sigma_down, then the ancestral noise
+    np.testing.assert_allclose(out, denoise(x1, s1), rtol=1e-10, atol=1e-12)  # Euler from s1 to 0: D(x1, s1)
+    assert [sigma for _, sigma in seen] == pytest.approx([s0, s1], rel=1e-6)
+
+
+def test_substep_is_compiled_once_deterministic_per_key_and_ignores_uc():
+    traces, seen = [], []
+    exact = gaussian_denoiser(0.5)
+
+    def counting(x, sigma, cond):
+        traces.append(1)  # at trace time only
+        return exact(x, sigma, cond)
+
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    cond, uc = {"vector": jnp.asarray(MU)}, {"vector": jnp.zeros((2, 3))}
+    four = jax.jit(lambda x, k: turbo_sampler(4)(recording(counting, seen), x, cond, key=k))
+    a, b, c = four(x, jax.random.key(7)), four(x, jax.random.key(7)), four(x, jax.random.key(8))
+    assert len(traces) == 1 and four._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+    assert [sigma for _, sigma in seen[:4]] == pytest.approx(seed_turbo_sigmas(4)[:-1].tolist(), rel=1e-6)
+    # one step draws no noise: the key does not matter; and uc is the prompt's own (the seed sets uc = cond),
+    # so CFG at any scale gives the unguided result
+    one = turbo_sampler(1)(exact, x, cond)
+    np.testing.assert_array_equal(np.asarray(turbo_sampler(1)(exact, x, cond, key=jax.random.key(1))), np.asarray(one))
+    cfg = turbo_sampler(1, guider=guiders.VanillaCFG(scale=5.0))(exact, x, cond, uc=uc)
+    np.testing.assert_allclose(np.asarray(cfg), np.asarray(one), rtol=1e-6, atol=1e-6)

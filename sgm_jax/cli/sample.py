@@ -31,7 +31,8 @@ from sgm_jax.errors import UserError
 from . import distributed
 from .configs import ArgumentParser, apply_overrides, config_name, load_config, split_overrides
 
-SAMPLERS = ("euler_edm", "heun_edm", "euler_ancestral", "dpmpp2s_ancestral", "dpmpp2m", "linear_multistep")
+SAMPLERS = ("euler_edm", "heun_edm", "euler_ancestral", "dpmpp2s_ancestral", "dpmpp2m", "linear_multistep",
+            "substep_euler_ancestral")
 # flag -> the inference field it sets
 FIELDS = {"num": "num_samples", "seed": "seed", "steps": "num_steps", "sampler": "sampler", "cfg_scale": "cfg_scale",
           "discretization": "discretization", "width": "width", "height": "height", "strength": "img2img_strength",

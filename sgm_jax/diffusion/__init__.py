@@ -10,7 +10,8 @@ from sgm_jax.diffusion.guiders import DynamicThresholding, IdentityGuider, NoDyn
 from sgm_jax.diffusion.loss import StandardDiffusionLoss
 from sgm_jax.diffusion.registry import instantiate_from_config
 from sgm_jax.diffusion.samplers import (SAMPLERS, DPMPP2MSampler, DPMPP2SAncestralSampler, EulerAncestralSampler,
-                                        EulerEDMSampler, HeunEDMSampler, LinearMultistepSampler, get_sampler)
+                                        EulerEDMSampler, HeunEDMSampler, LinearMultistepSampler, SubstepSampler,
+                                        get_sampler)
 from sgm_jax.diffusion.scaling import EDMScaling, EpsScaling, VScaling, VScalingWithEDMcNoise
 from sgm_jax.diffusion.sigma_sampling import DiscreteSampling, EDMSampling
 from sgm_jax.diffusion.weighting import EDMWeighting, EpsWeighting, UnitWeighting, VWeighting
@@ -20,6 +21,6 @@ __all__ = [
     "DynamicThresholding", "EDMDiscretization", "EDMSampling", "EDMScaling", "EDMWeighting", "EpsScaling",
     "EpsWeighting", "EulerAncestralSampler", "EulerEDMSampler", "HeunEDMSampler", "IdentityGuider",
     "Img2ImgDiscretizationWrapper", "LegacyDDPMDiscretization", "LinearMultistepSampler", "NoDynamicThresholding",
-    "SAMPLERS", "StandardDiffusionLoss", "Txt2NoisyDiscretizationWrapper", "UnitWeighting", "VScaling",
+    "SAMPLERS", "StandardDiffusionLoss", "SubstepSampler", "Txt2NoisyDiscretizationWrapper", "UnitWeighting", "VScaling",
     "VScalingWithEDMcNoise", "VWeighting", "VanillaCFG", "append_dims", "get_sampler", "instantiate_from_config",
 ]

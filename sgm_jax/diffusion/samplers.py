@@ -1,4 +1,5 @@
-"""The seed's six samplers as pure functions with one compiled step loop each.
+"""The seed's six samplers and turbo.py's SubstepSampler as pure functions with one compiled
+step loop each.
 
 Every per-step scalar (sigmas, churn, ancestral sigma_up/sigma_down, DPM-Solver multipliers,
 LMS coefficients) depends only on the schedule, so it is computed once on the host in
@@ -14,13 +15,13 @@ seed does), `sigma: [B]`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .discretization import Discretization, EDMDiscretization, _check_num_steps
+from .discretization import Discretization, EDMDiscretization, LegacyDDPMDiscretization, _check_num_steps
 from .guiders import IdentityGuider
 
 DenoiserFn = Callable[[jnp.ndarray, jnp.ndarray, Mapping[str, Any]], jnp.ndarray]
@@ -58,9 +59,17 @@ class BaseDiffusionSampler:
     discretization: Discretization = EDMDiscretization()
     guider: Any = IdentityGuider()
 
+    # True where the sampler never uses uc (turbo.py's SubstepSampler): CFG would only double the batch
+    guidance_free: ClassVar[bool] = False
+
     def __post_init__(self) -> None:
         if self.num_steps is not None:
             _check_num_steps(self.num_steps)
+
+    @classmethod
+    def with_steps(cls, steps: int, **kwargs: Any) -> "BaseDiffusionSampler":
+        """The sampler that takes `steps` steps (what --steps sets); kwargs: the other fields."""
+        return cls(num_steps=steps, **kwargs)
 
     # --- what each sampler defines -------------------------------------------------------
     def tables(self, sigmas: np.ndarray) -> Tables:
@@ -199,6 +208,57 @@ class EulerAncestralSampler(AncestralSampler):
         return self.ancestral_noise(x, t, key), carry
 
 
+# turbo.py's steps_subset: schedule indices where steps 1..4 start, then where the last one ends
+# (1000 of the 1000-step schedule + its appended zero: sigma 0)
+TURBO_STEPS_SUBSET = (0, 100, 200, 300, 1000)
+
+
+@dataclass(frozen=True)
+class SubstepSampler(EulerAncestralSampler):
+    """SDXL-Turbo / SD-Turbo's sampler (the seed's scripts/demo/turbo.py): Euler ancestral over a
+    few sigmas picked from the whole `num_steps`-step schedule, with uc = cond (no guidance).
+
+    The schedule is discretization(num_steps) (1000 LegacyDDPM sigmas, descending, and the
+    appended 0); `n_sample_steps` (1 to len(steps_subset) - 1) steps visit its indices
+    steps_subset[:n_sample_steps] and end at steps_subset[-1]. With the LegacyDDPM schedule
+    (timesteps 999, 899, 799, 699): 1 step [14.6146, 0], 2 steps [14.6146, 8.3028, 0],
+    4 steps [14.6146, 8.3028, 5.0878, 3.3211, 0]. One step draws no noise (sigma_up = 0 at
+    sigma 0): it returns D(x * sqrt(1 + sigma_0^2), sigma_0).
+    """
+
+    num_steps: int | None = 1000  # the length of the schedule the substeps index, as turbo.py sets it
+    discretization: Discretization = LegacyDDPMDiscretization()
+    n_sample_steps: int = 1
+    steps_subset: tuple[int, ...] = TURBO_STEPS_SUBSET
+    guidance_free: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "steps_subset", tuple(int(i) for i in self.steps_subset))  # a yaml list, hashable
+        n, most = self.n_sample_steps, len(self.steps_subset) - 1
+        if isinstance(n, bool) or int(n) != n or not 1 <= int(n) <= most:
+            raise ValueError(f"SubstepSampler takes 1 to {most} steps (substeps {list(self.steps_subset[:-1])} "
+                             f"of the {self.num_steps}-step schedule), got {n!r}")
+
+    @classmethod
+    def with_steps(cls, steps: int, **kwargs: Any) -> "SubstepSampler":
+        return cls(n_sample_steps=steps, **kwargs)
+
+    def sigmas(self, num_steps: int | None = None) -> np.ndarray:
+        full = super().sigmas(num_steps)
+        picked = list(self.steps_subset[: int(self.n_sample_steps)]) + [self.steps_subset[-1]]
+        if picked[-1] >= len(full):  # an img2img / refiner wrapper shortened the schedule
+            raise ValueError(f"SubstepSampler picks indices {picked} of the whole schedule, which has "
+                             f"{len(full)} sigmas here: img2img and refiner hand-offs are not supported")
+        return full[picked]
+
+    def __call__(self, denoiser: DenoiserFn, x: jnp.ndarray, cond: Mapping[str, Any],
+                 uc: Mapping[str, Any] | None = None, key: jax.Array | None = None,
+                 num_steps: int | None = None, progress: Callable[[Any], None] | None = None) -> jnp.ndarray:
+        # the seed's SubstepSampler overwrites uc with cond: a CFG guider changes nothing
+        return super().__call__(denoiser, x, cond, uc=cond, key=key, num_steps=num_steps, progress=progress)
+
+
 @dataclass(frozen=True)
 class DPMPP2SAncestralSampler(AncestralSampler):
     def tables(self, sigmas: np.ndarray) -> Tables:
@@ -293,12 +353,13 @@ SAMPLERS: dict[str, type[BaseDiffusionSampler]] = {
     "dpmpp2s_ancestral": DPMPP2SAncestralSampler,
     "dpmpp2m": DPMPP2MSampler,
     "linear_multistep": LinearMultistepSampler,
+    "substep_euler_ancestral": SubstepSampler,
 }
 SAMPLERS.update({cls.__name__: cls for cls in list(SAMPLERS.values())})
 
 
 def get_sampler(name: str, **kwargs: Any) -> BaseDiffusionSampler:
-    """Sampler by CLI name (euler_edm, heun_edm, ...) or seed class name."""
+    """Sampler by CLI name (euler_edm, heun_edm, ...) or seed class name; kwargs: its fields."""
     if name not in SAMPLERS:
         choices = ", ".join(k for k in SAMPLERS if k.islower())
         raise ValueError(f"unknown sampler {name!r}; choose one of: {choices}")

@@ -22,7 +22,7 @@ from sgm_jax.diffusion.discretization import (
     Txt2NoisyDiscretizationWrapper,
 )
 from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
-from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler, get_sampler
+from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler
 
 SEED_RANGE = 2**32  # seeds are reduced modulo this: JAX keeps only the low 32 bits of a seed without x64
 
@@ -39,6 +39,7 @@ _ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
 SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "euler_edm": _EDM, "heun_edm": _EDM, "euler_ancestral": _ANCESTRAL, "dpmpp2s_ancestral": _ANCESTRAL,
     "dpmpp2m": {}, "linear_multistep": {"order": 4},
+    "substep_euler_ancestral": _ANCESTRAL,  # turbo.py: eta=1.0, s_noise left at 1.0
 }
 SAMPLER_NAMES = tuple(SAMPLER_DEFAULTS)
 # the seed demo's EDMDiscretization defaults for latent models (sampling params in api.py)
@@ -69,11 +70,14 @@ def make_discretization(name: str = "legacy_ddpm", **params: Any) -> Discretizat
 class SamplerSpec:
     """A sampler as the seed's demo configures it.
 
+    steps: what --steps means for the sampler (SubstepSampler: its n_sample_steps, 1 to 4).
     img2img_strength: wrap the schedule in Img2ImgDiscretizationWrapper (keep the lowest
       `strength` fraction: img2img and the refiner stage).
     stage2_strength: then wrap in Txt2NoisyDiscretizationWrapper(strength, original_steps=steps)
       (stop early, leaving that fraction to a refiner).
     options: the sampler's extra keyword arguments (s_churn, eta, order, ...) as sorted pairs.
+    guided: VanillaCFG(scale) around the denoiser, else IdentityGuider; always off for a sampler
+      that never uses uc (SubstepSampler, as the seed's turbo.py), where CFG would only double the batch.
     """
 
     name: str = "euler_edm"
@@ -101,7 +105,8 @@ class SamplerSpec:
                 raise ValueError(f"strength must be in [0, 1], got {strength}")
         return cls(name, int(steps), discretization, tuple(sorted(merged.items())),
                    None if img2img_strength is None else float(img2img_strength),
-                   None if stage2_strength is None else float(stage2_strength), guided)
+                   None if stage2_strength is None else float(stage2_strength),
+                   guided and not SAMPLERS[name].guidance_free)
 
     def schedule(self) -> Discretization:
         """The discretization the sampler runs with, wrapped as the seed's init_sampling does."""
@@ -115,7 +120,7 @@ class SamplerSpec:
     def sigmas(self) -> np.ndarray:
         """float32 [num_loop + 1] sigmas the loop visits: sigmas[0] is where it starts,
         sigmas[-1] where it ends (0 unless stopped early for a refiner)."""
-        return np.asarray(self.schedule()(self.steps), np.float32)
+        return np.asarray(self.build().sigmas(), np.float32)
 
     @property
     def num_loop(self) -> int:
@@ -124,5 +129,5 @@ class SamplerSpec:
     def build(self, scale: Any = None) -> BaseDiffusionSampler:
         """The sampler; `scale` may be a tracer (VanillaCFG is built inside the jitted function)."""
         guider = VanillaCFG(scale) if self.guided else IdentityGuider()
-        return get_sampler(self.name, num_steps=self.steps, discretization=self.schedule(), guider=guider,
-                           **dict(self.options))
+        return SAMPLERS[self.name].with_steps(self.steps, discretization=self.schedule(), guider=guider,
+                                              **dict(self.options))
