@@ -59,14 +59,15 @@ def tiny_refiner_config():
     return cfg
 
 
-def write_random_checkpoint(config, path: Path, seed: int) -> Path:
-    """Random weights in the seed's PyTorch key layout (norm scales near 1, small weights)."""
+def write_random_checkpoint(config, path: Path, seed: int, dtype=np.float32) -> Path:
+    """Random weights in the seed's PyTorch key layout (norm scales near 1, small weights),
+    stored as `dtype` (float16: the released *_fp16 files)."""
     rng = np.random.default_rng(seed)
     sd = {}
     for key, shape in checkpoint_shapes(config).items():
         is_norm_scale = len(shape) == 1 and key.endswith("weight") and ("norm" in key or ".ln_" in key)
         scale = 0.02 if len(shape) == 1 else 0.08
-        sd[key] = (float(is_norm_scale) + scale * rng.standard_normal(shape)).astype(np.float32)
+        sd[key] = (float(is_norm_scale) + scale * rng.standard_normal(shape)).astype(dtype)
     return save_safetensors(sd, path)
 
 

@@ -76,6 +76,12 @@ SDXL_RESOLUTIONS = ((704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 12
                     (1472, 704), (1536, 640), (1600, 640), (1664, 576), (1728, 576))
 
 
+# scripts/demo/turbo.py's sampling: SubstepSampler(n_sample_steps=1, num_steps=1000, eta=1.0) on the
+# LegacyDDPM schedule, and no guidance (the seed's default IdentityGuider; its uc is the prompt itself)
+TURBO = {"sampler": "SubstepSampler", "num_steps": 1, "discretization": "LegacyDDPMDiscretization",
+         "guider": "IdentityGuider", "cfg_scale": 1.0}
+
+
 def inference(width: int, height: int, tokenizers: list[str], **overrides: Any) -> dict[str, Any]:
     """Sampling defaults, as the seed's scripts/demo/sampling.py sets them.
 

@@ -206,6 +206,9 @@ def guess_family(keys: Collection[str]) -> str | None:
     if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
         return "an SDXL base checkpoint (CLIP-L + OpenCLIP-G)"
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1.model."):
+        # SD 2.x attends at the first level (input_blocks.1.1), the refiner does not
+        if has(UNET_PREFIX + "input_blocks.1.1."):
+            return "an SD 2.x checkpoint in sgm's layout (OpenCLIP-H under conditioner.embedders.0.model.: SD-Turbo)"
         return "an SDXL refiner checkpoint (OpenCLIP-G only)"
     if has(SD2_TEXT_PREFIX):
         return "an SD 2.x checkpoint (OpenCLIP-H under cond_stage_model.model.)"
