@@ -1,4 +1,5 @@
-"""The six samplers: seed trajectories, the exact Gaussian denoiser, purity, compilation, errors."""
+"""The six samplers and turbo.py's SubstepSampler: seed trajectories, the exact Gaussian denoiser, purity,
+compilation, errors."""
 
 from __future__ import annotations
 
