@@ -4,10 +4,10 @@
         --metrics fid,classifier --ref mnist:test
     python evaluate.py --images samples/ --ref real.npz --metrics fid,clip_score
 
-The command line lives in sgm_jax/evaluation/cli.py (--help for every flag).
+The command line lives in sgm_jax/cli/evaluate.py (--help for every flag).
 """
 
-from sgm_jax.evaluation.cli import main
+from sgm_jax.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

@@ -61,8 +61,8 @@ def main() -> None:
     from sgm_jax.convert.inception import export_inception, load_inception_params
     from sgm_jax.data import MnistDataset
     from sgm_jax.evaluation.fid import InceptionFeatures
-    from sgm_jax.evaluation.inception import random_inception_params
     from sgm_jax.evaluation.pytorch_fid_ref import INSTALL_HINT, subprocess_env
+    from sgm_jax.nn.inception import random_inception_params
 
     try:
         params, weights = load_inception_params(args.weights), "pytorch-fid's pt_inception-2015-12-05"

@@ -13,7 +13,7 @@ import numpy as np
 
 
 def main() -> None:
-    from sgm_jax.autoencoding.firststage import load_first_stage
+    from sgm_jax.checkpointing.workdirs import load_first_stage
     from sgm_jax.data import MnistDataset
     from sgm_jax.nn.vae import DiagonalGaussianDistribution, autoencoder_from_config
 

@@ -1,4 +1,4 @@
-"""Train-step time from raw images vs from pre-encoded shards (sgm_jax.data.preencode), same
+"""Train-step time from raw images vs from pre-encoded shards (sgm_jax.training.preencode), same
 config, same batch, same params, measured in one process with compilation excluded.
 
     nice -n 19 python benchmarks/preencode_step.py [--steps 5] [--rounds 3] [--append benchmarks/RESULTS.md]
@@ -63,10 +63,10 @@ def raw_batch(engine, n: int, side: int) -> dict:
 
 
 def measure(name: str, build, steps: int, rounds: int) -> dict:
-    from sgm_jax.data.preencode import make_encoder, stored_embedders
+    from sgm_jax.checkpointing.frozen import split_params
     from sgm_jax.data.preencoded import MOMENTS_KEY
     from sgm_jax.training.diffusion_task import DiffusionTask
-    from sgm_jax.training.frozen import split_params
+    from sgm_jax.training.preencode import make_encoder, stored_embedders
 
     config, side = build()
     n = int(config.data.params.train.loader.batch_size)

@@ -50,7 +50,7 @@ def image_datapipeline(size: int, urls: str | Sequence[str] = "", *, required_ke
                             # 0: one stream per host; S: the same batches on any host count dividing S
                             "num_streams": 0},
         "decoders": [decoder],
-        "preencoded": False,  # True: urls are shards of python -m sgm_jax.data.preencode (postprocessors done)
+        "preencoded": False,  # True: urls are shards of python -m sgm_jax.cli.preencode (postprocessors done)
         "postprocessors": [
             {"target": "sdata.mappers.TorchVisionImageTransforms", "params": {"key": "jpg", "transforms": [
                 {"target": "torchvision.transforms.Resize", "params": {"size": size, "interpolation": 3}},

@@ -18,6 +18,7 @@ cross-attention UNet, captions from tar shards) at a size a 2-core CPU trains.
   "photo", "image", "drawn", "an" and "," never occur in training, are for evaluation.
 """
 
+from sgm_jax.checkpointing.workdirs import first_stage_config
 from sgm_jax.configs import _training_parts as T
 from sgm_jax.configs import autoencoder_mnist, mnist_cond
 from sgm_jax.configs.inference import _parts as P
@@ -29,8 +30,6 @@ SCALE_FACTOR = 0.6429
 
 
 def first_stage() -> dict:
-    from sgm_jax.autoencoding.engine import first_stage_config
-
     fs = first_stage_config(autoencoder_mnist.get_config().model)
     fs["params"]["ckpt_path"] = "workdir/autoencoder_mnist"  # its train.py workdir (EMA weights)
     return fs

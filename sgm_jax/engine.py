@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.data.preencoded import MOMENTS_KEY, is_stored_output
+from sgm_jax.batch_keys import MOMENTS_KEY, is_stored_output
 from sgm_jax.diffusion.denoiser import Denoiser
 from sgm_jax.diffusion.loss import StandardDiffusionLoss
 from sgm_jax.diffusion.registry import instantiate_from_config, to_plain

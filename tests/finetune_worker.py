@@ -19,10 +19,10 @@ import jax
 import numpy as np
 
 from sgm_jax import parallel
+from sgm_jax.checkpointing.checkpoint import _read_metadata, restore_params
+from sgm_jax.checkpointing.frozen import merge_params
 from sgm_jax.cli.configs import load_config
 from sgm_jax.configs import sdxl_finetune
-from sgm_jax.training.checkpoint import _read_metadata, restore_params
-from sgm_jax.training.frozen import merge_params
 from sgm_jax.training.loop import build_run, train
 
 parallel.MIN_FSDP_SIZE = 1024  # shard even this tiny model's larger kernels

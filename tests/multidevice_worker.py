@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from sgm_jax.configs import mnist_cond  # noqa: E402
 from sgm_jax import parallel  # noqa: E402
-from sgm_jax.training.checkpoint import Checkpointer  # noqa: E402
+from sgm_jax.checkpointing.checkpoint import Checkpointer  # noqa: E402
 from sgm_jax.training.loop import build_run  # noqa: E402
 
 parallel.MIN_FSDP_SIZE = 1024  # shard even this tiny model's larger kernels

@@ -47,7 +47,7 @@ def _loss_setup(rng, perceptual: bool, disc_loss: str):
 def _ours(cfg, x, h, kernel, bias, disc, disc_vars, lpips_params, step, optimizer_idx):
     import flax.linen as nn
 
-    from sgm_jax.autoencoding.lpips import LPIPS
+    from sgm_jax.nn.lpips import LPIPS
 
     lc = losses.LossConfig.from_params(cfg)
     conv = nn.Conv(3, (3, 3), padding=((1, 1), (1, 1)))
@@ -238,7 +238,7 @@ def _params_equal(a, b) -> bool:
 def _restore_state(workdir):
     import orbax.checkpoint as ocp
 
-    from sgm_jax.training.checkpoint import step_dirs
+    from sgm_jax.checkpointing.checkpoint import step_dirs
 
     ckpt = workdir / "checkpoints"
     step = max(step_dirs(ckpt))

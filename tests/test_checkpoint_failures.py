@@ -15,7 +15,7 @@ import pytest
 
 from conftest import DATA, REPO
 from sgm_jax.errors import UserError
-from sgm_jax.training.checkpoint import Checkpointer, step_dirs
+from sgm_jax.checkpointing.checkpoint import Checkpointer, step_dirs
 
 
 class _LateWritesManager:
@@ -86,7 +86,7 @@ def test_resuming_past_truncated_checkpoints_is_the_warning_lines_alone(tmp_path
     # tracebacks, timing-dependent; five truncated checkpoints make at least one flood near certain before)
     script = textwrap.dedent(f"""
         import jax, numpy as np
-        from sgm_jax.training.checkpoint import Checkpointer
+        from sgm_jax.checkpointing.checkpoint import Checkpointer
         tree = {{f"a{{i}}": np.full((64, 64), i, np.float32) for i in range(50)}}
         ckpt = Checkpointer({str(tmp_path / "ckpt")!r}, max_to_keep=10)
         step, state, _ = ckpt.restore_latest(jax.tree_util.tree_map(

@@ -24,8 +24,8 @@ from sgm_jax.convert.files import save_safetensors
 from sgm_jax.convert.inception import FID_WEIGHTS_NAME, convert_inception, export_inception, load_inception_params
 from sgm_jax.evaluation.fid import (GaussianStats, InceptionFeatures, feature_statistics, frechet_distance,
                                     frechet_distance_stats, load_statistics)
-from sgm_jax.evaluation.inception import bilinear_matrix, random_inception_params
 from sgm_jax.evaluation.pytorch_fid_ref import INSTALL_HINT, subprocess_env
+from sgm_jax.nn.inception import bilinear_matrix, random_inception_params
 
 MNIST = DATA / "mnist"
 
@@ -123,9 +123,9 @@ def test_clip_towers_and_score_match_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from sgm_jax.convert.clip_vision import convert_clip_text, convert_clip_vision
-    from sgm_jax.evaluation.clip_image import CLIPVisionTower, preprocess
     from sgm_jax.evaluation.clip_score import CLIPScore, load_clip_score_params, text_embeddings
     from sgm_jax.evaluation.fid import prepare_images
+    from sgm_jax.nn.clip_vision import CLIPVisionTower, preprocess
     from sgm_jax.nn.text import CLIPTextTransformer
     from sgm_jax.nn.tokenizer import load_tokenizer, tokenize
 
@@ -196,7 +196,7 @@ def _openai_layout(hf: dict) -> dict:
 def test_clip_preprocess_close_to_transformers():
     transformers = pytest.importorskip("transformers")
     skimage = pytest.importorskip("skimage")
-    from sgm_jax.evaluation.clip_image import preprocess
+    from sgm_jax.nn.clip_vision import preprocess
 
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     photo = skimage.data.chelsea()  # 300 x 451: resize of the short side, centre crop of the long one
@@ -275,7 +275,7 @@ def test_training_evaluator(tmp_path):
 
 def test_evaluate_cli_on_mnist_folders(tmp_path):
     """Two disjoint halves of real digits are close; real vs a noised copy is far (random weights)."""
-    from sgm_jax.evaluation.cli import main
+    from sgm_jax.cli.evaluate import main
     from sgm_jax.evaluation.images import save_image_folder
 
     data = _mnist_or_skip()
@@ -317,7 +317,7 @@ def test_full_size_clip_vit_l14_layout():
     from sgm_jax.convert.clip_vision import OPENAI_PREFIX, openai_view
     from sgm_jax.convert.common import validate
     from sgm_jax.convert.text import text_key_map
-    from sgm_jax.evaluation.clip_image import VIT_L_14, CLIPVisionTower, abstract_vision_params
+    from sgm_jax.nn.clip_vision import VIT_L_14, CLIPVisionTower, abstract_vision_params
     from sgm_jax.nn.text import CLIPTextTransformer
 
     config = transformers.CLIPConfig(
@@ -348,7 +348,7 @@ def test_full_size_clip_vit_l14_layout():
 def test_a_corrupt_or_truncated_statistics_file_is_one_line_naming_it(tmp_path, capsys):
     import pickle
 
-    from sgm_jax.evaluation.cli import main
+    from sgm_jax.cli.evaluate import main
     from sgm_jax.evaluation.images import save_image_folder
 
     good = tmp_path / "good.npz"

@@ -112,10 +112,10 @@ def test_seed_training_configs_trace_their_whole_loss(name):
 
     import jax
 
+    from sgm_jax.checkpointing.frozen import abstract_full_params, split_params
+    from sgm_jax.checkpointing.lora_params import lora_settings, new_adapters
     from sgm_jax.engine import build_engine
     from sgm_jax.inference.workdir import example_batch
-    from sgm_jax.training.frozen import abstract_full_params, split_params
-    from sgm_jax.training.lora_training import lora_settings, new_adapters
 
     config = importlib.import_module(f"sgm_jax.configs.{name}").get_config()
     engine = build_engine(config.model)

@@ -12,7 +12,7 @@ from sgm_jax.convert.checkpoint import convert_file
 from sgm_jax.convert.params_dir import load_params
 from sgm_jax.inference.workdir import TrainedModel
 from sgm_jax.lora import apply_loras
-from sgm_jax.training.checkpoint import _read_metadata, restore_params
+from sgm_jax.checkpointing.checkpoint import _read_metadata, restore_params
 from sgm_jax.training.lora_training import export_workdir
 from sgm_jax.training.loop import build_run, train
 from test_inference import write_random_checkpoint

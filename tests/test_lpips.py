@@ -12,6 +12,7 @@ import pytest
 from sgm_jax.autoencoding import lpips as lp
 from sgm_jax.convert import lpips as conv
 from sgm_jax.errors import UserError
+from sgm_jax.nn.lpips import LPIPS
 
 
 def random_lpips_weights(rng):
@@ -53,14 +54,14 @@ def test_converter_cli_and_parity_with_torch(tmp_path, capsys):
     for channels in (3, 1):  # a grey image broadcasts to the three VGG channels, as in PyTorch
         x0 = rng.uniform(-1, 1, size=(2, 32, 32, channels)).astype(np.float32)
         x1 = np.clip(x0 + rng.normal(size=x0.shape).astype(np.float32) * 0.3, -1, 1)
-        ours = np.asarray(jax.jit(lambda p, a, b: lp.LPIPS().apply({"params": p}, a, b))(params, x0, x1))
+        ours = np.asarray(jax.jit(lambda p, a, b: LPIPS().apply({"params": p}, a, b))(params, x0, x1))
         with torch.no_grad():
             theirs = ref(torch.from_numpy(x0.transpose(0, 3, 1, 2)), torch.from_numpy(x1.transpose(0, 3, 1, 2)))
         theirs = theirs.numpy().reshape(-1)
         np.testing.assert_allclose(ours, theirs, rtol=2e-5)
         assert ours.min() > 0
     # identical images are at distance 0; the exported tree round-trips bit for bit
-    assert float(jax.jit(lambda p, a: lp.LPIPS().apply({"params": p}, a, a))(params, x0)[0]) < 1e-9
+    assert float(jax.jit(lambda p, a: LPIPS().apply({"params": p}, a, a))(params, x0)[0]) < 1e-9
     vgg2, heads2 = conv.export_lpips(params)
     assert all(np.array_equal(vgg2[k], vgg[k]) for k in vgg2) and set(heads2) == set(heads)
 
@@ -71,7 +72,7 @@ def test_dropout_matches_the_seeds_training_mode_in_expectation(tmp_path):
     params = conv.convert_lpips(vgg, heads)
     x0 = rng.uniform(-1, 1, size=(1, 16, 16, 3)).astype(np.float32)
     x1 = np.clip(x0 + 0.3, -1, 1)  # (16 px: VGG's last stage sees 1x1)
-    net = lp.LPIPS()
+    net = LPIPS()
     fn = jax.jit(jax.vmap(lambda k: net.apply({"params": params}, x0, x1, k)))
     draws = np.asarray(fn(jax.random.split(jax.random.key(0), 64)))
     exact = float(net.apply({"params": params}, x0, x1)[0])

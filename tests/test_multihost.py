@@ -36,7 +36,7 @@ def train_argv(shards: str, workdir: Path, *extra: str) -> list[str]:
 def final_params(workdir: Path) -> dict[str, np.ndarray]:
     import jax
 
-    from sgm_jax.training.checkpoint import restore_params
+    from sgm_jax.checkpointing.checkpoint import restore_params
 
     step, params = restore_params(Path(workdir) / "checkpoints", use_ema=False)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)} | {

@@ -67,7 +67,7 @@ def test_fid_over_two_hosts_equals_one(tmp_path):
     from sgm_jax.convert.inception import export_inception
     from sgm_jax.data.mnist import find_idx_files, read_idx
     from sgm_jax.evaluation.images import save_image_folder
-    from sgm_jax.evaluation.inception import random_inception_params
+    from sgm_jax.nn.inception import random_inception_params
 
     files = find_idx_files(REPO.parent / "shared" / "data" / "mnist")
     if files is None:
@@ -97,7 +97,7 @@ def test_preencode_over_two_hosts_splits_the_shards(sdxl_inputs):
     encoded = {}
     for hosts in (2, 1):
         out = tmp / f"pre_{hosts}"
-        argv = ["-m", "sgm_jax.data.preencode", "--config", "tests/configs/tiny_sdxl_finetune.py", "--out", str(out),
+        argv = ["-m", "sgm_jax.cli.preencode", "--config", "tests/configs/tiny_sdxl_finetune.py", "--out", str(out),
                 f"--config.model.params.ckpt_path={converted}", f"--config.data.params.train.datapipeline.urls={urls}"]
         with Job(argv, n=hosts, devices=4 // hosts, logs=tmp / f"logs_pre_{hosts}") as job:
             assert job.wait(400) == [0] * hosts, job.tail()

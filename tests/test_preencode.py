@@ -1,4 +1,4 @@
-"""Pre-encoding (sgm_jax.data.preencode): latent moments + frozen embeddings stored once, training
+"""Pre-encoding (sgm_jax.training.preencode): latent moments + frozen embeddings stored once, training
 from them with the raw data's loss, sampling from the workdir, and one-line errors for bad input."""
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def full_params(engine, batch) -> dict:
 
 @pytest.mark.parametrize("frozen_text", [True, False], ids=["frozen_text", "trainable_text"])
 def test_preencoded_loss_equals_raw_loss(frozen_text):
-    from sgm_jax.data.preencode import make_encoder, stored_embedders
+    from sgm_jax.checkpointing.frozen import split_params
     from sgm_jax.data.preencoded import MOMENTS_KEY, embedding_key
     from sgm_jax.engine import build_engine
     from sgm_jax.nn.conditioner import token_key
-    from sgm_jax.training.frozen import split_params
+    from sgm_jax.training.preencode import make_encoder, stored_embedders
 
     engine = build_engine(tiny_config(frozen_text).model)
     batch = random_batch(engine)
@@ -109,8 +109,8 @@ def prepared(tmp_path_factory):
 
 
 def test_cli_writes_shards_and_training_from_them_samples(prepared, capsys):
+    from sgm_jax.cli.preencode import main
     from sgm_jax.data import from_config
-    from sgm_jax.data.preencode import main
     from sgm_jax.data.preencoded import MOMENTS_KEY, embedding_key
     from sgm_jax.inference.workdir import load_trained
     from sgm_jax.training.diffusion_task import make_sample_fn
@@ -152,8 +152,9 @@ def test_cli_writes_shards_and_training_from_them_samples(prepared, capsys):
 
 
 def test_bad_input_is_one_line(prepared, capsys):
+    from sgm_jax.cli.preencode import main
     from sgm_jax.data import from_config
-    from sgm_jax.data.preencode import main, preencode
+    from sgm_jax.training.preencode import preencode
 
     tmp, urls, ckpt = prepared
     config = tiny_config(True, urls, ckpt)
@@ -178,7 +179,7 @@ def test_bad_input_is_one_line(prepared, capsys):
 
 
 def test_failed_overwrite_keeps_the_earlier_shards(prepared, monkeypatch):
-    from sgm_jax.data import preencode as E
+    from sgm_jax.training import preencode as E
 
     tmp, urls, ckpt = prepared
     config = tiny_config(True, urls, ckpt)

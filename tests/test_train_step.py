@@ -17,7 +17,8 @@ import pytest
 
 from conftest import REPO
 from sgm_jax.engine import build_engine
-from sgm_jax.training.state import TrainState, ema_decay, ema_update, make_optimizer, trainable_tree
+from sgm_jax.optim import ema_decay, ema_update, make_optimizer
+from sgm_jax.training.state import TrainState, trainable_tree
 from sgm_jax.training.step import init_train_state, make_train_step
 
 sys.path.insert(0, str(REPO))

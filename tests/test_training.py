@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import DATA, REPO
 from sgm_jax.engine import build_engine
 from sgm_jax.inference.workdir import example_batch, sample_trained
-from sgm_jax.training.state import ema_decay, ema_update
+from sgm_jax.optim import ema_decay, ema_update
 
 sys.path.insert(0, str(REPO))
 from sgm_jax.configs import cifar10_cond, mnist, mnist_cond, mnist_cond_cpu, mnist_cond_discrete_eps  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sgm_jax.errors import UserError
-from sgm_jax.training.checkpoint import Checkpointer, step_dirs
+from sgm_jax.checkpointing.checkpoint import Checkpointer, step_dirs
 from sgm_jax.training.loop import build_run, guarded, train
 from sgm_jax.training.progress import NonfiniteWatch
 from sgm_jax.training.state import TrainState

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA, REPO, capped_file_size
+from sgm_jax.checkpointing.checkpoint import restore_params, step_dirs
 from sgm_jax.errors import UserError
-from sgm_jax.training.checkpoint import restore_params, step_dirs
 from sgm_jax.training.loop import StopFlag, train
 from sgm_jax.training.workdir import WorkdirLock
 from test_training import tiny_config
@@ -46,8 +46,8 @@ def test_divergence_stops_with_one_line_and_never_saves_non_finite_values(tmp_pa
 
     # a checkpoint written with non-finite weights (as runs before the guard could) is refused by
     # the sampler in one line, before anything compiles
+    from sgm_jax.checkpointing.checkpoint import Checkpointer
     from sgm_jax.inference.workdir import TrainedModel
-    from sgm_jax.training.checkpoint import Checkpointer
     from sgm_jax.training.loop import build_run
 
     run = build_run(config)

@@ -50,7 +50,7 @@ def test_config_eval_logs_metrics_during_training(tmp_path):
 def test_grid_labels_wrap_to_the_tile_width():
     from PIL import ImageDraw
 
-    from sgm_jax.training.images import LINE_H, MAX_LINES, _wrap, make_grid
+    from sgm_jax.images import LINE_H, MAX_LINES, _wrap, make_grid
 
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines = _wrap(draw, "a photo of the number seven", 60)

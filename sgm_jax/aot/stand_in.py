@@ -31,7 +31,7 @@ def lpips_stand_in() -> Any:
     import jax
     import jax.numpy as jnp
 
-    from sgm_jax.autoencoding.lpips import LPIPS
+    from sgm_jax.nn.lpips import LPIPS
 
     x = jnp.zeros((1, 64, 64, 3), jnp.float32)
     return jax.jit(LPIPS().init)(jax.random.key(0), x, x)["params"]

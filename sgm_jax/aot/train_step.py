@@ -33,7 +33,7 @@ def abstract_frozen(task: Any, example: dict) -> Any:
     the first stage and frozen embedders, or with LoRA the whole engine as the adapters' base."""
     if not hasattr(task, "frozen_params"):
         return None
-    from sgm_jax.training.frozen import abstract_full_params, merge_params, split_params
+    from sgm_jax.checkpointing.frozen import abstract_full_params, merge_params, split_params
 
     trainable, frozen = split_params(task.engine, abstract_full_params(task.engine, example))
     if getattr(task, "lora", None) is not None:

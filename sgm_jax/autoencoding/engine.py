@@ -39,19 +39,6 @@ class AutoencoderState:
     ema_params: Params = None
 
 
-def first_stage_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The seed-style `{"target", "params"}` that builds this autoencoder for inference (the
-    loss and optimiser parts dropped, `lossconfig: torch.nn.Identity` as the seed's latent
-    configs write it): what a latent model's first_stage_config holds."""
-    cfg = to_plain(model_config)
-    params = dict(cfg.get("params", {}))
-    keep = ("encoder_config", "decoder_config", "regularizer_config") if "encoder_config" in params else (
-        "embed_dim", "ddconfig")
-    out = {k: params[k] for k in keep if k in params}
-    out["lossconfig" if "ddconfig" in out else "loss_config"] = {"target": "torch.nn.Identity"}
-    return {"target": cfg["target"], "params": out}
-
-
 def _optimizer(optimizer_config: Mapping[str, Any] | None, learning_rate: float) -> optax.GradientTransformation:
     cfg = dict(optimizer_config or {"target": "torch.optim.Adam"})
     name = str(cfg.get("target", "torch.optim.Adam")).rsplit(".", 1)[-1]

@@ -1,6 +1,6 @@
-"""A trained autoencoder as a latent model's frozen first stage, and its seed-layout export.
+"""A trained autoencoder's seed-layout export (reading it as a latent model's frozen first stage:
+sgm_jax.checkpointing.workdirs.load_first_stage).
 
-    first_stage_config, params = load_first_stage("workdir/autoencoder_mnist")  # EMA when kept
     export_first_stage("workdir/autoencoder_mnist", "mnist_ae.safetensors")    # first_stage_model.*
     save_first_stage("workdir/autoencoder_mnist", "checkpoints/mnist_ae")     # converted directory
 
@@ -22,53 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sgm_jax.checkpointing.workdirs import FIRST_STAGE, load_first_stage
 from sgm_jax.errors import UserError
-
-FIRST_STAGE = "first_stage"
-
-
-def _workdir_config(workdir: Path) -> Any:
-    from ml_collections import ConfigDict
-
-    return ConfigDict(json.loads((workdir / "config.json").read_text()))
-
-
-def load_first_stage(ckpt_path: str | Path, *, use_ema: bool = True, step: int | None = None
-                     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(first_stage_config `{"target", "params"}` in the seed's layout, Flax params as numpy)
-    for `sgm_jax.nn.vae.autoencoder_from_config(first_stage_config)`. first_stage_config is None
-    for a converted directory that does not record it (e.g. a whole SDXL conversion: its model
-    config says what the first stage is)."""
-    path = Path(ckpt_path).expanduser()
-    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        from sgm_jax.autoencoding.engine import first_stage_config
-        from sgm_jax.training.checkpoint import restore_params
-
-        config = _workdir_config(path)
-        target = str(config.model.target).rsplit(".", 1)[-1]
-        if target not in ("AutoencodingEngine", "AutoencoderKL", "AutoencodingEngineLegacy"):
-            raise UserError(f"{path} trained a {target}, not an autoencoder: point first_stage_config.params."
-                            "ckpt_path at an autoencoder workdir or a converted checkpoint directory")
-        _, params = restore_params(path / "checkpoints", step=step, use_ema=use_ema)
-        if "autoencoder" in params:  # the raw weights: {"autoencoder", "logvar"}; the EMA is the autoencoder alone
-            params = params["autoencoder"]
-        return first_stage_config(config.model), _to_numpy(params)
-    if (path / "metadata.json").is_file():
-        from sgm_jax.convert.params_dir import load_params, read_metadata
-
-        meta = read_metadata(path)
-        tree = load_params(path)
-        if FIRST_STAGE not in tree:
-            raise UserError(f"{path} holds no first stage (parts: {', '.join(sorted(tree))})")
-        return meta.get("first_stage_config"), tree[FIRST_STAGE]
-    raise UserError(f"{path} is neither an autoencoder train.py workdir (config.json + checkpoints/) nor a "
-                    "converted checkpoint directory (metadata.json)")
-
-
-def _to_numpy(tree: Any) -> Any:
-    import jax
-
-    return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)
 
 
 def first_stage_state_dict(first_stage_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, np.ndarray]:

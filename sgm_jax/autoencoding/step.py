@@ -24,7 +24,7 @@ from sgm_jax.autoencoding.engine import AutoencoderParts, AutoencoderState, logv
 from sgm_jax.autoencoding.losses import autoencoder_objective, discriminator_loss
 from sgm_jax.autoencoding.regularizer import diagonal_gaussian_regularizer
 from sgm_jax.nn.vae import AutoencoderKL
-from sgm_jax.training.state import ema_decay, ema_update
+from sgm_jax.optim import ema_decay, ema_update
 
 Perceptual = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 

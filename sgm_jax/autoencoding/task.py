@@ -18,9 +18,10 @@ import numpy as np
 
 from sgm_jax import multihost
 from sgm_jax.autoencoding.engine import AutoencoderState, build_parts, init_state, logvar_of
-from sgm_jax.autoencoding.lpips import LPIPS, find_lpips_weights, load_lpips_params
+from sgm_jax.autoencoding.lpips import find_lpips_weights, load_lpips_params
 from sgm_jax.autoencoding.step import make_train_step, reconstruct
-from sgm_jax.training.images import make_grid
+from sgm_jax.images import make_grid
+from sgm_jax.nn.lpips import LPIPS
 
 
 def pad_images(images: Any, size: int) -> Any:

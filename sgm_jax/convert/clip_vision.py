@@ -1,5 +1,5 @@
 """CLIP checkpoints -> Flax params for the CLIP score: the image tower
-(`sgm_jax.evaluation.clip_image.CLIPVisionTower`, openai / open_clip layout) and the text tower
+(`sgm_jax.nn.clip_vision.CLIPVisionTower`, openai / open_clip layout) and the text tower
 with its projection (`sgm_jax.nn.text.CLIPTextTransformer` + `text_projection`).
 
 Two checkpoint layouts are read:
@@ -26,6 +26,7 @@ import numpy as np
 
 from sgm_jax.convert.common import CheckpointMismatchError, convert_state_dict, to_flax_layout
 from sgm_jax.convert.text import text_key_map
+from sgm_jax.nn.clip_vision import abstract_vision_params
 
 OPENAI_PREFIX = "visual."
 HF_VISION_PREFIX = "vision_model."
@@ -151,8 +152,6 @@ def openai_view(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 def convert_clip_vision(state_dict: Mapping[str, Any], tower: Any) -> dict[str, Any]:
     """openai / open_clip or transformers CLIP weights -> CLIPVisionTower params (float32).
     Raises CheckpointMismatchError listing missing / unexpected / mis-shaped keys."""
-    from sgm_jax.evaluation.clip_image import abstract_vision_params
-
     abstract = abstract_vision_params(tower)
     view = openai_view(state_dict)
     unused = view.unused_keys() if isinstance(view, RenamedView) else []

@@ -1,6 +1,6 @@
 """pytorch-fid's FID InceptionV3 weights (`pt_inception-2015-12-05-6726825d.pth`, torchvision's
 Inception3 key layout: `Mixed_5b.branch1x1.conv.weight`, `...bn.running_var`) <-> Flax params
-of `sgm_jax.evaluation.inception.FIDInceptionV3`.
+of `sgm_jax.nn.inception.FIDInceptionV3`.
 
 The file also holds the 1008-way classifier (`fc.*`), unused by FID (pool3 features), and may
 hold batch-norm `num_batches_tracked` counters; both are ignored. A `.safetensors` file written
@@ -17,6 +17,7 @@ import numpy as np
 
 from sgm_jax.convert.common import KeyMap, convert_state_dict, export_state_dict, flatten_params
 from sgm_jax.convert.vae import torch_leaf
+from sgm_jax.nn.inception import abstract_inception_params
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
@@ -35,8 +36,6 @@ def inception_key_map(params: Mapping[str, Any]) -> KeyMap:
 
 
 def _abstract() -> dict[str, Any]:
-    from sgm_jax.evaluation.inception import abstract_inception_params
-
     return abstract_inception_params()
 
 

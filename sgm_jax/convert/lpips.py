@@ -27,7 +27,10 @@ import numpy as np
 from sgm_jax.convert.common import FlaxPath, convert_state_dict, export_state_dict, flatten_params
 from sgm_jax.convert.files import open_checkpoint
 from sgm_jax.convert.params_dir import save_params
+from sgm_jax.nn.lpips import LPIPS
 
+ENV_VAR = "SGM_JAX_LPIPS"  # where sgm_jax.autoencoding.lpips looks first, then DEFAULT_DIR
+DEFAULT_DIR = Path("~/.cache/sgm_jax/lpips")
 VGG_FILE = "vgg16-397923af.pth"
 HEADS_MD5 = "d507d7349b931f0638a25a48a722f98a"
 # torchvision feature index -> the seed's LPIPS slice holding it (vgg16.slice1 = features[0:4], ...)
@@ -39,8 +42,6 @@ def _slice_of(index: int) -> int:
 
 
 def abstract_lpips_params() -> Mapping[str, Any]:
-    from sgm_jax.autoencoding.lpips import LPIPS
-
     x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
     return jax.eval_shape(lambda a: LPIPS().init(jax.random.key(0), a, a), x)["params"]
 
@@ -105,7 +106,6 @@ def default_vgg_file() -> Path | None:
 
 def convert_lpips_files(vgg: str | Path | None, heads: str | Path | None, output: str | Path,
                         overwrite: bool = False) -> Path:
-    from sgm_jax.autoencoding.lpips import DEFAULT_DIR
     from sgm_jax.errors import UserError
 
     vgg = Path(vgg) if vgg else default_vgg_file()

@@ -62,7 +62,7 @@ class StreamSpec:
     required: tuple = ("jpg", "txt")
     buckets: tuple = ()
     skip_bad_samples: bool = True
-    preencoded: bool = False                   # samples of sgm_jax.data.preencode: arrays, no image to decode
+    preencoded: bool = False                   # samples of sgm_jax.training.preencode: arrays, no image to decode
     image_size: tuple = ()                     # (H, W) every transformed image must have (() = the first's)
 
 

@@ -1,4 +1,4 @@
-"""The pre-encoded sample format: what `python -m sgm_jax.data.preencode` writes and the streaming
+"""The pre-encoded sample format: what `python -m sgm_jax.cli.preencode` writes and the streaming
 pipeline reads with `datapipeline.preencoded = True` (no JAX here: Grain workers import it).
 
 One webdataset sample per training image, its members named `<key>.<field>`:
@@ -21,21 +21,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# the format's stored-output keys, named where the model reads them
+from sgm_jax.batch_keys import EMBEDDING_PREFIX, MOMENTS_KEY, embedding_key, is_stored_output  # noqa: F401
 from sgm_jax.errors import UserError
 
-MOMENTS_KEY = "first_stage_moments"
-EMBEDDING_PREFIX = "embedding_"
 _NPY = ".npy"
-
-
-def embedding_key(index: int, output: int) -> str:
-    """Batch key of output `output` of embedder `index`, [B, ...]."""
-    return f"{EMBEDDING_PREFIX}{index}_{output}"
-
-
-def is_stored_output(key: str) -> bool:
-    """True for the keys that replace a computation (moments, frozen embeddings), not an input."""
-    return key == MOMENTS_KEY or key.startswith(EMBEDDING_PREFIX)
 
 
 def is_preencoded(raw: dict) -> bool:
@@ -69,7 +59,7 @@ def image_shape(raw: dict) -> tuple[int, int, int]:
     meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta or {}
     if "image_shape" not in meta:
         raise UserError(f"pre-encoded sample {raw.get('__key__')} in {raw.get('__url__', '?')} has no image_shape "
-                        "in its .json: write the shards again with python -m sgm_jax.data.preencode")
+                        "in its .json: write the shards again with python -m sgm_jax.cli.preencode")
     return tuple(int(s) for s in meta["image_shape"])  # type: ignore[return-value]
 
 
@@ -83,7 +73,7 @@ def decode_sample(raw: dict, required: Sequence[str]) -> dict:
 
     if not is_preencoded(raw):
         raise UserError(f"sample {raw.get('__key__')} in {raw.get('__url__', 'the data')} has no {MOMENTS_KEY}{_NPY}: "
-                        "datapipeline.preencoded=True reads the shards of python -m sgm_jax.data.preencode; "
+                        "datapipeline.preencoded=True reads the shards of python -m sgm_jax.cli.preencode; "
                         "set it to False for raw image shards")
     out: dict[str, Any] = {"__image_shape__": image_shape(raw)}
     for ext, data in raw.items():

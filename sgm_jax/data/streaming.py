@@ -19,7 +19,7 @@
                                          # batch; hosts read blocks of streams. 0: one per host. The
                                          # batches depend on S alone: a run with the same S reads the
                                          # same global batches on 1, 2, ... S hosts
-            preencoded: false            # true: shards of python -m sgm_jax.data.preencode (latent
+            preencoded: false            # true: shards of python -m sgm_jax.cli.preencode (latent
                                          # moments + frozen embeddings; postprocessors already applied)
             decoders: [pil]              # pil / rgb8: RGB; l8: grayscale
             postprocessors: [...]        # the seed's, see sgm_jax.data.transforms
@@ -274,7 +274,7 @@ def streaming_from_config(target: str, params: Mapping[str, Any], *, split: str 
                   skip_bad_samples=bool(pc.get("skip_bad_samples", True)), preencoded=bool(pipe.get("preencoded")))
     T.build_steps(common["postprocessors"], buckets or None)  # config errors now, not in a worker
     if common["preencoded"] and any(".array_record" in str(u) or str(u).startswith("tfds:") for u in urls):
-        raise UserError("datapipeline.preencoded reads the tar shards of python -m sgm_jax.data.preencode, "
+        raise UserError("datapipeline.preencoded reads the tar shards of python -m sgm_jax.cli.preencode, "
                         f"not {urls[0]}")
     if len(urls) == 1 and str(urls[0]).startswith("tfds:"):
         name = str(urls[0])[5:]

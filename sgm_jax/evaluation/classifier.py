@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sgm_jax.evaluation.checks import check_conditioning
+
 
 class Classifier(nn.Module):
     """`[B, 28, 28, 1]` in [-1, 1] -> logits `[B, 10]`."""
@@ -93,8 +95,6 @@ class ClassifierEvaluator:
         return cls(predict, acc)
 
     def __call__(self, images: np.ndarray, classes: Any) -> dict[str, float]:
-        from sgm_jax.evaluation.registry import check_conditioning
-
         check_conditioning(self, classes, len(images))
         labels = np.asarray([int(c) for c in classes])
         hit = self.predict(to_digit_input(images)) == labels

@@ -1,7 +1,7 @@
 """CLIP score as torchmetrics' `CLIPScore` defines it: 100 * max(cos(image_embed, text_embed), 0),
 averaged over the image-prompt pairs, with CLIP ViT-L/14 (`openai/clip-vit-large-patch14`).
 
-Image embeddings: `CLIPVisionTower` on `clip_image.preprocess`ed images. Text embeddings:
+Image embeddings: `CLIPVisionTower` on `sgm_jax.nn.clip_vision.preprocess`ed images. Text embeddings:
 transformers' CLIPTextModel (`sgm_jax.nn.text.CLIPTextTransformer`) pooled at the eot token,
 times `text_projection`. Prompts longer than 77 tokens are cut (torchmetrics does the same).
 """
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.evaluation.clip_image import VIT_L_14, CLIPVisionTower, preprocess
 from sgm_jax.evaluation.fid import prepare_images
+from sgm_jax.nn.clip_vision import VIT_L_14, CLIPVisionTower, preprocess
 from sgm_jax.nn.text import CLIPTextTransformer
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax.evaluation.inception import FEATURE_DIM, FIDInceptionV3
+from sgm_jax.nn.inception import FEATURE_DIM, FIDInceptionV3
 
 
 def prepare_images(images: np.ndarray) -> np.ndarray:

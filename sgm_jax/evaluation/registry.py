@@ -17,6 +17,8 @@ import numpy as np
 
 from sgm_jax import multihost
 from sgm_jax.evaluation import fid as fid_lib
+from sgm_jax.evaluation.checks import check_conditioning
+from sgm_jax.evaluation.classifier import ClassifierEvaluator
 from sgm_jax.evaluation.images import is_split_reference, load_image_folder, load_split
 
 
@@ -105,8 +107,6 @@ def build_clip_score(options: EvalOptions) -> CLIPScoreEvaluator:
 
 
 def build_classifier(options: EvalOptions) -> Any:
-    from sgm_jax.evaluation.classifier import ClassifierEvaluator
-
     return ClassifierEvaluator.from_mnist(options.classifier_data)
 
 
@@ -131,17 +131,6 @@ def build_evaluators(metrics: Sequence[str], options: EvalOptions) -> list[Any]:
     if unknown or not metrics:
         raise ValueError(f"unknown metric(s) {unknown or metrics}: choose from {sorted(EVALUATORS)}")
     return [EVALUATORS[m](options) for m in metrics]
-
-
-def check_conditioning(evaluator: Any, conditioning: Sequence[Any] | None, n: int) -> None:
-    """ValueError (one line) unless `conditioning` holds what `evaluator.needs` for each of n images."""
-    needs = getattr(evaluator, "needs", None)
-    if needs is None:
-        return
-    kind, what = ((int, np.integer), "a class id") if needs == "classes" else (str, "a prompt")
-    if conditioning is None or len(conditioning) != n or not all(isinstance(c, kind) for c in conditioning):
-        raise ValueError(f"the {evaluator.name} metric needs {what} for every image (--classes / --prompts with "
-                         "--workdir; PNG 'class' / 'prompt' metadata or --captions FILE with --images)")
 
 
 def evaluate_images(evaluators: Sequence[Any], images: np.ndarray,

@@ -8,7 +8,7 @@
                           spec=SamplerSpec.create("euler_edm", 40), cfg_scale=5.0).images  # uint8 [4, H, W, 3]
 """
 
-from sgm_jax.cli.configs import load_config
+from sgm_jax.config_files import load_config
 
 from .conditioning import ConditioningValues, PromptEncoder, get_batch
 from .loading import SetupError, enable_compilation_cache, load_checkpoint, load_clip_tokenizer, load_image

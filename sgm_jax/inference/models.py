@@ -16,11 +16,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from sgm_jax.cli.configs import config_name, load_config
+from sgm_jax.checkpointing.workdirs import read_workdir_config
+from sgm_jax.config_files import config_name, load_config
 from sgm_jax.errors import UserError
 
 from .pipeline import Pipeline
-from .workdir import TrainedModel, read_workdir_config, with_inference_section
+from .workdir import TrainedModel, with_inference_section
 
 
 def expected_param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -36,7 +37,7 @@ def expected_param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def check_params(params: Any, config: Any, source: str | os.PathLike, config_label: str) -> None:
     """UserError naming the first key where the converted weights and the config disagree."""
-    from sgm_jax.training.checkpoint import first_mismatch
+    from sgm_jax.checkpointing.checkpoint import first_mismatch
 
     got = {".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}

@@ -55,7 +55,7 @@ def output_paths(out: str | os.PathLike, count: int, prefix: str) -> tuple[list[
 def save_images(images: np.ndarray, paths: Sequence[Path], metadata: Mapping[str, Any],
                 captions: Sequence[str] = (), first: int = 0) -> list[Path]:
     """uint8 [N, H, W, C] -> PNGs with text metadata (plus each image's index in the request and caption)."""
-    from sgm_jax.training.images import save_png
+    from sgm_jax.images import save_png
 
     out = []
     for i, (img, path) in enumerate(zip(images, paths)):
@@ -67,7 +67,7 @@ def save_images(images: np.ndarray, paths: Sequence[Path], metadata: Mapping[str
 def save_grid(images: np.ndarray, path: Path, per_row: int, metadata: Mapping[str, Any],
               captions: Sequence[str] = ()) -> Path:
     """All images in one PNG, `per_row` tiles a row (the images of one class / prompt), labelled."""
-    from sgm_jax.training.images import make_grid, save_png
+    from sgm_jax.images import make_grid, save_png
 
     small = images.shape[1] <= 64
     grid = make_grid(np.asarray(images, np.float32) / 127.5 - 1.0, per_row,

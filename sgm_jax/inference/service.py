@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sgm_jax.cli.configs import config_name, load_config
+from sgm_jax.checkpointing.workdirs import read_workdir_config
+from sgm_jax.config_files import config_name, load_config
 from sgm_jax.errors import UserError
 
 from .models import ModelCache, load_workdir_config, parse_loras
@@ -29,7 +30,7 @@ from .outputs import save_images, to_pil
 from .pipeline import check_size, engine_for_sampling, size_multiple, txt2img_with_refiner
 from .runner import StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec
-from .workdir import AS_TRAINED, read_workdir_config
+from .workdir import AS_TRAINED
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,10 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from sgm_jax.checkpointing.checkpoint import check_tree_matches, restore_params, step_dirs
+from sgm_jax.checkpointing.frozen import abstract_full_params, split_params
+from sgm_jax.checkpointing.lora_params import LORA, as_pairs, frozen_parts, full_params, lora_settings, new_adapters
+from sgm_jax.checkpointing.workdirs import read_workdir_config
 from sgm_jax.diffusion.guiders import VanillaCFG
 from sgm_jax.engine import DiffusionEngine, build_engine
 from sgm_jax.errors import UserError
@@ -34,22 +38,6 @@ from .runner import SamplingRunner, StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization, seed_key
 
 AS_TRAINED = "config"  # inference.discretization of a workdir: the training config's own schedule
-
-
-def read_workdir_config(workdir: str | Path) -> ConfigDict:
-    """config.json of a diffusion model's train.py run; an autoencoder's run is one line saying what it is for."""
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a train.py --workdir?")
-    config = ConfigDict(json.loads(path.read_text()))
-    model = config.get("model") or {}
-    params = model.get("params") or {}
-    autoencoder = "encoder_config" in params or "autoencod" in str(model.get("target", "")).lower()
-    if autoencoder and "network_config" not in params:
-        raise UserError(f"{workdir} holds an autoencoder (a first stage), which has no sampler: use it as a latent "
-                        f"model's first stage (--config.model.params.first_stage_config.params.ckpt_path={workdir}) "
-                        f"or export it (python -m sgm_jax.autoencoding.firststage {workdir} --safetensors FILE)")
-    return config
 
 
 def example_batch(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -90,11 +78,7 @@ def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[i
     """(step, params): the checkpoint's tree is checked against the config (one line naming the
     first mismatched key, no compile), then only params / ema_params are read, and the frozen
     parts training never saved (first stage, frozen text towers, a LoRA's base) are loaded from
-    where the config's ckpt_paths say (sgm_jax.training.frozen / lora_training)."""
-    from sgm_jax.training.checkpoint import check_tree_matches, restore_params, step_dirs
-    from sgm_jax.training.frozen import abstract_full_params, split_params
-    from sgm_jax.training.lora_training import LORA, as_pairs, frozen_parts, full_params, lora_settings, new_adapters
-
+    where the config's ckpt_paths say (sgm_jax.checkpointing.frozen / lora_params)."""
     ckpt_dir = workdir / "checkpoints"
     steps = step_dirs(ckpt_dir)
     if not steps:
@@ -294,5 +278,5 @@ def sample_trained(workdir: str | Path, classes: list[int], num_per_class: int =
     return result.images.astype(np.float32) / 127.5 - 1.0, labels
 
 
-__all__ = ["TrainedModel", "example_batch", "inference_defaults", "load_trained", "read_workdir_config",
+__all__ = ["TrainedModel", "example_batch", "inference_defaults", "load_trained",
            "restore_weights", "sample_trained", "with_inference_section"]

@@ -27,7 +27,7 @@ Classifier-free-guidance dropout (ucg) follows the seed per embedder:
     is visible to later embedders reading the same input key.
 Dropout happens only when a `ucg_key` is given (training); inference passes none.
 
-Pre-encoded batches (sgm_jax.data.preencode) carry a frozen embedder's outputs under
+Pre-encoded batches (sgm_jax.training.preencode) carry a frozen embedder's outputs under
 `embedding_key(i, j)`; the conditioner then uses them instead of running embedder i and applies
 the same ucg masks (same keys) to them, so the result equals that of the raw batch.
 """
@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from sgm_jax.data.preencoded import embedding_key
+from sgm_jax.batch_keys import embedding_key
 from sgm_jax.nn.layers import timestep_embedding
 
 Batch = Mapping[str, Any]

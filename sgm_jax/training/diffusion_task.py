@@ -9,17 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import multihost
-from sgm_jax.data.preencoded import is_stored_output
+from sgm_jax.batch_keys import is_stored_output
 from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.engine import DiffusionEngine, build_engine
 
 from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
 
-from .frozen import abstract_full_params, split_params
-from .images import make_grid
-from .lora_training import frozen_parts, full_params, lora_settings, new_adapters
+from sgm_jax.checkpointing.frozen import abstract_full_params, split_params
+from sgm_jax.checkpointing.lora_params import frozen_parts, full_params, lora_settings, new_adapters
+from sgm_jax.images import make_grid
+from sgm_jax.optim import make_optimizer
 from .schedules import learning_rate_schedule
-from .state import TrainState, make_optimizer, trainable_tree
+from .state import TrainState, trainable_tree
 from .step import init_train_state, make_train_step
 
 

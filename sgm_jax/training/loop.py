@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import multihost, parallel
+from sgm_jax.checkpointing.checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
 from sgm_jax.errors import UserError
+from sgm_jax.images import save_png
 
-from .checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
-from .images import save_png
 from .metrics import MetricsWriter, truncate_after
 from .progress import CARRY_SHAPE, NonfiniteWatch, next_carry, nonfinite_what, progress_bar
 from .run_control import Profiler, StopFlag

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from sgm_jax.engine import DiffusionEngine
+from sgm_jax.optim import ema_decay, ema_update
 
-from .state import TrainState, ema_decay, ema_update
+from .state import TrainState
 
 
 def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *, ema_rate: float | None = None,
@@ -30,7 +31,7 @@ def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *
     seed's on_train_batch_end: k - 1 times towards the weights before the update, then towards
     the new ones; its warm-up counts micro-batches (LitEma's num_updates).
     """
-    from .frozen import merge_params
+    from sgm_jax.checkpointing.frozen import merge_params
 
     combine = full_params or merge_params
 

@@ -19,6 +19,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,11 +240,9 @@ def random_inception_params(seed: int = 0) -> dict[str, Any]:
     """Well-scaled random params (He-normal convs, batch-norm scale / variance in [0.5, 1.5]):
     the real network's shapes and activation scale without its weights, for plumbing tests and
     speed measurements where pytorch-fid's weight file is absent. Never for reported FIDs."""
-    from sgm_jax.convert.common import flatten_params, unflatten_params
-
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, leaf in flatten_params(abstract_inception_params()).items():
+    for path, leaf in flatten_dict(abstract_inception_params()).items():
         shape = tuple(leaf.shape)
         if path[-1] == "kernel":
             value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
@@ -252,4 +251,4 @@ def random_inception_params(seed: int = 0) -> dict[str, Any]:
         else:
             value = 0.1 * rng.normal(size=shape)
         flat[path] = value.astype(np.float32)
-    return unflatten_params(flat)
+    return unflatten_dict(flat)

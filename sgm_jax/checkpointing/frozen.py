@@ -10,7 +10,7 @@ Weights come from (later sources override earlier ones):
   * `model.params.ckpt_path`: a converted checkpoint directory (convert_torch_weights.py) with
     the whole engine: the starting point of a fine-tune (all parts);
   * `first_stage_config.params.ckpt_path`: an autoencoder train.py workdir or a converted
-    directory (sgm_jax.autoencoding.load_first_stage);
+    directory (workdirs.load_first_stage);
   * otherwise trainable parts start from random initialisation. A frozen part that has
     weights but no source is an error: it would stay random forever.
 """
@@ -23,8 +23,12 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from sgm_jax.convert.params_dir import load_params
 from sgm_jax.engine import DiffusionEngine
 from sgm_jax.errors import UserError
+
+from .checkpoint import _shapes, first_mismatch
+from .workdirs import load_first_stage
 
 CONDITIONER, MODEL, FIRST_STAGE = "conditioner", "model", "first_stage"
 
@@ -56,8 +60,6 @@ def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any] | None)
 
 
 def _first_mismatch(expected: Any, got: Any, where: str) -> None:
-    from .checkpoint import _shapes, first_mismatch
-
     problem = first_mismatch(_shapes(expected), _shapes(got))
     if problem:
         raise UserError(f"{where} does not fit this model config: {problem}")
@@ -69,8 +71,6 @@ def load_engine_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     if not (path / "metadata.json").is_file():
         raise UserError(f"model.params.ckpt_path {path} is not a converted checkpoint directory: create it with "
                         "`python convert_torch_weights.py --config <inference config> --checkpoint FILE --output DIR`")
-    from sgm_jax.convert.params_dir import load_params
-
     return load_params(path)
 
 
@@ -88,8 +88,6 @@ def load_frozen_and_initial(engine: DiffusionEngine, model_config: Mapping[str, 
         initial, frozen = split_params(engine, wanted)
     fs_path = ((params.get("first_stage_config") or {}).get("params") or {}).get("ckpt_path")
     if fs_path and engine.first_stage is not None:
-        from sgm_jax.autoencoding.firststage import load_first_stage
-
         _, fs_params = load_first_stage(fs_path)
         _first_mismatch(abstract_full[FIRST_STAGE], fs_params, f"first_stage_config.params.ckpt_path {fs_path}")
         frozen[FIRST_STAGE] = fs_params

@@ -25,10 +25,12 @@ import jax
 import numpy as np
 
 from sgm_jax import multihost
-from sgm_jax.cli import distributed
 from sgm_jax.errors import UserError
 from sgm_jax.evaluation.images import load_image_folder, save_image_folder
 from sgm_jax.evaluation.registry import EVALUATORS, EvalOptions, build_evaluators, evaluate_images
+from sgm_jax.inference.workdir import TrainedModel
+
+from . import distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +84,6 @@ def generate_from_workdir(workdir: str, conditions: Sequence[Any], num: int, *, 
         raise UserError(f"--num {num} is not a multiple of the {len(conditions)} classes / prompts")
     per = num // len(conditions)
     labels = [c for c in conditions for _ in range(per)]
-    from sgm_jax.inference.workdir import TrainedModel
-
     model = TrainedModel.load(workdir)
     used = conditions if model.conditional else []
     # several hosts: each samples a contiguous share of the compiled batches (noise depends on the image index)

@@ -106,7 +106,7 @@ class CLIPVisionTower(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         if pixels.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(f"CLIP image tower expects {self.image_size}x{self.image_size} pixels, got "
-                             f"{pixels.shape[1]}x{pixels.shape[2]} (use sgm_jax.evaluation.clip_image.preprocess)")
+                             f"{pixels.shape[1]}x{pixels.shape[2]} (use sgm_jax.nn.clip_vision.preprocess)")
         p = self.patch_size
         x = nn.Conv(self.width, (p, p), (p, p), "VALID", use_bias=False, dtype=self.dtype, name="conv1")(
             pixels.astype(self.dtype))

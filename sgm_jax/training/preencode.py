@@ -3,7 +3,7 @@ the first stage's posterior moments and the outputs of every frozen embedder wit
 webdataset tar shards (format: sgm_jax.data.preencoded), so training skips the VAE encoder and the
 frozen text towers on every step.
 
-    python -m sgm_jax.data.preencode --config configs/sdxl_finetune.py --out data/sdxl_pre \
+    python -m sgm_jax.cli.preencode --config configs/sdxl_finetune.py --out data/sdxl_pre \
         --config.model.params.ckpt_path=checkpoints/sd_xl_base --config.data.params.train.datapipeline.urls=...
     python train.py --config configs/sdxl_finetune.py --config.model.params.ckpt_path=checkpoints/sd_xl_base \
         --config.data.params.train.datapipeline.urls='data/sdxl_pre/preencoded-*.tar' \
@@ -28,10 +28,16 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sgm_jax import multihost
-
+from sgm_jax import data, multihost, parallel
+from sgm_jax.data import STREAMING_TARGETS
 from sgm_jax.data import preencoded as P
+from sgm_jax.data.pipeline import collate, samples_once
+from sgm_jax.data.webdataset import replace_shard_set, shard_urls
 from sgm_jax.errors import UserError
+from sgm_jax.nn.conditioner import GeneralConditioner
+
+from .diffusion_task import DiffusionTask
+from .task import task_class
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -66,8 +72,6 @@ def passthrough_keys(engine: Any, stored: Sequence[int]) -> set[str]:
 
 def make_encoder(engine: Any, stored: Sequence[int], dtype: Any) -> Callable[[Any, Mapping[str, Any]], dict]:
     """(frozen params, prepared batch) -> {MOMENTS_KEY: [B, h, w, 2c], embedding_key(i, j): [B, ...]}."""
-    from sgm_jax.nn.conditioner import GeneralConditioner
-
     def encode(frozen: Any, batch: Mapping[str, Any]) -> dict:
         out = {P.MOMENTS_KEY: engine.posterior_moments(frozen, batch[engine.input_key])}
         out.update(engine.conditioner.apply({"params": frozen.get("conditioner", {})}, batch, tuple(stored),
@@ -78,9 +82,6 @@ def make_encoder(engine: Any, stored: Sequence[int], dtype: Any) -> Callable[[An
 
 
 def _check_config(config: Any) -> None:
-    from sgm_jax.data import STREAMING_TARGETS
-    from sgm_jax.training.task import task_class
-
     if task_class(config.model.target).__name__ != "DiffusionTask":
         raise UserError(f"model.target {config.model.target} is not a DiffusionEngine: nothing to pre-encode")
     if str(config.data.get("target", "")) not in STREAMING_TARGETS:
@@ -92,11 +93,6 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
               name: str = "preencoded", overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Write the shards; returns {"paths", "samples", "skipped" (counts by reason), "urls" (for the
     datapipeline), "stored_embedders", "passthrough", "image_shapes"}."""
-    from sgm_jax import data, parallel
-    from sgm_jax.data.pipeline import collate, samples_once
-    from sgm_jax.data.webdataset import replace_shard_set, shard_urls
-    from sgm_jax.training.diffusion_task import DiffusionTask
-
     _check_config(config)
     if dtype not in STORE_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
@@ -175,45 +171,3 @@ def preencode(config: Any, out_dir: str | Path, *, dtype: str = "float32", sampl
     if multihost.is_main():
         (out / f"{name}.json").write_text(json.dumps({k: v for k, v in result.items() if k != "paths"}, indent=1))
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """python -m sgm_jax.data.preencode --config CONFIG --out DIR [--dtype float16] [--config.a.b=v ...]"""
-    import sys
-
-    from sgm_jax.cli import distributed
-    from sgm_jax.cli.configs import ArgumentParser, apply_overrides, load_config, split_overrides
-
-    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    p = ArgumentParser(prog="python -m sgm_jax.data.preencode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="the training config (file or shipped name)")
-    p.add_argument("--out", required=True, help="folder for the pre-encoded shards")
-    p.add_argument("--dtype", default="float32", choices=tuple(STORE_DTYPES), help="stored moments / embeddings")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--name", default="preencoded", help="shard file prefix: <name>-000000.tar")
-    p.add_argument("--overwrite", action="store_true", help="replace existing shards of that name")
-    distributed.add_flags(p)
-    args = p.parse_args(rest)
-
-    def run() -> int:
-        config = apply_overrides(load_config(args.config), overrides)
-        distributed.start(args)  # before any other JAX call; each host then encodes its own shards
-        from absl import logging
-
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-        r = preencode(config, args.out, dtype=args.dtype, samples_per_shard=args.samples_per_shard, name=args.name,
-                      overwrite=args.overwrite)
-        skipped = sum(v for k, v in r["skipped"].items() if k != "truncated_shards")
-        if not multihost.is_main():
-            return 0
-        print(f"wrote {r['samples']} samples in {len(r['paths'])} shards (frozen embedders stored: "
-              f"{r['stored_embedders'] or 'none'}){f'; skipped {skipped} bad samples' if skipped else ''}")
-        print(f"train from them with the same config and --config.data.params.train.datapipeline.urls='{r['urls']}' "
-              "--config.data.params.train.datapipeline.preencoded=True")
-        return 0
-
-    distributed.run_job(run)
-
-
-if __name__ == "__main__":
-    main()
