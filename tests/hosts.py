@@ -69,11 +69,33 @@ class Logs:
         return "\n".join(f"--- process {i}:\n{self.stderr(i)[-1500:]}" for i in range(self.n))
 
 
+_JOBS_LOCK = None
+
+
+def _jobs_lock():
+    """One lock for every pytest-xdist worker of this machine (reentrant within a worker)."""
+    global _JOBS_LOCK
+    if _JOBS_LOCK is None:
+        import tempfile
+
+        from filelock import FileLock
+
+        _JOBS_LOCK = FileLock(str(Path(tempfile.gettempdir()) / "sgm_jax_multiprocess_jobs.lock"))
+    return _JOBS_LOCK
+
+
 class Job(Logs):
-    """`n` processes of one command line (`argv` after the python executable), started at once."""
+    """`n` processes of one command line (`argv` after the python executable), started at once.
+
+    Jobs of several processes run one at a time on the machine: two of them side by side on CI's
+    2 cores put the hosts of one job tens of seconds apart, and gloo gives up connecting a new
+    collective after 30 s (a fixed timeout, not ours to set), which such tests are not about."""
 
     def __init__(self, argv: Sequence[str], n: int, devices: int, logs: Path, heartbeat: int = 20):
         super().__init__(logs, n)
+        self._locked = n > 1
+        if self._locked:
+            _jobs_lock().acquire(timeout=1800)
         self.port = free_port()
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
@@ -98,6 +120,9 @@ class Job(Logs):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        if self._locked:
+            self._locked = False
+            _jobs_lock().release()
 
     def signal(self, index: int, sig: int = signal.SIGTERM) -> None:
         self.procs[index].send_signal(sig)
