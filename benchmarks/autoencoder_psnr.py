@@ -29,7 +29,7 @@ def cpu_seconds() -> float:
 
 def run(budgets_min: list[float], eval_examples: int, overrides: dict) -> list[dict]:
     from sgm_jax import data
-    from sgm_jax.autoencoding.task import AutoencoderTask
+    from sgm_jax.training.autoencoder_task import AutoencoderTask
     from sgm_jax.configs import autoencoder_mnist
 
     config = autoencoder_mnist.get_config()

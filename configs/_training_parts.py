@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sgm_jax.configs import mnist_cond
+from sgm_jax.configs import training_defaults
 from sgm_jax.configs.inference import _parts as P
 
 SEED = P.SEED
@@ -70,8 +70,8 @@ def streaming_data(datapipeline: dict[str, Any], batch_size: int, num_workers: i
 def seed_lightning_training(name: str, **overrides: Any) -> dict[str, Any]:
     """The example yamls' lightning section: checkpoints every 5000 steps, 8 images every 1000 in
     rows of 2, 1000 epochs (a stream has none: max_steps decides), bf16 compute on accelerators."""
-    t = mnist_cond.training(name=name, max_epochs=1000, max_steps=1_000_000, checkpoint_every=5000,
-                            checkpoint_async=True, sample_every=1000, num_samples=8, sample_nrow=2,
-                            sample_classes=(), log_every=100, dtype="bfloat16")
+    t = training_defaults.training(name=name, max_epochs=1000, max_steps=1_000_000, checkpoint_every=5000,
+                                   checkpoint_async=True, sample_every=1000, num_samples=8, sample_nrow=2,
+                                   log_every=100, dtype="bfloat16")
     t.update(overrides)
     return t

@@ -10,7 +10,7 @@ Sized for accelerators (batch 8 per the seed's single device; 2 x 55M parameters
 
 from ml_collections import ConfigDict, config_dict
 
-from sgm_jax.configs import mnist_cond
+from sgm_jax.configs import training_defaults
 
 ENCODER = "sgm.modules.diffusionmodules.model.Encoder"
 DECODER = "sgm.modules.diffusionmodules.model.Decoder"
@@ -71,9 +71,9 @@ def webdataset(urls=("DATA-PATH",), size=256, batch_size=8):
 
 def training(**overrides):
     """The yaml's lightning section (checkpoints every 5000 steps, images every 1000, 8 of
-    them) plus the autoencoder's own knobs (sgm_jax/autoencoding/task.py, step.py)."""
-    t = mnist_cond.training(name="autoencoder_kl_f4", max_epochs=1, checkpoint_every=5000, sample_every=1000,
-                            num_samples=8, sample_nrow=4, sample_classes=(), eval_every=10000)
+    them) plus the autoencoder's own knobs (sgm_jax/training/autoencoder_task.py, sgm_jax/autoencoding/step.py)."""
+    t = training_defaults.training(name="autoencoder_kl_f4", max_epochs=1, checkpoint_every=5000, sample_every=1000,
+                                   num_samples=8, sample_nrow=4, eval_every=10000)
     t.update(optimizer_order="sequential",  # "alternate": the seed's one-optimizer-per-batch training_step
              lpips_train_dropout=True,      # the seed trains with LPIPS' Dropout(0.5) on (Lightning's .train())
              eval_examples=256, eval_batch_size=32)

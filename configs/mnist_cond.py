@@ -6,6 +6,7 @@
 
 from ml_collections import ConfigDict
 
+from sgm_jax.configs import training_defaults
 from sgm_jax.configs.inference import _parts
 
 SEED = _parts.SEED
@@ -27,35 +28,8 @@ def class_conditioner(ucg_rate=0.2, embed_dim=128, n_classes=10):
 
 
 def training(**overrides):
-    """What the seed's lightning section sets, plus the JAX loop's own knobs."""
-    t = dict(
-        name="mnist_cond",
-        seed=0,
-        max_epochs=20,          # lightning.trainer.max_epochs
-        max_steps=-1,           # > 0 overrides max_epochs
-        max_minutes=0.0,        # wall-clock budget (0 = none): stops, saves, writes a grid
-        checkpoint_every=5000,  # lightning.modelcheckpoint.every_n_train_steps
-        keep_checkpoints=3,
-        checkpoint_async=False, # True on accelerators: saves overlap training; a failure shows at the next save
-        sample_every=1000,      # image_logger.batch_frequency
-        num_samples=16,         # log_images_kwargs.N
-        sample_nrow=4,          # log_images_kwargs.n_rows
-        sample_classes=tuple(range(10)),  # what a sample grid shows (cycled); () = the data's own labels
-        sample_prompts=(),      # for text-conditioned models: the prompts of the grid (cycled)
-        eval_every=0,           # run the task's held-out evaluation every N steps (0 = never)
-        max_nonfinite_steps=10, # skip this many non-finite updates in a row, then stop with an error
-        log_every=50,
-        tokenizer="",           # CLIP BPE file / tokenizer folder for text embedders ("" = the usual places)
-        report_flops=True,      # log tflops_per_device (XLA cost analysis of the step, traced once more)
-        profile_steps=(),       # (first, last): a jax.profiler trace of those steps in <workdir>/profile
-        dtype="float32",        # compute dtype of the networks (bfloat16 on accelerators)
-        weight_decay=0.01,      # torch.optim.AdamW default
-        grad_clip=0.0,
-        grad_accum=1,           # lightning.trainer.accumulate_grad_batches
-        warmup_steps=0,
-    )
-    t.update(overrides)
-    return t
+    """The generic training defaults (training_defaults.py) with this toy's grid: one tile per digit."""
+    return training_defaults.training(**{"name": "mnist_cond", "sample_classes": tuple(range(10)), **overrides})
 
 
 def get_config() -> ConfigDict:

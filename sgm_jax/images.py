@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from sgm_jax.errors import UserError
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, H, W, C] in [-1, 1] -> uint8 [N, H, W, C]."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+def to_uint8(images: Any) -> Any:
+    """[N, H, W, C] in [-1, 1] -> uint8, as the seed saves samples and grids: clamp((x + 1) / 2) * 255,
+    truncated. numpy in, numpy out; a jax array (inside jit too) stays one."""
+    xp = jnp if isinstance(images, jax.Array) else np
+    unit = xp.clip((xp.asarray(images).astype(xp.float32) + 1.0) / 2.0, 0.0, 1.0)
+    return xp.floor(255.0 * unit).astype(xp.uint8)
 
 
 LINE_H, MAX_LINES = 11, 4
@@ -39,11 +44,17 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
     return lines
 
 
+def legible_scale(height: int) -> int:
+    """How many times a grid enlarges its tiles: twice up to 64 px (MNIST, CIFAR), else once."""
+    return 2 if height <= 64 else 1
+
+
 def make_grid(images: np.ndarray, nrow: int, labels: Sequence[str] | None = None, scale: int = 1,
               pad: int = 2) -> Image.Image:
-    """images: [N, H, W, C] in [-1, 1] -> one RGB image, `nrow` tiles per row, labels above
-    tiles (wrapped to the tile's width)."""
-    tiles = to_uint8(images)
+    """images: [N, H, W, C] in [-1, 1] (or uint8 as saved) -> one RGB image, `nrow` tiles per row,
+    labels above tiles (wrapped to the tile's width), tiles enlarged `scale` times."""
+    images = np.asarray(images)
+    tiles = images if images.dtype == np.uint8 else to_uint8(images)
     if tiles.shape[-1] == 1:
         tiles = np.repeat(tiles, 3, axis=-1)
     n, h, w, _ = tiles.shape

@@ -9,6 +9,7 @@ callers turn into one error line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -64,12 +65,40 @@ def gather_json(value: Any) -> list[Any]:
     return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
 
 
-def sync(name: str) -> None:
-    """Wait until every host got here (e.g. after process 0 changed the shared workdir)."""
-    if jax.process_count() > 1:
+# A barrier waits for the slowest host's compile of a large model on a pod; a host that died is
+# found sooner by PeerWatch and jax's heartbeat.
+BARRIER_TIMEOUT_S = 3600
+_barrier_ids = itertools.count()
+
+
+def sync(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every host got here (e.g. after process 0 changed the shared workdir).
+
+    A barrier of the coordination service, not a device collective: gloo (CPU) gives a new
+    collective a fixed 30 s for all hosts to arrive, less than hosts can drift apart."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    if distributed.global_state.client is None:  # joined without jax.distributed (no coordinator)
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    # every host runs the same program, so the n-th barrier has the same id on all of them
+    distributed.global_state.client.wait_at_barrier(f"{name}#{next(_barrier_ids)}", int(timeout_s * 1000))
+
+
+def compile_together(fn: Any, *args: Any, name: str) -> Any:
+    """`fn` (a jitted function) compiled for `args` on this host, returned once every host has
+    compiled it, so that all hosts enter its first run together.
+
+    Hosts compile at their own speed (a busy machine, a cache hit on one host only); without this
+    the first to finish waits inside the first collective of the run, where gloo allows 30 s.
+    The compiled executable is what later calls of `fn` with such arguments run (jax keeps it)."""
+    compiled = fn.lower(*args).compile()
+    sync(f"sgm_jax:compiled:{name}")
+    return compiled
 
 
 def to_host(tree: Any) -> Any:

@@ -28,7 +28,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "sgm_jax"
 LAYERS = [
-    {"errors", "xla_cpu", "batch_keys"},
+    {"errors", "xla_cpu", "batch_keys", "signals"},
     {"config_files", "images", "multihost", "diffusion"},
     {"parallel", "nn"},
     {"engine"},

@@ -111,7 +111,7 @@ def test_missing_weights_stop_with_one_line(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "perceptual_weight=0" in msg and "sgm_jax.convert.lpips" in msg
     # a training config asking for LPIPS stops before building anything
-    from sgm_jax.autoencoding.task import AutoencoderTask
+    from sgm_jax.training.autoencoder_task import AutoencoderTask
     from sgm_jax.configs import autoencoder_mnist
 
     config = autoencoder_mnist.get_config()

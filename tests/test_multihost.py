@@ -223,3 +223,16 @@ def test_a_join_that_cannot_happen_is_one_line_never_a_lone_run(tmp_path):
     env = {**host_env(1), "JAX_NUM_PROCESSES": "two"}
     proc = subprocess.run([sys.executable, "train.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "JAX_NUM_PROCESSES='two' is not an integer" in proc.stderr
+
+
+def test_hosts_that_finish_compiling_apart_start_the_first_run_together(tmp_path):
+    """A host that compiled first waits for the others outside the first collective (gloo gives a
+    new one 30 s: the 2-host SDXL test failed when one host's compile took that much longer)."""
+    skew = 4.0
+    with Job(["tests/compile_together_worker.py", str(tmp_path), str(skew)], n=2, devices=2,
+             logs=tmp_path / "logs") as job:
+        assert job.wait(180) == [0, 0], job.tail()
+    first, late = (json.loads((tmp_path / f"host{i}.json").read_text()) for i in range(2))
+    assert first["sum"] == late["sum"] == 30.0  # 1 + 4 + 9 + 16 over both hosts' devices
+    assert late["began"] - first["began"] > skew - 1.0  # the late host really began later
+    assert first["returned"] >= late["began"]  # and the first one waited for it

@@ -5,7 +5,6 @@ evaluate.py's FID over 2 processes against 1 (see hosts.py for how the processes
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

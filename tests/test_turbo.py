@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sgm_jax.cli import convert as convert_cli_module
-from sgm_jax.configs.inference import sd_2_1, sd_turbo, sd_xl_base, sd_xl_turbo, tiny_sd_turbo, tiny_sdxl_turbo
+from sgm_jax.configs.inference import sd_2_1, sd_turbo, sd_xl_base, sd_xl_turbo
 from sgm_jax.convert import checkpoint as ck
 from sgm_jax.convert.layout import engine_parts
 from sgm_jax.diffusion import guiders, instantiate_from_config

@@ -34,7 +34,7 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
     """(argument groups, facts) for `num` images of width x height; facts["lower"]: () -> the lowered
     call, facts["body"]: () -> one loop step lowered (None when the loop runs once)."""
     from sgm_jax.checkpointing.frozen import abstract_full_params
-    from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder, get_batch
+    from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder
     from sgm_jax.inference.pipeline import check_size, default_zero_uc_keys, engine_for_sampling
     from sgm_jax.inference.runner import SamplingRunner
     from sgm_jax.inference.sampling import SamplerSpec

@@ -28,19 +28,6 @@ def _with_sharding(tree: Any, sharding: Any) -> Any:
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding)
 
 
-def abstract_frozen(task: Any, example: dict) -> Any:
-    """Shapes of what the run's `frozen()` would load (None when the task has no frozen parts):
-    the first stage and frozen embedders, or with LoRA the whole engine as the adapters' base."""
-    if not hasattr(task, "frozen_params"):
-        return None
-    from sgm_jax.checkpointing.frozen import abstract_full_params, merge_params, split_params
-
-    trainable, frozen = split_params(task.engine, abstract_full_params(task.engine, example))
-    if getattr(task, "lora", None) is not None:
-        frozen = merge_params(trainable, frozen)
-    return frozen or None
-
-
 def state_groups(abstract_state: Any) -> dict[str, Any]:
     """The state's fields grouped by role (parameters, optimizer state, ...); `step` is left out."""
     groups: dict[str, list] = {}
@@ -53,7 +40,7 @@ def state_groups(abstract_state: Any) -> dict[str, Any]:
 
 
 def make_task(config: Any, dataset: Any) -> Any:
-    from sgm_jax.training.task import task_class
+    from sgm_jax.training.tasks import task_class
 
     from .stand_in import ShapeTokenizer, lpips_stand_in
 
@@ -84,7 +71,7 @@ def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] 
     batch_sharding = parallel.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((run.batch_size,) + tuple(v.shape[1:]), v.dtype, sharding=batch_sharding)
              for k, v in run.example.items()}
-    frozen = abstract_frozen(run.task, run.example)
+    frozen = run.task.frozen_shapes(run.example)
     frozen = None if frozen is None else _with_sharding(frozen, parallel.param_shardings(frozen, mesh))
     key = jax.eval_shape(lambda: jax.random.fold_in(jax.random.key(0), 1))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl)

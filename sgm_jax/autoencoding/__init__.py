@@ -4,7 +4,7 @@ trained autoencoder as a latent model's frozen first stage.
     from sgm_jax.autoencoding import load_first_stage, export_first_stage
     first_stage_config, params = load_first_stage("workdir/autoencoder_mnist")   # or a converted dir
 
-The training loop reaches this package through `sgm_jax.autoencoding.task:AutoencoderTask`;
+The training loop reaches this package through `sgm_jax.training.autoencoder_task:AutoencoderTask`;
 `python -m sgm_jax.autoencoding.firststage WORKDIR --safetensors OUT` exports.
 """
 

@@ -10,7 +10,7 @@ autoencoder `lr_g_factor * base_learning_rate`, discriminator `base_learning_rat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -21,6 +21,7 @@ from sgm_jax.autoencoding.discriminator import NLayerDiscriminator, discriminato
 from sgm_jax.autoencoding.losses import LossConfig
 from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.nn.vae import AutoencoderKL, autoencoder_from_config
+from sgm_jax.optim import seed_optimizer
 
 Params = Any
 
@@ -37,26 +38,6 @@ class AutoencoderState:
     disc_batch_stats: Any
     disc_opt_state: Any
     ema_params: Params = None
-
-
-def _optimizer(optimizer_config: Mapping[str, Any] | None, learning_rate: float) -> optax.GradientTransformation:
-    cfg = dict(optimizer_config or {"target": "torch.optim.Adam"})
-    name = str(cfg.get("target", "torch.optim.Adam")).rsplit(".", 1)[-1]
-    p = dict(cfg.get("params", {}) or {})
-    b1, b2 = (float(b) for b in p.pop("betas", (0.9, 0.999)))
-    eps = float(p.pop("eps", 1e-8))
-    if name == "Adam":
-        wd = float(p.pop("weight_decay", 0.0))
-        tx = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
-        # torch's Adam adds weight_decay * param to the gradient (L2, not decoupled)
-        tx = optax.chain(optax.add_decayed_weights(wd), tx) if wd else tx
-    elif name == "AdamW":
-        tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=float(p.pop("weight_decay", 0.01)))
-    else:
-        raise ValueError(f"optimizer_config target {cfg.get('target')!r} is not supported (torch.optim.Adam / AdamW)")
-    if p:
-        raise ValueError(f"unsupported optimizer_config params {sorted(p)}")
-    return tx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +83,13 @@ def build_parts(config: Any) -> AutoencoderParts:
     lr = float(model_cfg["base_learning_rate"])
     lr_g = lr * float(mp.get("lr_g_factor", 1.0))
     ema = mp.get("ema_decay")
+    adam = mp.get("optimizer_config") or {"target": "torch.optim.Adam"}  # the AutoencodingEngine's default
     order = str(config.training.get("optimizer_order", "sequential"))
     if order not in ("sequential", "alternate"):
         raise ValueError(f"training.optimizer_order must be 'sequential' or 'alternate', got {order!r}")
     return AutoencoderParts(
         model=model, discriminator=discriminator_from_config(loss_params), loss=LossConfig.from_params(loss_params),
-        ae_tx=_optimizer(mp.get("optimizer_config"), lr_g), disc_tx=_optimizer(mp.get("optimizer_config"), lr),
+        ae_tx=seed_optimizer(adam, lr_g), disc_tx=seed_optimizer(adam, lr),
         sample_posterior=bool((reg.get("params") or {}).get("sample", True)),
         disc_start_iter=int(mp.get("disc_start_iter", 0)), ema_decay=None if ema is None else float(ema),
         input_key=str(mp.get("input_key", "jpg")), optimizer_order=order)

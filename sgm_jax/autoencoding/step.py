@@ -60,10 +60,6 @@ def last_layer_grad_fn(parts: AutoencoderParts, conv_out: Mapping[str, jax.Array
     return lambda cotangent: vjp(cotangent)[0]
 
 
-def global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree)))
-
-
 def autoencoder_grads(parts: AutoencoderParts, state: AutoencoderState, x: jax.Array, key: jax.Array,
                       perceptual: Perceptual | None) -> tuple[dict[str, Any], dict[str, jax.Array], Any]:
     """Optimizer index 0's gradients (one backward pass through the autoencoder with the total
@@ -93,7 +89,7 @@ def autoencoder_update(parts: AutoencoderParts, state: AutoencoderState, x: jax.
     grads, log, stats = autoencoder_grads(parts, state, x, key, perceptual)
     updates, opt_state = parts.ae_tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": log["loss/total"], "grad_norm": global_norm(grads), **log}
+    metrics = {"loss": log["loss/total"], "grad_norm": optax.global_norm(grads), **log}
     return state.replace(params=params, opt_state=opt_state, disc_batch_stats=stats), metrics
 
 
@@ -108,7 +104,7 @@ def discriminator_update(parts: AutoencoderParts, state: AutoencoderState, x: ja
     updates, disc_opt_state = parts.disc_tx.update(grads, state.disc_opt_state, state.disc_params)
     new = state.replace(disc_params=optax.apply_updates(state.disc_params, updates), disc_opt_state=disc_opt_state,
                         disc_batch_stats=stats)
-    return new, {**log, "disc_grad_norm": global_norm(grads)}
+    return new, {**log, "disc_grad_norm": optax.global_norm(grads)}
 
 
 _DISC_LOG = ("loss/disc", "logits/real", "logits/fake", "disc_grad_norm")

@@ -9,6 +9,7 @@ model.params.ckpt_path.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -22,19 +23,29 @@ from .frozen import load_frozen_and_initial, merge_params, split_params
 LORA = "lora"
 
 
-def lora_settings(config: Any) -> dict | None:
-    """config.lora as a dict, or None when LoRA training is off (no section, or rank 0)."""
-    lora = to_plain(config.get("lora")) if hasattr(config, "get") else None
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """config.lora, resolved once: adapters of `rank` on the UNet's `target_modules`, scaled alpha / rank."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+
+def lora_settings(config: Any) -> LoraSpec | None:
+    """config.lora (a training config or a workdir's config.json), or None when LoRA training is
+    off (no section, or rank 0). alpha defaults to the rank, targets to the attention projections."""
+    lora = to_plain(config.get("lora")) if isinstance(config, Mapping) or hasattr(config, "get") else None
     if not lora or int(lora.get("rank", 0)) <= 0:
         return None
-    return {"rank": int(lora["rank"]), "alpha": float(lora.get("alpha") or lora["rank"]),
-            "target_modules": tuple(lora.get("target_modules") or ATTENTION_TARGETS)}
+    return LoraSpec(int(lora["rank"]), float(lora.get("alpha") or lora["rank"]),
+                    tuple(lora.get("target_modules") or ATTENTION_TARGETS))
 
 
-def new_adapters(base_params: Mapping[str, Any], lora: Mapping[str, Any], key: jax.Array) -> dict[str, Any]:
+def new_adapters(base_params: Mapping[str, Any], lora: LoraSpec, key: jax.Array) -> dict[str, Any]:
     """{"lora": fresh adapters} for the base engine tree (only its shapes are read)."""
     try:
-        return {LORA: init_adapters(base_params, lora["rank"], lora["alpha"], lora["target_modules"], key=key)}
+        return {LORA: init_adapters(base_params, lora.rank, lora.alpha, lora.target_modules, key=key)}
     except ValueError as e:
         raise UserError(f"config.lora: {e}") from None
 
@@ -52,20 +63,21 @@ def with_adapters(trainable: Mapping[str, Any], base: Mapping[str, Any]) -> dict
     return merge_adapters(base, trainable[LORA])
 
 
-def frozen_parts(engine: Any, config: Any, abstract_full: Mapping[str, Any], example: Mapping[str, Any]
-                 ) -> tuple[dict | None, dict]:
+def frozen_parts(engine: Any, config: Any, abstract_full: Mapping[str, Any], example: Mapping[str, Any],
+                 lora: LoraSpec | None) -> tuple[dict | None, dict]:
     """(initial trainable params or None, frozen params) of a training config, for the trainer and
-    for sampling a workdir alike: frozen.load_frozen_and_initial, or with `config.lora` the whole
-    engine as the adapters' frozen base (and no initial params: adapters start fresh)."""
+    for sampling a workdir alike: frozen.load_frozen_and_initial, or with a LoRA (lora_settings)
+    the whole engine as the adapters' frozen base (and no initial params: adapters start fresh)."""
     initial, frozen = load_frozen_and_initial(engine, config["model"], abstract_full)
-    if lora_settings(config) is None:
+    if lora is None:
         return initial, frozen
     return None, lora_base(engine, initial, frozen, int(config["training"]["seed"]), example)
 
 
-def full_params(config: Any, trainable: Mapping[str, Any], frozen: Mapping[str, Any] | None) -> dict[str, Any]:
+def full_params(lora: LoraSpec | None, trainable: Mapping[str, Any], frozen: Mapping[str, Any] | None
+                ) -> dict[str, Any]:
     """The engine tree the networks read from the trained and the frozen parts (frozen_parts)."""
-    return with_adapters(trainable, frozen) if lora_settings(config) is not None else merge_params(trainable, frozen)
+    return with_adapters(trainable, frozen) if lora is not None else merge_params(trainable, frozen)
 
 
 def as_pairs(tree: Mapping[str, Any], alpha: float) -> Any:

@@ -27,6 +27,7 @@ import numpy as np
 
 from sgm_jax import multihost
 from sgm_jax.errors import UserError
+from sgm_jax.nn.conditioner import class_count
 
 from . import distributed
 from .configs import ArgumentParser, apply_overrides, config_name, load_config, split_overrides
@@ -179,7 +180,7 @@ def workdir_conditions(config: Any, args: argparse.Namespace) -> list[Any]:
             raise UserError(f"the model in {args.workdir} is class-conditional: give --classes, not --prompt")
         if args.classes:
             return [c.strip() for c in args.classes.split(",") if c.strip()]
-        return list(range(min(int((specs[0].get("params") or {}).get("n_classes", 10)), 10)))
+        return list(range(min(class_count(specs), 10)))  # the first ten labels by default
     if key == "txt":
         if args.classes or not args.prompt:
             raise UserError(f"the model in {args.workdir} is text-conditional: give --prompt")

@@ -13,14 +13,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import threading
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from sgm_jax.errors import UserError
+from sgm_jax.signals import StopFlag
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
 
@@ -95,37 +92,19 @@ def commit(tmp: Path, out: Path, overwrite: bool) -> None:
     remove_path(old)
 
 
-class StopFlag:
-    """Set by the signal handlers of `stop_on_signals`; long writers call `check()` at safe
-    points (between shards), which raises Interrupted once a stop was asked for."""
+class ConversionStop(StopFlag):
+    """A StopFlag whose `check()`, called by long writers at safe points (between shards), raises
+    Interrupted once a stop was asked for; a second signal of either kind raises it at once."""
 
-    def __init__(self) -> None:
-        self.signame: str | None = None
+    def again(self, name: str) -> None:
+        raise Interrupted(name)
 
     def check(self) -> None:
-        if self.signame is not None:
-            raise Interrupted(self.signame)
+        if self.stop is not None:
+            raise Interrupted(self.stop)
 
 
-@contextmanager
-def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[StopFlag]:
-    """While active, SIGTERM / SIGINT ask for a stop at the next `flag.check()` instead of
-    killing the process mid-write (a second signal raises Interrupted at once). Previous
-    handlers are restored afterwards. Outside the main thread it does nothing."""
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        if flag.signame is not None:
-            raise Interrupted(name)
-        flag.signame = name
-
-    previous = {s: signal.signal(s, handler) for s in signals}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+def stop_on_signals() -> ConversionStop:
+    """`with stop_on_signals() as stop:` SIGTERM / SIGINT ask for a stop at the next
+    `stop.check()` instead of killing the process mid-write."""
+    return ConversionStop()

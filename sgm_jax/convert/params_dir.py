@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from sgm_jax.convert.atomic import StopFlag, commit, remove_path, remove_stale_temps, sibling_temp
+from sgm_jax.convert.atomic import ConversionStop, commit, remove_path, remove_stale_temps, sibling_temp
 from sgm_jax.convert.common import FlaxPath, flatten_params, unflatten_params
 from sgm_jax.convert.files import CheckpointFileError
 
@@ -82,7 +82,7 @@ def _shards(leaves: Leaves, limit: int) -> Iterator[list[tuple[FlaxPath, np.ndar
 
 def save_params(params: Mapping[str, Any] | Leaves, out_dir: str | os.PathLike,
                 metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,
-                shard_bytes: int = SHARD_BYTES, stop: StopFlag | None = None) -> Path:
+                shard_bytes: int = SHARD_BYTES, stop: ConversionStop | None = None) -> Path:
     """Write a params tree as an Orbax directory, atomically.
 
     params: a nested dict of arrays, or an iterable of (Flax path, array) pairs, which is

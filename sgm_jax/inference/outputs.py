@@ -67,9 +67,8 @@ def save_images(images: np.ndarray, paths: Sequence[Path], metadata: Mapping[str
 def save_grid(images: np.ndarray, path: Path, per_row: int, metadata: Mapping[str, Any],
               captions: Sequence[str] = ()) -> Path:
     """All images in one PNG, `per_row` tiles a row (the images of one class / prompt), labelled."""
-    from sgm_jax.images import make_grid, save_png
+    from sgm_jax.images import legible_scale, make_grid, save_png
 
-    small = images.shape[1] <= 64
-    grid = make_grid(np.asarray(images, np.float32) / 127.5 - 1.0, per_row,
-                     labels=list(captions) if captions else None, scale=2 if small else 1)
+    grid = make_grid(np.asarray(images, np.uint8), per_row, labels=list(captions) if captions else None,
+                     scale=legible_scale(images.shape[1]))
     return save_png(grid, path, {**metadata, "images": len(images)})

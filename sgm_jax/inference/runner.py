@@ -23,17 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax import multihost
 from sgm_jax.engine import DiffusionEngine
+from sgm_jax.images import to_uint8
 from sgm_jax.parallel import batch_sharding, replicated
 
 from .sampling import SamplerSpec
 
 Cond = dict[str, jax.Array]
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] in [-1, 1] -> uint8, as the seed saves: clamp((x + 1) / 2) * 255, truncated."""
-    return jnp.floor(255.0 * jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)).astype(jnp.uint8)
 
 
 def persistent_cache_enabled() -> bool:
@@ -205,6 +202,6 @@ class SamplingRunner:
         key = (static, str(sig))
         if key not in self._executables:
             t0 = time.perf_counter()
-            self._executables[key] = fn.lower(*args).compile()
+            self._executables[key] = multihost.compile_together(fn, *args, name=f"{self.name}:sample")
             self.timings.append(Timing(f"{self.name}: compile", time.perf_counter() - t0, 0.0))
         return self._executables[key]

@@ -23,6 +23,7 @@ import numpy as np
 from sgm_jax.checkpointing.workdirs import read_workdir_config
 from sgm_jax.config_files import config_name, load_config
 from sgm_jax.errors import UserError
+from sgm_jax.nn.conditioner import class_count
 
 from .models import ModelCache, load_workdir_config, parse_loras
 from .loading import load_image
@@ -138,9 +139,7 @@ class DemoService:
         inf = dict(config.inference)
         emb = (config.model.params.get("conditioner_config") or {}).get("params", {}).get("emb_models", [])
         keys = [e.get("input_key") for e in emb]
-        n_classes = next((int((e.get("params") or {}).get("n_classes", 10)) for e in emb
-                          if e.get("input_key") == "cls"), 0)
-        return {"kind": s.kind, "text": "txt" in keys, "classes": list(range(n_classes)),
+        return {"kind": s.kind, "text": "txt" in keys, "classes": list(range(class_count(emb) or 0)),
                 "resolutions": [f"{w}x{h}" for w, h in inf.get("resolutions") or ()],
                 "width": inf["width"], "height": inf["height"], "sampler": inf["sampler"],
                 "steps": inf["num_steps"], "cfg_scale": inf["cfg_scale"], "discretization": inf["discretization"],

@@ -28,7 +28,7 @@ from sgm_jax.checkpointing.workdirs import read_workdir_config
 from sgm_jax.diffusion.guiders import VanillaCFG
 from sgm_jax.engine import DiffusionEngine, build_engine
 from sgm_jax.errors import UserError
-from sgm_jax.nn.conditioner import (get_unconditional_conditioning, text_tokenizers, token_key, tokenize_batch,
+from sgm_jax.nn.conditioner import (CLASS_EMBEDDER_CLASSES, get_unconditional_conditioning, text_tokenizers, token_key, tokenize_batch,
                                     ucg_token_key)
 from sgm_jax.parallel import make_mesh, replicated
 
@@ -103,10 +103,10 @@ def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[i
     if bad is not None:  # a run that diverged before the finite-update guard existed: images would be noise
         raise UserError(f"checkpoint {step} in {ckpt_dir} holds non-finite weights ({bad}): the run diverged; "
                         "sample an earlier step (--step) or retrain with a lower learning rate")
-    _, frozen = frozen_parts(engine, config, abstract, example)
+    _, frozen = frozen_parts(engine, config, abstract, example, lora)
     if lora is not None:  # checkpoints keep down / up only: alpha comes from the config
-        params = {LORA: as_pairs(params[LORA], lora["alpha"])}
-    return step, full_params(config, params, frozen)
+        params = {LORA: as_pairs(params[LORA], lora.alpha)}
+    return step, full_params(lora, params, frozen)
 
 
 class TrainedModel:
@@ -125,7 +125,8 @@ class TrainedModel:
         self.timings = self.runner.timings
         specs = [s for s in engine.conditioner.specs if s.input_key in ("cls", "txt")]
         self.condition_key: str | None = specs[0].input_key if specs else None
-        self.n_classes = int(specs[0].params.get("n_classes", 1000)) if self.condition_key == "cls" else None
+        self.n_classes = (int(specs[0].params.get("n_classes", CLASS_EMBEDDER_CLASSES)) if self.condition_key == "cls"
+                          else None)
         self.zero_uc_keys = tuple(s.input_key for s in engine.conditioner.specs if s.ucg_rate > 0 and s.input_key)
         self._tokenizers = text_tokenizers(engine.conditioner, clip_tokenizer) if self.condition_key == "txt" else None
         self._encode: Callable = jax.jit(lambda p, b, bu: get_unconditional_conditioning(

@@ -64,6 +64,7 @@ TEXT_EMBEDDERS = frozenset(_LAZY_EMBEDDERS)
 # Constructor arguments of the seed that only make sense in PyTorch; dropped when the Flax
 # class does not declare them.
 _TORCH_ONLY_KWARGS = frozenset({"device", "freeze", "init_device"})
+CLASS_EMBEDDER_CLASSES = 1000  # the seed's ClassEmbedder default n_classes
 _SPECIAL_OUT_KEYS = ("cond_view", "cond_motion")  # seed: output keyed by its input key
 OUTPUT_DIM2KEYS = {2: "vector", 3: "crossattn", 4: "concat"}
 
@@ -275,6 +276,16 @@ class GeneralConditioner(nn.Module):
         return x
 
 
+def class_count(emb_models: Sequence[Mapping[str, Any]]) -> int | None:
+    """n_classes of the class embedder (input_key "cls") among the seed's emb_models: the labels a
+    model takes (the seed's ClassEmbedder default, 1000, when the config leaves it out); None: no
+    class input."""
+    for e in emb_models or ():
+        if e.get("input_key") == "cls":
+            return int((e.get("params") or {}).get("n_classes", CLASS_EMBEDDER_CLASSES))
+    return None
+
+
 def build_conditioner(emb_models: Sequence[Mapping[str, Any]] | None) -> GeneralConditioner:
     """GeneralConditioner from the seed's `conditioner_config.params.emb_models` list."""
     return GeneralConditioner(specs=tuple(EmbedderSpec.from_config(c) for c in (emb_models or ())))
@@ -396,7 +407,7 @@ class ClassEmbedder(nn.Module):
     Param `embedding/embedding` [n_classes, embed_dim] = torch `embedding.weight`."""
 
     embed_dim: int
-    n_classes: int = 1000
+    n_classes: int = CLASS_EMBEDDER_CLASSES
     add_sequence_dim: bool = False
 
     @nn.compact

@@ -15,13 +15,14 @@ from sgm_jax.engine import DiffusionEngine, build_engine
 
 from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
 
-from sgm_jax.checkpointing.frozen import abstract_full_params, split_params
+from sgm_jax.checkpointing.frozen import abstract_full_params, merge_params, split_params
 from sgm_jax.checkpointing.lora_params import frozen_parts, full_params, lora_settings, new_adapters
-from sgm_jax.images import make_grid
+from sgm_jax.images import legible_scale, make_grid
 from sgm_jax.optim import make_optimizer
 from .schedules import learning_rate_schedule
 from .state import TrainState, trainable_tree
 from .step import init_train_state, make_train_step
+from .task import Task
 
 
 def make_sample_fn(engine: DiffusionEngine, latent_shape: tuple[int, ...], sampler: Any = None):
@@ -68,7 +69,7 @@ def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any, n: int | None = N
     return batch, labels
 
 
-class DiffusionTask:
+class DiffusionTask(Task):
     """Trains a DiffusionEngine config: the UNet and the is_trainable embedders; the first stage
     and frozen embedders (frozen.py) ride along as `frozen`, outside checkpoints and the optimiser."""
 
@@ -78,7 +79,7 @@ class DiffusionTask:
     def __init__(self, config: Any, dataset: Any, tokenizer: Any = None):
         """tokenizer: the CLIP tokenizer (default: load_tokenizer(training.tokenizer)), or a stand-in
         when only shapes matter (sgm_jax.aot's compile check)."""
-        self.config, self.dataset = config, dataset
+        super().__init__(config, dataset)
         tc = config.training
         self.engine = build_engine(config.model, dtype=tc.dtype)
         mp = config.model.params
@@ -96,6 +97,7 @@ class DiffusionTask:
         self.frozen: Any = None  # device copy, set by frozen_params()
         self._sample_fn = None
         self._grid: tuple[dict[str, np.ndarray], list[str] | None] | None = None
+        self._grid_compiled: Any = None  # the grid sampler compiled on every host (several hosts only)
         self._evaluator = None
         if int(tc.eval_every) > 0 and config.get("eval") is not None:
             from sgm_jax.evaluation.in_training import make_training_evaluator
@@ -113,7 +115,8 @@ class DiffusionTask:
 
     def _load(self, example: Mapping[str, Any]) -> tuple[dict | None, dict]:
         if self._loaded is None:
-            self._loaded = frozen_parts(self.engine, self.config, abstract_full_params(self.engine, example), example)
+            self._loaded = frozen_parts(self.engine, self.config, abstract_full_params(self.engine, example), example,
+                                        self.lora)
         return self._loaded
 
     def initial_params(self, example: Mapping[str, Any]) -> dict | None:
@@ -126,6 +129,13 @@ class DiffusionTask:
         self.frozen = place(frozen) if frozen else None
         return self.frozen
 
+    def frozen_shapes(self, example: Mapping[str, Any]) -> Any:
+        """The first stage and frozen embedders, or with LoRA the whole engine as the adapters' base."""
+        trainable, frozen = split_params(self.engine, abstract_full_params(self.engine, example))
+        if self.lora is not None:
+            frozen = merge_params(trainable, frozen)
+        return frozen or None
+
     # --- state and step ----------------------------------------------------------------------
     def _optimizer(self, params: Any):
         if self._tx is None:
@@ -134,8 +144,8 @@ class DiffusionTask:
                                         int(tc.warmup_steps))
             trainable = (jax.tree_util.tree_map(lambda _: True, params) if self.lora is not None
                          else trainable_tree(self.engine.conditioner, params))
-            self._tx = make_optimizer(lr, trainable,
-                                      weight_decay=float(tc.weight_decay), grad_clip=float(tc.grad_clip))
+            self._tx = make_optimizer(lr, trainable, optimizer_config=mp.get("optimizer_config"),
+                                      grad_clip=float(tc.grad_clip))
         return self._tx
 
     def init_state_from(self, trainable: Any) -> TrainState:
@@ -148,7 +158,7 @@ class DiffusionTask:
         return self.init_state_from(split_params(self.engine, full)[0])
 
     def _full_params(self, trainable: Any, frozen: Any) -> Any:
-        return full_params(self.config, trainable, frozen)
+        return full_params(self.lora, trainable, frozen)
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any], key: jax.Array, frozen: Any = None):
         step = make_train_step(self.engine, self._optimizer(state.params), ema_rate=self.ema_rate,
@@ -169,10 +179,12 @@ class DiffusionTask:
             shape = (int(tc.num_samples),) + tuple(self.dataset.image_shape)
             self._sample_fn = make_sample_fn(self.engine, self.engine.latent_shape(shape))
         batch, labels = self._grid
-        images = multihost.to_host(self._sample_fn(self.sampling_params(state), batch,
-                                                   jax.random.key(int(tc.seed) + 7)))
-        scale = 2 if images.shape[1] <= 64 else 1
-        return {"": make_grid(np.asarray(images), int(tc.sample_nrow), labels, scale=scale)}
+        args = (self.sampling_params(state), batch, jax.random.key(int(tc.seed) + 7))
+        if self._grid_compiled is None and jax.process_count() > 1:
+            self._grid_compiled = multihost.compile_together(self._sample_fn, *args, name="grid")
+        images = multihost.to_host(self._sample_fn(*args))
+        return {"": make_grid(np.asarray(images), int(tc.sample_nrow), labels,
+                              scale=legible_scale(images.shape[1]))}
 
     def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
         """config.eval's metrics (FID, classifier accuracy, CLIP score) on samples of the current

@@ -18,16 +18,18 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
 from sgm_jax import multihost, parallel
 from sgm_jax.checkpointing.checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
 from sgm_jax.errors import UserError
 from sgm_jax.images import save_png
+from sgm_jax.signals import StopFlag
 
 from .metrics import MetricsWriter, truncate_after
 from .progress import CARRY_SHAPE, NonfiniteWatch, next_carry, nonfinite_what, progress_bar
-from .run_control import Profiler, StopFlag
-from .task import task_class
+from .run_control import Profiler
+from .tasks import task_class
 from .workdir import WorkdirLock, check_run_record, write_json_atomic
 
 REQUIRED_TRAINING_FIELDS = (
@@ -74,7 +76,7 @@ class Run:
 
     def initial_state(self, seed: int) -> Any:
         """A fresh state: the task's pretrained starting point when it has one, else random."""
-        initial = self.task.initial_params(self.example) if hasattr(self.task, "initial_params") else None
+        initial = self.task.initial_params(self.example)
         if initial is None:
             return self.init_fn(jax.random.key(seed))
         shardings = parallel.param_shardings(initial, self.mesh)
@@ -83,8 +85,6 @@ class Run:
 
     def frozen(self) -> Any:
         """The task's frozen parts on the devices (FSDP-sharded like the params), or None."""
-        if not hasattr(self.task, "frozen_params"):
-            return None
         place = lambda tree: jax.device_put(tree, parallel.param_shardings(tree, self.mesh))  # noqa: E731
         return self.task.frozen_params(self.example, place)
 
@@ -104,7 +104,7 @@ def guarded(train_step: Callable) -> Callable:
 
     def step(state, batch, base_key, nonfinite, frozen):
         key = jax.random.fold_in(base_key, state.step)
-        new, metrics = train_step(state, batch, key) if frozen is None else train_step(state, batch, key, frozen)
+        new, metrics = train_step(state, batch, key, frozen)
         loss_ok, grad_ok = finite(metrics, "loss"), finite(metrics, "grad_norm")
         ok = loss_ok & grad_ok
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
@@ -123,8 +123,8 @@ def all_finite(tree: Any) -> jax.Array:
 def check_training_config(tc: Any) -> None:
     missing = [f for f in REQUIRED_TRAINING_FIELDS if f not in tc]
     if missing:
-        raise UserError(f"config.training lacks {', '.join(missing)} (start from configs/mnist_cond.py's "
-                        "training() defaults)")
+        raise UserError(f"config.training lacks {', '.join(missing)} (start from "
+                        "sgm_jax.configs.training_defaults.training(), which holds every default)")
 
 
 def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: Any = None) -> Run:
@@ -137,7 +137,7 @@ def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: An
     grad_accum = int(config.training.get("grad_accum", 1))
     if grad_accum < 1:
         raise UserError(f"training.grad_accum={grad_accum}: must be 1 (no accumulation) or more")
-    if grad_accum > 1 and not getattr(cls, "accumulates_gradients", False):
+    if grad_accum > 1 and not cls.accumulates_gradients:
         raise UserError(f"training.grad_accum={grad_accum}: the {cls.name} task has no gradient accumulation; "
                         "set --config.training.grad_accum=1 and a larger data.params.batch_size")
     dataset = _dataset(config) if dataset is None else dataset
@@ -145,7 +145,7 @@ def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: An
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     batch_size = int(dataset.batch_size)
     parallel.global_batch_size_check(batch_size, mesh)
-    prepare = getattr(task, "prepare_batch", lambda b: b)
+    prepare = task.prepare_batch
     example = prepare({k: v[:2] for k, v in dataset.example_batch(2).items()})
     init = lambda key: task.init_state(key, example)  # noqa: E731
     abstract_state = jax.eval_shape(init, jax.random.key(0))
@@ -171,7 +171,7 @@ def step_flops(run: Run, batch: Any, base_key: Any, nonfinite_run: Any, frozen: 
 
 
 def _config_text(config: Any) -> str:
-    return config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") else json.dumps(config)
+    return config.to_json_best_effort(indent=2) if isinstance(config, ConfigDict) else json.dumps(config)
 
 
 def train(config: Any, workdir: str | Path, run: Run | None = None) -> dict[str, Any]:
@@ -278,8 +278,12 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
         with StopFlag() as flag:
             for step in range(start, max_steps):
                 batch = run.next_batch(batches)
-                if step == start and bool(tc.report_flops):
-                    flops = step_flops(run, batch, base_key, nonfinite, frozen)
+                if step == start:
+                    if jax.process_count() > 1:
+                        multihost.compile_together(run.step_fn, state, batch, base_key, nonfinite, frozen,
+                                                   name="train_step")
+                    if bool(tc.report_flops):
+                        flops = step_flops(run, batch, base_key, nonfinite, frozen)
                 profiler.before(step)
                 state, m, nonfinite = run.step_fn(state, batch, base_key, nonfinite, frozen)
                 profiler.after(step, m)

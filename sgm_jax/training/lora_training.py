@@ -29,7 +29,7 @@ def export_workdir(workdir: str | Path, out: str | Path, *, use_ema: bool = True
     _, params = restore_params(workdir / "checkpoints", use_ema=use_ema)
     if LORA not in params:
         raise UserError(f"the checkpoints in {workdir} hold no adapters")
-    return export_kohya(as_pairs(params[LORA], lora["alpha"]), out, overwrite=overwrite,
+    return export_kohya(as_pairs(params[LORA], lora.alpha), out, overwrite=overwrite,
                         metadata={"ss_output_name": workdir.name, "sgm_jax_workdir": str(workdir)})
 
 

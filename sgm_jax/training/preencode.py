@@ -37,7 +37,7 @@ from sgm_jax.errors import UserError
 from sgm_jax.nn.conditioner import GeneralConditioner
 
 from .diffusion_task import DiffusionTask
-from .task import task_class
+from .tasks import task_class
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -82,7 +82,7 @@ def make_encoder(engine: Any, stored: Sequence[int], dtype: Any) -> Callable[[An
 
 
 def _check_config(config: Any) -> None:
-    if task_class(config.model.target).__name__ != "DiffusionTask":
+    if task_class(config.model.target) is not DiffusionTask:
         raise UserError(f"model.target {config.model.target} is not a DiffusionEngine: nothing to pre-encode")
     if str(config.data.get("target", "")) not in STREAMING_TARGETS:
         raise UserError(f"data.target {config.data.get('target')!r} is not a streaming data set: pre-encoding reads "

@@ -59,8 +59,7 @@ def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *
             for i in range(1, grad_accum):
                 ema = ema_update(ema, state.params, ema_decay(seen + i, ema_rate))
             ema = ema_update(ema, params, ema_decay(seen + grad_accum, ema_rate))
-        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
-        metrics = {"loss": loss, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
     return train_step

@@ -1,6 +1,6 @@
-"""The training loop's Task for the seed's AutoencodingEngine / AutoencoderKL (see
-sgm_jax/training/task.py for the contract): state, the jitted step, grids of inputs above
-their reconstructions, held-out reconstruction metrics.
+"""The training loop's Task (task.py) for the seed's AutoencodingEngine / AutoencoderKL: state,
+the jitted step (sgm_jax.autoencoding), grids of inputs above their reconstructions, held-out
+reconstruction metrics.
 
 sgm_jax-only knobs: `config.data.pad_to` (pad images with the background value -1 to a
 square of this side, e.g. MNIST 28 -> 32 for an 8x8 latent at f4; the loaders are not
@@ -20,8 +20,10 @@ from sgm_jax import multihost
 from sgm_jax.autoencoding.engine import AutoencoderState, build_parts, init_state, logvar_of
 from sgm_jax.autoencoding.lpips import find_lpips_weights, load_lpips_params
 from sgm_jax.autoencoding.step import make_train_step, reconstruct
-from sgm_jax.images import make_grid
+from sgm_jax.images import legible_scale, make_grid
 from sgm_jax.nn.lpips import LPIPS
+
+from .task import Task
 
 
 def pad_images(images: Any, size: int) -> Any:
@@ -36,7 +38,7 @@ def pad_images(images: Any, size: int) -> Any:
     return xp.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)), constant_values=-1.0)
 
 
-class AutoencoderTask:
+class AutoencoderTask(Task):
     """Trains the autoencoder (optimizer 0) and the PatchGAN discriminator (optimizer 1)."""
 
     name = "autoencoder"
@@ -44,7 +46,7 @@ class AutoencoderTask:
     def __init__(self, config: Any, dataset: Any, lpips_params: Any = None):
         """lpips_params: LPIPS weights to use instead of the converted files (the compile check's
         random stand-in of the same shapes)."""
-        self.config, self.dataset = config, dataset
+        super().__init__(config, dataset)
         self.parts = build_parts(config)
         self.pad_to = int(config.data.get("pad_to", 0) or 0)
         self.perceptual = None
@@ -67,7 +69,7 @@ class AutoencoderTask:
     def init_state(self, key: jax.Array, example_batch: Mapping[str, Any]) -> AutoencoderState:
         return init_state(self.parts, key, jnp.asarray(self.images(example_batch), jnp.float32))
 
-    def train_step(self, state: AutoencoderState, batch: Mapping[str, Any], key: jax.Array):
+    def train_step(self, state: AutoencoderState, batch: Mapping[str, Any], key: jax.Array, frozen: Any = None):
         return self._step(state, {self.parts.input_key: self.images(batch)}, key)
 
     def first_stage_params(self, state: AutoencoderState) -> Any:
@@ -85,8 +87,7 @@ class AutoencoderTask:
         rows = []  # each row of inputs, then the same row reconstructed
         for start in range(0, len(x), nrow):
             rows += [x[start:start + nrow], rec[start:start + nrow]]
-        scale = 2 if x.shape[1] <= 64 else 1
-        return {"": make_grid(np.concatenate(rows), nrow, scale=scale)}
+        return {"": make_grid(np.concatenate(rows), nrow, scale=legible_scale(x.shape[1]))}
 
     # ------------------------------------------------------------------ held-out metrics
 
