@@ -1,9 +1,11 @@
-"""The seed's invisible watermark (sgm_jax.inference.watermark) on real photographs, and its parity
-with the invisible-watermark package's own EmbedMaxDct (loaded without torch) where that is installed."""
+"""The seed's invisible watermark (sgm_jax.inference.watermark) on real photographs, its parity with
+the invisible-watermark package's own EmbedMaxDct (loaded without torch) where that is installed, and
+its use: every PNG that sample.py and the demo save (outputs.py), unless turned off."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +14,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import JAX_CACHE, REPO
+from test_inference import BPE, write_random_checkpoint
+
+from sgm_jax.cli.configs import load_config
+from sgm_jax.cli.demo import build_parser, make_service
+from sgm_jax.convert.checkpoint import convert_file
 from sgm_jax.inference import watermark as wm
+from sgm_jax.inference.outputs import UNSTAMPED, Watermark, save_grid, save_images
+from sgm_jax.inference.service import DemoRequest
 
 skdata = pytest.importorskip("skimage.data")
 
 BITS = wm.WATERMARK_BITS.astype(bool)
+TURBO, PROMPT = "inference/tiny_sdxl_turbo", "a cinematic shot of a baby racoon"
 
 
 def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -170,3 +181,104 @@ def test_yuv_is_cv2s():
     if not (cv2.checkHardwareSupport(avx2) and cv2.checkHardwareSupport(fma3)):
         pytest.skip("this CPU lacks AVX2 + FMA: cv2's float colour kernel rounds otherwise than ours")
     assert _cv2_rounds_like_us(rng.random((64, 512, 3), dtype=np.float32) * 255)
+
+
+# ----------------------------------------------------------------------------- saving: sample.py and the demo
+
+
+def saved(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """A PNG's pixels (uint8 [H, W, C] as written) and its text metadata."""
+    with Image.open(path) as im:
+        return np.asarray(im), dict(im.text)
+
+
+def test_saved_pngs_are_stamped_unless_turned_off(tmp_path):
+    images = np.stack([photo("rocket", (512, 512)), photo("astronaut", (512, 512))])
+    stamped = wm.embed_watermark(images)
+    paths = save_images(images, [tmp_path / "a.png", tmp_path / "b.png"], {"seed": 1})  # default: on
+    for k, path in enumerate(paths):
+        pixels, text = saved(path)
+        np.testing.assert_array_equal(pixels, stamped[k])
+        assert (text["watermark"], text["index"], text["seed"]) == (wm.STAMP_NAME, str(k), "1")
+    # read as the seed's detect.py reads a PNG: rocket 48/48, astronaut 38/48 measured (the module's
+    # docstring: how well it reads back depends on the image)
+    assert wm.matches(saved(paths[0])[0]) == 1.0
+    assert wm.matches(saved(paths[1])[0]) >= 36 / 48  # the seed's "very likely watermarked"
+    off = save_images(images, [tmp_path / "c.png", tmp_path / "d.png"], {}, watermark=Watermark(enabled=False))
+    for k, path in enumerate(off):
+        pixels, text = saved(path)
+        np.testing.assert_array_equal(pixels, images[k])
+        assert text["watermark"] == UNSTAMPED
+
+
+def test_grid_tiles_are_stamped_before_the_grid_is_assembled(tmp_path):
+    images = np.stack([photo("rocket", (512, 512)), photo("rocket", (512, 512))[:, ::-1]])
+    stamped = wm.embed_watermark(images)
+    pixels, text = saved(save_grid(images, tmp_path / "grid.png", 2, {}))
+    pad, size = 2, 512  # make_grid's border; tiles over 64 px are pasted at scale 1
+    tiles = [pixels[pad:pad + size, pad + k * (size + pad):pad + k * (size + pad) + size] for k in range(2)]
+    for tile, want in zip(tiles, stamped):
+        np.testing.assert_array_equal(tile, want)
+    assert wm.matches(tiles[0]) == 1.0
+    assert (text["watermark"], text["images"]) == (wm.STAMP_NAME, "2")
+
+
+def test_small_or_greyscale_images_are_saved_as_they_are_and_said_once(tmp_path, capsys):
+    """MNIST's 28x28 samples (the seed would never stamp them): no failure, one line per run."""
+    rng = np.random.default_rng(0)
+    mnist, grey = (rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((2, 28, 28, 1), (2, 256, 256, 1)))
+    stamp = Watermark()  # one run: sample.py writes block by block
+    for block in range(2):
+        for k, path in enumerate(save_images(mnist, [tmp_path / f"{block}_{k}.png" for k in range(2)], {},
+                                             watermark=stamp)):
+            pixels, text = saved(path)
+            np.testing.assert_array_equal(pixels, mnist[k, ..., 0])
+            assert text["watermark"] == "none (28x28, too small)"
+    pixels, text = saved(save_grid(grey, tmp_path / "grey.png", 2, {}, watermark=stamp))
+    np.testing.assert_array_equal(pixels[2:258, 2:258], np.repeat(grey[0], 3, axis=-1))
+    assert text["watermark"] == "none (256x256, greyscale)"
+    tail = ": the seed's invisible watermark needs RGB images of 256x256 pixels or more"
+    assert capsys.readouterr().out.splitlines() == [f"watermark: images saved unstamped (28x28, too small){tail}",
+                                                    f"watermark: images saved unstamped (256x256, greyscale){tail}"]
+
+
+@pytest.fixture(scope="module")
+def turbo(tmp_path_factory) -> Path:
+    """tiny_sdxl_turbo (one step, no guidance) with random weights, converted; its metadata names the
+    config, so the demo takes the folder alone."""
+    if not BPE.is_file():
+        pytest.skip(f"CLIP BPE vocabulary {BPE} absent (../shared/data/clip)")
+    root = tmp_path_factory.mktemp("turbo")
+    config = load_config(TURBO)
+    checkpoint = write_random_checkpoint(config, root / "turbo.safetensors", 3)
+    return convert_file(checkpoint, config, root / "tiny_sdxl_turbo", metadata={"config": TURBO})
+
+
+def test_sample_py_stamps_its_pngs_and_the_demo_saves_the_same_pixels(turbo, tmp_path, monkeypatch, capsys):
+    """256x256 random-weight samples: sample.py's PNG (a real command line) reads back 45/48 bits
+    measured; --no-watermark gives the samples themselves; the demo's service gives both, pixel for pixel."""
+    import sample
+
+    monkeypatch.setenv("SGM_JAX_CLIP_BPE", str(BPE))
+    request = ["--config", TURBO, "--checkpoint", str(turbo), "--prompt", PROMPT, "--width", "256", "--height",
+               "256", "--num", "1", "--seed", "5", "--cache-dir", str(JAX_CACHE)]
+    run = subprocess.run([sys.executable, str(REPO / "sample.py"), *request, "--out", str(tmp_path / "on.png")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "watermark:" not in run.stdout  # nothing skipped
+    on, on_text = saved(tmp_path / "on.png")
+    assert sample.main([*request, "--no-watermark", "--out", str(tmp_path / "off.png")]) == 0
+    off, off_text = saved(tmp_path / "off.png")
+    assert (on_text["watermark"], off_text["watermark"]) == (wm.STAMP_NAME, UNSTAMPED)
+    np.testing.assert_array_equal(wm.embed_watermark(off), on)  # the stamp, and nothing else, between them
+    matched = int((wm.read_watermark(on) == BITS).sum())
+    assert matched >= 36, matched  # the seed's "very likely watermarked" (> 35 of 48)
+    assert int((wm.read_watermark(off) == BITS).sum()) <= 33  # no watermark: about half the bits, by chance
+    on_demo = make_service([str(turbo)], out=str(tmp_path / "demo"))
+    off_demo = make_service([str(turbo)], out=str(tmp_path / "demo_off"), watermark=False)
+    off_demo.cache = on_demo.cache  # the weights and compiled loop loaded once
+    for service, want in ((on_demo, on), (off_demo, off)):
+        label = next(iter(service.sources))
+        paths, _ = service.generate(DemoRequest(model=label, prompt=PROMPT, width=256, height=256, seed=5, num=1))
+        np.testing.assert_array_equal(saved(paths[0])[0], want)
+    assert build_parser().parse_args(["--no-watermark"]).no_watermark

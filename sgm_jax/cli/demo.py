@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where generated PNGs are kept (default: a temporary folder)")
     p.add_argument("--cache-dir", default="~/.cache/sgm_jax/jax_cache", help="JAX persistent compilation cache")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--no-watermark", action="store_true",
+                   help="save images without the seed's invisible watermark (on by default, as in the seed)")
     p.add_argument("--max-images", type=int, default=64, help="images per request at most (default 64)")
     p.add_argument("--max-pixels", type=int, default=16 * 1024 * 1024,
                    help="width x height x images per request at most (default 16 x 1024 x 1024)")
@@ -49,19 +51,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_cli(lambda: serve(args))
 
 
-def make_service(specs: Sequence[str], tokenizer: str | None = None, out: str | None = None, **caps: int) -> Any:
-    """caps: max_images, max_pixels (DemoService's)."""
+def make_service(specs: Sequence[str], tokenizer: str | None = None, out: str | None = None,
+                 watermark: bool = True, **caps: int) -> Any:
+    """caps: max_images, max_pixels (DemoService's); watermark: stamp the saved images."""
     from sgm_jax.inference.service import DemoService, ModelSource, discover
 
     sources = [ModelSource.parse(s) for s in specs] if specs else discover(["workdir", "checkpoints"])
-    return DemoService(sources, out, tokenizer, **caps)
+    return DemoService(sources, out, tokenizer, watermark=watermark, **caps)
 
 
 def serve(args: argparse.Namespace) -> int:
     if args.max_images <= 0 or args.max_pixels <= 0:
         raise UserError("--max-images and --max-pixels must be positive")
-    service = make_service(args.model, args.tokenizer, args.out, max_images=args.max_images,
-                           max_pixels=args.max_pixels)  # checked before anything starts
+    service = make_service(args.model, args.tokenizer, args.out, watermark=not args.no_watermark,
+                           max_images=args.max_images, max_pixels=args.max_pixels)  # checked before anything starts
     if not args.no_cache:
         from sgm_jax.inference.loading import enable_compilation_cache
 

@@ -10,7 +10,8 @@ One surface for both: every default comes from the config's `inference` section 
 configs/inference/* file, or a workdir's config.json and its sampler), each flag below is a
 shorthand for one of its fields, and any field can be set with --config.inference.FIELD=V.
 --num is the number of images per prompt / class; --out is a folder (one PNG per image) or a
-.png (the image, or a grid of them). Every PNG carries the settings in its text metadata; the
+.png (the image, or a grid of them). Every PNG carries the settings in its text metadata and,
+as in the seed, its invisible watermark (images of 256x256 px or more; --no-watermark: none); the
 same arguments and seed give the same images. Errors are one line (SGM_JAX_TRACEBACK=1: traceback).
 """
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--refiner-cfg-scale", type=float, help="default: --cfg-scale")
     out = p.add_argument_group("output and runtime")
     out.add_argument("--out", default="outputs", help="folder (one PNG per image) or .png (one image or a grid)")
+    out.add_argument("--no-watermark", action="store_true", help="PNGs without the seed's invisible watermark")
     out.add_argument("--cache-dir", default="~/.cache/sgm_jax/jax_cache", help="JAX persistent compilation cache")
     out.add_argument("--no-cache", action="store_true", help="disable the persistent compilation cache")
     out.add_argument("--progress-steps", action="store_true",
@@ -192,7 +194,7 @@ def workdir_conditions(config: Any, args: argparse.Namespace) -> list[Any]:
 
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     from sgm_jax.inference.models import parse_loras
-    from sgm_jax.inference.outputs import output_paths, save_grid, save_images
+    from sgm_jax.inference.outputs import Watermark, output_paths, save_grid, save_images
 
     config = request_config(args, overrides)
     distributed.start(args)  # before any other JAX call; each host then samples its share on its devices
@@ -218,17 +220,17 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
         meta, models, blocks = sample_workdir(config, args, conds, options, step_progress)
     else:
         meta, models, blocks = sample_converted(config, name, conds, args, options, loras, step_progress)
-    written, kept, captions = [], [], []
+    written, kept, captions, stamp = [], [], [], Watermark(enabled=not args.no_watermark)
     for first, images, caps in blocks:  # saved block by block: a long request never sits in memory
         if grid is not None:
             kept.append(images)
             captions += caps
         else:
-            written += save_images(images, paths[first:first + len(images)], meta, caps, first=first)
+            written += save_images(images, paths[first:first + len(images)], meta, caps, first=first, watermark=stamp)
     if grid is not None:  # every host's share, in image order, to process 0
         images = multihost.gather_rows(np.concatenate(kept) if kept else np.zeros((0,), np.uint8))
         captions = [c for host in multihost.gather_json(captions) for c in host]
-        written = [save_grid(images, grid, num, meta, captions)] if multihost.is_main() else []
+        written = [save_grid(images, grid, num, meta, captions, stamp)] if multihost.is_main() else []
     report_timings(models, time.perf_counter() - t0, max(len(conds), 1) * num)
     for path in written:
         print(f"wrote {path}")

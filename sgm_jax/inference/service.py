@@ -2,9 +2,10 @@
 
 `DemoService` holds the models a demo offers (train.py workdirs and converted SDXL / SD 2.1
 directories), loads each at most once (`ModelCache`: weights and compiled functions live across
-requests) and turns a `DemoRequest` into PNG files with the settings in their metadata. It calls
-exactly what sample.py calls with the same defaults (config.inference), so the same settings and
-seed give the same pixels in both.
+requests) and turns a `DemoRequest` into PNG files with the settings in their metadata, stamped with
+the seed's invisible watermark unless turned off (watermark=False; sgm-demo --no-watermark). It
+calls exactly what sample.py calls with the same defaults (config.inference) and saves through the
+same outputs.save_images, so the same settings and seed give the same pixels in both.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sgm_jax.nn.conditioner import class_count
 
 from .models import ModelCache, load_workdir_config, parse_loras
 from .loading import load_image
-from .outputs import save_images, to_pil
+from .outputs import Watermark, save_images, to_pil
 from .pipeline import check_size, engine_for_sampling, size_multiple, txt2img_with_refiner
 from .runner import StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec
@@ -105,11 +106,14 @@ class DemoService:
     """Per-step progress comes from inside the compiled loop (step_progress=True): such loops are
     not written to JAX's persistent cache, but a server compiles each once per process anyway.
     A request beyond max_images, or beyond max_pixels in width x height x images, is refused
-    before any work, so one abusive request cannot hold the queue."""
+    before any work, so one abusive request cannot hold the queue. Saved images carry the seed's
+    invisible watermark unless `watermark` is False (too small ones: the server log says so once)."""
 
     def __init__(self, sources: list[ModelSource], out_dir: str | os.PathLike | None = None,
-                 tokenizer: str | None = None, max_images: int = MAX_IMAGES, max_pixels: int = MAX_PIXELS) -> None:
+                 tokenizer: str | None = None, max_images: int = MAX_IMAGES, max_pixels: int = MAX_PIXELS,
+                 watermark: bool = True) -> None:
         self.max_images, self.max_pixels = int(max_images), int(max_pixels)
+        self.watermark = Watermark(enabled=watermark)
         if not sources:
             raise UserError("no models: pass --model DIR (a train.py workdir or converted weights) or put them "
                             "under ./workdir or ./checkpoints")
@@ -169,7 +173,7 @@ class DemoService:
         meta.update(seed=req.seed, model=config_name(s.path), seconds=round(time.perf_counter() - t0, 3))
         folder = self.out_dir / f"{int(time.time() * 1000)}"
         paths = save_images(images, [folder / f"{config_name(s.path)}_s{req.seed}_{i:03d}.png"
-                                     for i in range(len(images))], meta, captions)
+                                     for i in range(len(images))], meta, captions, watermark=self.watermark)
         return paths, meta
 
     def _check_caps(self, s: ModelSource, req: DemoRequest) -> None:

@@ -53,6 +53,9 @@ MATCH_VALUES = ((27, "no watermark detected"),
                 (35, "likely watermarked (the seed's test: 0.02% of real images were falsely so)"),
                 (48, "very likely watermarked (the seed's test: no real image was falsely so)"))
 
+# What a saved PNG's "watermark" text field says when its pixels carry the stamp.
+STAMP_NAME = "sgm dwtDct 48-bit"
+
 _F = np.float32
 
 
@@ -101,12 +104,18 @@ def _peaks(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (i * BLOCK + pos // BLOCK).reshape(-1), (j * BLOCK + pos % BLOCK).reshape(-1)
 
 
+def fits(height: int, width: int) -> bool:
+    """Whether an image of height x width pixels takes the stamp: imwatermark's 256 x 256 pixels at
+    least, and a whole 8x8 block for each of the 48 bits."""
+    return height * width >= MIN_PIXELS and (height // 8) * (width // 8) >= len(WATERMARK_BITS)
+
+
 def _check(shape: tuple[int, ...]) -> None:
     """ValueError unless `shape` is one RGB image [H, W, 3] large enough for the stamp."""
     if len(shape) != 3 or shape[-1] != 3:
         raise ValueError(f"watermark: expected an RGB image [H, W, 3] (or a batch [B, H, W, 3]), got shape {shape}")
     h, w = shape[:2]
-    if h * w < MIN_PIXELS or (h // 8) * (w // 8) < len(WATERMARK_BITS):
+    if not fits(h, w):
         raise ValueError(f"watermark: image {h}x{w} is too small; the stamp needs 256x256 pixels or more "
                          "(and 48 whole 8x8 blocks)")
 
