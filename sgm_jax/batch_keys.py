@@ -1,10 +1,13 @@
-"""Batch keys that stand for a computation already done: the first stage's encoder moments and the
-frozen embedders' outputs. Pre-encoded shards (sgm_jax.data.preencoded) store them; the engine
-and the conditioner take them in place of images and raw inputs.
+"""Batch keys with a meaning of their own: SDXL's size and crop pairs, and the keys that stand for a
+computation already done (the first stage's encoder moments and the frozen embedders' outputs).
+Pre-encoded shards (sgm_jax.data.preencoded) store the latter; the engine and the conditioner take
+them in place of images and raw inputs.
 """
 
 from __future__ import annotations
 
+# SDXL's micro-conditioning: [B, 2] (height, width) / (top, left) pairs, in pixels
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 MOMENTS_KEY = "first_stage_moments"  # [B, h, w, 2 * embed_dim]: mean and logvar of the posterior
 EMBEDDING_PREFIX = "embedding_"
 

@@ -97,8 +97,19 @@ def compile_together(fn: Any, *args: Any, name: str) -> Any:
     the first to finish waits inside the first collective of the run, where gloo allows 30 s.
     The compiled executable is what later calls of `fn` with such arguments run (jax keeps it)."""
     compiled = fn.lower(*args).compile()
-    sync(f"sgm_jax:compiled:{name}")
+    if _spans_hosts(compiled):  # a computation on this host's devices alone (sample.py's share) runs alone
+        sync(f"sgm_jax:compiled:{name}")
     return compiled
+
+
+def _spans_hosts(compiled: Any) -> bool:
+    """Whether the executable's arguments live on devices of more than one process."""
+    if jax.process_count() == 1:
+        return False
+    devices = set()
+    for sharding in jax.tree_util.tree_leaves(compiled.input_shardings):
+        devices |= set(sharding.device_set)
+    return len({d.process_index for d in devices}) > 1
 
 
 def to_host(tree: Any) -> Any:

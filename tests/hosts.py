@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,10 +135,15 @@ class Job(Logs):
         self.kill()
 
 
+_GLOO_PEERS = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d*")
+
+
 def error_lines(text: str) -> list[str]:
     """The lines a user reads: jax's distributed-runtime chatter (gloo's peer counts) left out."""
-    # (two gloo threads' lines can interleave: match the message, not the line's start)
-    return [line for line in text.splitlines() if line.strip() and "Expected number of connected peer ranks" not in line]
+    # two gloo threads' messages can interleave, one's count then landing alone on the next line:
+    # remove the messages wherever they sit, and the bare counts they leave
+    text = _GLOO_PEERS.sub("", text)
+    return [line for line in text.splitlines() if line.strip() and not line.strip().isdigit()]
 
 
 def metrics(workdir: Path) -> list[dict]:

@@ -323,3 +323,22 @@ def test_cli_lora_files_are_merged(models, capsys, tmp_path):
     assert sample.main([*base, "--lora", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "LoRA file" in err and "not found" in err
+
+
+def test_one_request_builder_fills_what_the_caller_leaves_from_the_inference_section():
+    """sample.py and the demo build their request through ImageRequest.create: defaults from the
+    config's inference section, a refiner step count of its own, the init image's size winning."""
+    from sgm_jax.inference.requests import ImageRequest
+
+    inf = dict(tiny_sdxl.get_config().inference)
+    plain = ImageRequest.create(inf, prompt="a fox")
+    assert (plain.width, plain.height, plain.num, plain.seed) == (inf["width"], inf["height"], inf["num_samples"],
+                                                                   inf["seed"])
+    assert plain.spec.steps == plain.refiner_spec.steps == inf["num_steps"] and plain.cfg_scale == inf["cfg_scale"]
+    assert plain.negative_prompt == inf["negative_prompt"] and plain.init_image is None
+    asked = ImageRequest.create(inf, prompt="a fox", steps=7, refiner_steps=3, cfg_scale=2.0, num=5,
+                                init_image=np.zeros((1, 48, 80, 3), np.float32), img2img_strength=0.4)
+    assert (asked.spec.steps, asked.refiner_spec.steps, asked.cfg_scale, asked.num) == (7, 3, 2.0, 5)
+    assert (asked.width, asked.height) == (80, 48)
+    meta = asked.metadata()
+    assert meta["size"] == "80x48" and meta["steps"] == 7 and meta["strength"] == 0.4 and "refiner" not in meta

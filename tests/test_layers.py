@@ -34,7 +34,7 @@ LAYERS = [
     {"engine"},
     {"convert"},
     {"lora"},
-    {"optim", "checkpointing"},
+    {"optim", "checkpointing", "model_inputs"},
     {"data"},
     {"autoencoding"},
     {"evaluation"},

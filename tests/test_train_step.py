@@ -142,3 +142,41 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(use_checkpoint):
     # bf16 activations, float32 master weights: the update still tracks the float32 one
     diff = jax.tree_util.tree_map(lambda a, b: jnp.abs(a - b).max(), state16.params, state32.params)
     assert max(float(d) for d in jax.tree_util.tree_leaves(diff)) < 3 * LR
+
+
+def _torch_adam_steps(w, grads, lr, b1, b2, eps, weight_decay, decoupled):
+    """torch.optim.Adam / AdamW's update rule written out (numpy float64), one step per gradient."""
+    m = v = np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        if decoupled:  # AdamW: p *= 1 - lr * wd before the Adam step
+            w = w * (1.0 - lr * weight_decay)
+        else:  # Adam: L2, weight_decay * p added to the gradient
+            g = g + weight_decay * w
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w = w - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    return w
+
+
+@pytest.mark.parametrize("target,decoupled", [("torch.optim.Adam", False), ("torch.optim.AdamW", True)])
+def test_the_seeds_optimizer_config_is_torchs_update_rule(target, decoupled):
+    """One builder for the diffusion and the autoencoder trainers: the seed's optimizer_config as torch
+    defines its Adam (L2 weight decay) and AdamW (decoupled), against the update rule written out."""
+    from sgm_jax.errors import UserError
+    from sgm_jax.optim import seed_optimizer
+
+    rng = np.random.default_rng(3)
+    w0 = rng.normal(size=(4, 3))
+    grads = [rng.normal(size=(4, 3)) for _ in range(3)]
+    config = {"target": target, "params": {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}}
+    tx = seed_optimizer(config, 0.01)
+    w, state = jnp.asarray(w0, jnp.float32), tx.init(jnp.asarray(w0, jnp.float32))
+    for g in grads:
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, w)
+        w = optax.apply_updates(w, updates)
+    expected = _torch_adam_steps(w0, grads, 0.01, 0.8, 0.99, 1e-6, 0.1, decoupled)
+    np.testing.assert_allclose(np.asarray(w), expected, rtol=2e-5, atol=2e-6)
+    with pytest.raises(UserError, match="'torch.optim.SGD' is not supported"):
+        seed_optimizer({"target": "torch.optim.SGD"}, 0.01)
+    with pytest.raises(UserError, match=r"\['momentum'\] are not supported"):
+        seed_optimizer({"target": target, "params": {"momentum": 0.9}}, 0.01)

@@ -296,8 +296,9 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
                      step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
     import jax
 
-    from sgm_jax.inference import SamplerSpec, load_image, txt2img_with_refiner
+    from sgm_jax.inference import load_image
     from sgm_jax.inference.models import load_pipeline
+    from sgm_jax.inference.requests import ImageRequest, generate
     from sgm_jax.inference.pipeline import check_size, engine_for_sampling, size_multiple
     from sgm_jax.parallel import make_mesh
 
@@ -325,45 +326,28 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
     if refiner_config is not None:
         refiner = load_pipeline(refiner_config, inf["refiner_checkpoint"], config_label=str(inf["refiner_config"]),
                                 **kw)
-    num, seed, scale = int(inf["num_samples"]), int(inf["seed"]), float(inf["cfg_scale"])
-    spec = SamplerSpec.create(inf["sampler"], int(inf["num_steps"]), inf["discretization"], **options)
-    refiner_spec = SamplerSpec.create(inf["sampler"], int(args.refiner_steps or inf["num_steps"]),
-                                      inf["discretization"], **options)
+    requests = [ImageRequest.create(inf, prompt=p, width=width, height=height, refiner_steps=args.refiner_steps,
+                                    options=options, refiner_cfg_scale=args.refiner_cfg_scale, init_image=image)
+                for p in prompts]  # each prompt: its own request
+    first_request, num = requests[0], requests[0].num
+    spec = first_request.spec
     batch = whole_devices(args.batch_size or base.batch_size(num), mesh.size)
-    negative, img2img = str(inf["negative_prompt"]), float(inf["img2img_strength"])
     print(f"{name}: {width}x{height}, {len(prompts)} prompt(s) x {num}, {spec.name} {spec.steps} steps, "
-          f"cfg {scale}, {mesh.size} {jax.default_backend()} device(s)")
-    meta: dict[str, Any] = {"prompt": prompts[0] if len(prompts) == 1 else " | ".join(prompts),
-                            "negative_prompt": negative, "seed": seed, "sampler": spec.name, "steps": spec.steps,
-                            "cfg_scale": scale, "width": width, "height": height, "size": f"{width}x{height}",
-                            "model": name, "checkpoint": str(inf.get("checkpoint")),
-                            "discretization": inf["discretization"], "dtype": base.dtype,
-                            "options": dict(spec.options)}
+          f"cfg {first_request.cfg_scale}, {mesh.size} {jax.default_backend()} device(s)")
+    meta = {**first_request.metadata(refiner), "prompt": prompts[0] if len(prompts) == 1 else " | ".join(prompts),
+            "model": name, "checkpoint": str(inf.get("checkpoint")), "dtype": base.dtype}
     if loras:
         meta["loras"] = ", ".join(f"{Path(p).name}:{s:g}" for p, s in loras)
     if image is not None:
-        meta.update(init_image=str(args.init_image), strength=img2img)
+        meta["init_image"] = str(args.init_image)
     if refiner is not None:
-        meta.update(refiner=refiner.name, refiner_checkpoint=str(inf["refiner_checkpoint"]),
-                    refiner_strength=inf["refiner_strength"])
-
-    def one(prompt: str, count: int, run_kw: dict[str, Any]) -> np.ndarray:
-        if refiner is not None:
-            return txt2img_with_refiner(
-                base, refiner, prompt, negative, strength=float(inf["refiner_strength"]), width=width, height=height,
-                num=count, seed=seed, base_spec=spec, refiner_spec=refiner_spec, cfg_scale=scale,
-                refiner_cfg_scale=args.refiner_cfg_scale, init_image=image, img2img_strength=img2img,
-                **run_kw).images
-        if image is not None:
-            return base.img2img(image, prompt, negative, strength=img2img, num=count, seed=seed, spec=spec,
-                                cfg_scale=scale, **run_kw).images
-        return base.txt2img(prompt, negative, width=width, height=height, num=count, seed=seed, spec=spec,
-                            cfg_scale=scale, **run_kw).images
+        meta["refiner_checkpoint"] = str(inf["refiner_checkpoint"])
 
     def blocks() -> Iterator:
         bars = ProgressBars()
-        for p, first, count in blocks_of(len(prompts), num, batch):  # each prompt: its own request
-            images = one(prompts[p], count, {"batch_size": batch, "progress": bars, "first_index": first})
+        for p, first, count in blocks_of(len(prompts), num, batch):
+            images = generate(base, refiner, requests[p], num=count, batch_size=batch, progress=bars,
+                              first_index=first)
             yield p * num + first, images, [prompts[p]] * count if len(prompts) > 1 else []
         bars.close()
 

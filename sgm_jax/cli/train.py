@@ -43,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(config_spec: str, overrides: list[tuple[str, str]], workdir: str | None,
         args: argparse.Namespace | None = None) -> int:
     config = apply_overrides(load_config(config_spec), overrides)  # before anything touches the disk
+    if hasattr(config, "lock"):  # a ConfigDict: no code below adds a field the config does not declare
+        config.lock()
     distributed.start(args or build_parser().parse_args([]))  # before any other JAX call
     from absl import logging
 

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from sgm_jax.batch_keys import SIZE_KEYS
 from sgm_jax.data import preencoded as P
 from sgm_jax.data import transforms as T
 from sgm_jax.data import webdataset as W
@@ -206,7 +207,7 @@ def collate(samples: list[dict], required: Sequence[str]) -> dict[str, Any]:
             batch["txt"] = np.asarray([s["txt"] for s in samples])
         elif key == "cls":
             batch["cls"] = np.asarray([s["cls"] for s in samples], np.int32)
-    for key in T.SIZE_KEYS:
+    for key in SIZE_KEYS:
         if all(key in s for s in samples):
             batch[key] = np.stack([s[key] for s in samples]).astype(np.int32)
     return batch

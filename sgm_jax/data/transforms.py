@@ -35,7 +35,6 @@ from sgm_jax.data.image_modes import to_mode
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CLASS_JSON_KEYS = ("cls", "class", "label")
-SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 Step = Callable[[dict, np.random.Generator], dict]
 
 

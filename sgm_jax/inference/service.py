@@ -29,7 +29,8 @@ from sgm_jax.nn.conditioner import class_count
 from .models import ModelCache, load_workdir_config, parse_loras
 from .loading import load_image
 from .outputs import Watermark, save_images, to_pil
-from .pipeline import check_size, engine_for_sampling, size_multiple, txt2img_with_refiner
+from .pipeline import check_size, size_multiple
+from .requests import ImageRequest, generate
 from .runner import StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec
 from .workdir import AS_TRAINED
@@ -95,6 +96,7 @@ class DemoRequest:
     strength: float | None = None
     refiner: str | None = None
     refiner_strength: float | None = None
+    refiner_steps: int | None = None   # default: steps
     loras: list[str] = field(default_factory=list)
 
 
@@ -221,33 +223,18 @@ class DemoService:
             image = load_image(upload, None, None, size_multiple(base.engine)[0])
             height, width = image.shape[1:3]
         check_size(base.engine, width, height, config_name(s.config))
+        refiner = self._pipeline(req.refiner) if req.refiner else None
+        if refiner is not None:
+            check_size(refiner.engine, width, height, req.refiner)
         name = req.sampler or inf["sampler"]
-        options = self._options(req, SamplerSpec.create(name).name)
-        spec = SamplerSpec.create(name, int(req.steps or inf["num_steps"]),
-                                  req.discretization or inf["discretization"], **options)
-        scale = float(inf["cfg_scale"] if req.cfg_scale is None else req.cfg_scale)
-        negative = req.negative_prompt
-        strength = float(inf["img2img_strength"] if req.strength is None else req.strength)
-        meta: dict[str, Any] = {"prompt": req.prompt, "negative_prompt": negative, "sampler": spec.name,
-                                "steps": spec.steps, "cfg_scale": scale, "size": f"{width}x{height}",
-                                "discretization": spec.discretization.__class__.__name__,
-                                "options": dict(spec.options)}
+        request = ImageRequest.create(
+            inf, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height, num=req.num,
+            seed=req.seed, sampler=name, steps=req.steps, refiner_steps=req.refiner_steps,
+            discretization=req.discretization, options=self._options(req, SamplerSpec.create(name).name),
+            cfg_scale=req.cfg_scale, init_image=image, img2img_strength=req.strength,
+            refiner_strength=req.refiner_strength)
+        meta = request.metadata(refiner)
         if req.loras:
             meta["loras"] = ", ".join(req.loras)
-        if req.refiner:
-            refiner = self._pipeline(req.refiner)
-            check_size(engine_for_sampling(self.config(req.refiner), "float32"), width, height, req.refiner)
-            rs = float(inf["refiner_strength"] if req.refiner_strength is None else req.refiner_strength)
-            images = txt2img_with_refiner(base, refiner, req.prompt, negative, strength=rs, width=width,
-                                          height=height, num=req.num, seed=req.seed, base_spec=spec,
-                                          refiner_spec=spec, cfg_scale=scale, init_image=image,
-                                          img2img_strength=strength, progress=progress).images
-            meta.update(refiner=req.refiner, refiner_strength=rs)
-        elif image is not None:
-            images = base.img2img(image, req.prompt, negative, strength=strength, num=req.num,
-                                  seed=req.seed, spec=spec, cfg_scale=scale, progress=progress).images
-            meta["strength"] = strength
-        else:
-            images = base.txt2img(req.prompt, negative, width=width, height=height, num=req.num, seed=req.seed,
-                                  spec=spec, cfg_scale=scale, progress=progress).images
+        images = generate(base, refiner, request, progress=progress)
         return images, [], meta

@@ -28,33 +28,16 @@ from sgm_jax.checkpointing.workdirs import read_workdir_config
 from sgm_jax.diffusion.guiders import VanillaCFG
 from sgm_jax.engine import DiffusionEngine, build_engine
 from sgm_jax.errors import UserError
-from sgm_jax.nn.conditioner import (CLASS_EMBEDDER_CLASSES, get_unconditional_conditioning, text_tokenizers, token_key, tokenize_batch,
-                                    ucg_token_key)
+from sgm_jax.model_inputs import ConditioningValues, embedder_input_keys, example_batch, get_batch
+from sgm_jax.nn.conditioner import (CLASS_EMBEDDER_CLASSES, get_unconditional_conditioning, text_tokenizers,
+                                    tokenize_batch)
 from sgm_jax.parallel import make_mesh, replicated
 
-from .conditioning import ConditioningValues, embedder_input_keys, get_batch
 from .pipeline import SampleResult
 from .runner import SamplingRunner, StepEvent
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization, seed_key
 
 AS_TRAINED = "config"  # inference.discretization of a workdir: the training config's own schedule
-
-
-def example_batch(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> dict[str, Any]:
-    """A 1-example batch with the inputs the conditioner reads (class labels, text tokens as
-    tokenize_batch leaves them, size / crop pairs): shapes for initialisation, no tokenizer needed."""
-    batch: dict[str, Any] = {engine.input_key: np.zeros((1,) + tuple(image_shape), np.float32)}
-    for i, spec in enumerate(engine.conditioner.specs):
-        if spec.is_text:
-            tokens = np.zeros((1, int(spec.params.get("max_length", 77))), np.int32)
-            batch[token_key(spec.input_key, i)] = tokens
-            if spec.legacy_ucg_value is not None:  # training replaces dropped captions by these tokens
-                batch[ucg_token_key(spec.input_key, i)] = tokens
-        elif spec.input_key == "cls":
-            batch["cls"] = np.zeros((1,), np.int32)
-        elif spec.input_key is not None:
-            batch[spec.input_key] = np.zeros((1, 2), np.int32)
-    return batch
 
 
 def inference_defaults(engine: DiffusionEngine, image_shape: Sequence[int]) -> dict[str, Any]:

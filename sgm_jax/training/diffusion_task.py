@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import multihost
-from sgm_jax.batch_keys import is_stored_output
+from sgm_jax.batch_keys import SIZE_KEYS, is_stored_output
 from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.engine import DiffusionEngine, build_engine
 
@@ -18,6 +18,7 @@ from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
 from sgm_jax.checkpointing.frozen import abstract_full_params, merge_params, split_params
 from sgm_jax.checkpointing.lora_params import frozen_parts, full_params, lora_settings, new_adapters
 from sgm_jax.images import legible_scale, make_grid
+from sgm_jax.model_inputs import ConditioningValues, get_batch
 from sgm_jax.optim import make_optimizer
 from .schedules import learning_rate_schedule
 from .state import TrainState, trainable_tree
@@ -57,11 +58,11 @@ def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any, n: int | None = N
         batch["cls"] = np.resize(np.asarray(tc.sample_classes, np.int32), n)
     if tc.sample_prompts and "txt" in reads:
         batch["txt"] = np.resize(np.asarray(list(tc.sample_prompts), dtype=object), n)
-    # SDXL micro-conditioning as the seed's demo: original = target = the generated size, no crop
-    size = np.asarray(dataset.image_shape[:2], np.int32)
-    for k, v in (("original_size_as_tuple", size), ("target_size_as_tuple", size), ("crop_coords_top_left", size * 0)):
-        if k in reads:
-            batch[k] = np.broadcast_to(v, (n, 2)).copy()
+    # SDXL micro-conditioning as the seed's demo: original = target = the generated size, no crop;
+    # int32 as the training batches carry them
+    h, w = dataset.image_shape[:2]
+    sizes, _ = get_batch([k for k in SIZE_KEYS if k in reads], ConditioningValues.for_size("", "", w, h), n)
+    batch.update({k: v.astype(np.int32) for k, v in sizes.items()})
     if "cls" in reads and "cls" in batch:
         labels = [str(int(c)) for c in batch["cls"]]
     elif "txt" in reads and "txt" in batch:
