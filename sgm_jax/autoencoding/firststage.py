@@ -23,14 +23,16 @@ from typing import Any, Mapping
 import numpy as np
 
 from sgm_jax.checkpointing.workdirs import FIRST_STAGE, load_first_stage
-from sgm_jax.errors import UserError
+from sgm_jax.errors import UserError, run_cli
+from sgm_jax.convert.params_dir import save_params
+from sgm_jax.convert.files import save_safetensors
+from sgm_jax.nn.vae import autoencoder_from_config
+from sgm_jax.convert.vae import VAE_PREFIX, convert_vae, export_vae
 
 
 def first_stage_state_dict(first_stage_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax params -> `{first_stage_model.<seed key>: array}` (PyTorch layouts), validated against
     the module `first_stage_config` builds (every key present, every shape right)."""
-    from sgm_jax.convert.vae import VAE_PREFIX, convert_vae, export_vae
-    from sgm_jax.nn.vae import autoencoder_from_config
 
     model = autoencoder_from_config(first_stage_config)
     state_dict = export_vae(params, prefix=VAE_PREFIX)
@@ -42,7 +44,6 @@ def export_first_stage(ckpt_path: str | Path, out_file: str | Path, *, use_ema: 
                        overwrite: bool = False) -> Path:
     """A trained autoencoder (workdir or converted directory) -> seed-layout `.safetensors`
     with `first_stage_model.*` keys; its first_stage_config is stored in the file's metadata."""
-    from sgm_jax.convert.files import save_safetensors
 
     config, params = load_first_stage(ckpt_path, use_ema=use_ema)
     if config is None:
@@ -56,7 +57,6 @@ def save_first_stage(ckpt_path: str | Path, out_dir: str | Path, *, use_ema: boo
                      overwrite: bool = False) -> Path:
     """A trained autoencoder workdir -> converted directory `{"first_stage": params}` whose
     metadata.json records first_stage_config (what `load_first_stage` reads back)."""
-    from sgm_jax.convert.params_dir import save_params
 
     config, params = load_first_stage(ckpt_path, use_ema=use_ema)
     return save_params({FIRST_STAGE: params}, out_dir, {"first_stage_config": config, "source": str(ckpt_path)},
@@ -64,7 +64,6 @@ def save_first_stage(ckpt_path: str | Path, out_dir: str | Path, *, use_ema: boo
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sgm_jax.errors import run_cli
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="autoencoder train.py workdir or converted directory")

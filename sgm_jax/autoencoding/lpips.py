@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from sgm_jax.convert.lpips import DEFAULT_DIR, ENV_VAR
 from sgm_jax.errors import UserError
+from sgm_jax.convert.params_dir import load_params
 
 
 def find_lpips_weights() -> Path | None:
@@ -34,7 +35,6 @@ MISSING_WEIGHTS = (
 def load_lpips_params(path: str | os.PathLike | None = None) -> Mapping[str, Any]:
     """LPIPS params `{"net": ..., "lin0": ..., ...}` from a converted directory (default:
     `find_lpips_weights()`); raises UserError with one line saying where to put them."""
-    from sgm_jax.convert.params_dir import load_params
 
     found = Path(path).expanduser() if path else find_lpips_weights()
     if found is None or not (found / "metadata.json").is_file():

@@ -27,6 +27,7 @@ import numpy as np
 from sgm_jax.convert.common import CheckpointMismatchError, convert_state_dict, to_flax_layout
 from sgm_jax.convert.text import text_key_map
 from sgm_jax.nn.clip_vision import abstract_vision_params
+from sgm_jax.convert.files import open_checkpoint
 
 OPENAI_PREFIX = "visual."
 HF_VISION_PREFIX = "vision_model."
@@ -54,7 +55,6 @@ Plan = dict[str, tuple[Any, list[str]]]
 
 class RenamedView(Mapping[str, np.ndarray]):
     """A state dict seen through a plan (lazy: each tensor is read and rearranged on access)."""
-
     def __init__(self, state_dict: Mapping[str, Any], plan: Plan, own_prefixes: tuple[str, ...]):
         self._sd, self._plan, self._own = state_dict, plan, own_prefixes
 
@@ -195,7 +195,6 @@ def default_weight_paths() -> list[Path]:
 def open_clip_checkpoint(path: str | os.PathLike | None = None) -> Mapping[str, Any]:
     """The CLIP ViT-L/14 checkpoint (a file, or a transformers folder holding model.safetensors);
     FileNotFoundError with one line saying which file to put where when absent."""
-    from sgm_jax.convert.files import open_checkpoint
 
     if path is not None and Path(path).is_dir():
         path = Path(path) / "model.safetensors"

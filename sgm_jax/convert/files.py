@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from sgm_jax.convert.atomic import commit, remove_path, remove_stale_temps, sibling_temp
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -181,8 +183,6 @@ def save_safetensors(state_dict: Mapping[str, Any], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False) -> Path:
     """Write a flat `{key: array}` state dict as `.safetensors`, atomically (temp file + rename)."""
     from safetensors.numpy import save_file
-
-    from sgm_jax.convert.atomic import commit, remove_path, remove_stale_temps, sibling_temp
 
     path = Path(path)
     if path.exists() and not overwrite:

@@ -18,6 +18,7 @@ import numpy as np
 from sgm_jax.convert.common import KeyMap, convert_state_dict, export_state_dict, flatten_params
 from sgm_jax.convert.vae import torch_leaf
 from sgm_jax.nn.inception import abstract_inception_params
+from sgm_jax.convert.files import open_checkpoint
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}"
@@ -73,7 +74,6 @@ def load_inception_params(path: str | os.PathLike | None = None) -> dict[str, An
     """FIDInceptionV3 params from pytorch-fid's `.pth` (read with torch's weights_only loader)
     or an exported `.safetensors`; `path=None` searches `default_weight_paths()`.
     Raises FileNotFoundError with one line saying which file to put where."""
-    from sgm_jax.convert.files import open_checkpoint
 
     candidates = [Path(path)] if path is not None else default_weight_paths()
     found = next((p for p in candidates if p.is_file()), None)

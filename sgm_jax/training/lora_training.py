@@ -15,7 +15,7 @@ from pathlib import Path
 from sgm_jax.checkpointing.checkpoint import restore_params
 from sgm_jax.checkpointing.lora_params import LORA, as_pairs, lora_settings
 from sgm_jax.checkpointing.workdirs import read_workdir_config
-from sgm_jax.errors import UserError
+from sgm_jax.errors import UserError, run_cli
 from sgm_jax.lora import export_kohya
 
 
@@ -36,8 +36,6 @@ def export_workdir(workdir: str | Path, out: str | Path, *, use_ema: bool = True
 def main(argv: list[str] | None = None) -> None:
     """python -m sgm_jax.training.lora_training WORKDIR OUT.safetensors [--raw] [--overwrite]"""
     import argparse
-
-    from sgm_jax.errors import run_cli
 
     p = argparse.ArgumentParser(description="export a LoRA workdir's adapters in the kohya-ss layout")
     p.add_argument("workdir")

@@ -10,6 +10,7 @@ import optax
 
 from sgm_jax.engine import DiffusionEngine
 from sgm_jax.optim import ema_decay, ema_update
+from sgm_jax.checkpointing.frozen import merge_params
 
 from .state import TrainState
 
@@ -31,7 +32,6 @@ def make_train_step(engine: DiffusionEngine, tx: optax.GradientTransformation, *
     seed's on_train_batch_end: k - 1 times towards the weights before the update, then towards
     the new ones; its warm-up counts micro-batches (LitEma's num_updates).
     """
-    from sgm_jax.checkpointing.frozen import merge_params
 
     combine = full_params or merge_params
 
