@@ -19,73 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.nn.text import _ACTIVATIONS, _layer_norm
+from sgm_jax.nn.text import OpenCLIPTransformer, _layer_norm
 
 Dtype = Any
 # OpenAI CLIP's pixel statistics (also transformers' CLIPImageProcessor defaults).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIT_L_14 = dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, embed_dim=768)
-
-
-class VisionAttention(nn.Module):
-    """nn.MultiheadAttention layout (fused `in_proj` [q; k; v], `out_proj`), no mask."""
-
-    width: int
-    heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, w = x.shape
-        q, k, v = jnp.split(nn.Dense(3 * w, dtype=self.dtype, name="in_proj")(x), 3, axis=-1)
-        split = lambda a: a.reshape(b, t, self.heads, w // self.heads)
-        out = jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, t, w)
-        return nn.Dense(w, dtype=self.dtype, name="out_proj")(out)
-
-
-class VisionMLP(nn.Module):
-    width: int
-    hidden: int
-    act: str = "quick_gelu"
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = _ACTIVATIONS[self.act](nn.Dense(self.hidden, dtype=self.dtype, name="c_fc")(x))
-        return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(h)
-
-
-class VisionBlock(nn.Module):
-    """x + attn(ln_1(x)); x + mlp(ln_2(x))."""
-
-    width: int
-    heads: int
-    mlp_ratio: float = 4.0
-    act: str = "quick_gelu"
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        attn = VisionAttention(self.width, self.heads, self.dtype, name="attn")
-        x = x + attn(_layer_norm("ln_1")(x).astype(self.dtype))
-        mlp = VisionMLP(self.width, int(self.width * self.mlp_ratio), self.act, self.dtype, name="mlp")
-        return x + mlp(_layer_norm("ln_2")(x).astype(self.dtype))
-
-
-class VisionTransformer(nn.Module):
-    width: int
-    heads: int
-    layers: int
-    mlp_ratio: float = 4.0
-    act: str = "quick_gelu"
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.layers):
-            x = VisionBlock(self.width, self.heads, self.mlp_ratio, self.act, self.dtype, name=f"resblocks_{i}")(x)
-        return x
 
 
 class CLIPVisionTower(nn.Module):
@@ -116,8 +56,8 @@ class CLIPVisionTower(nn.Module):
         pos = self.param("positional_embedding", init, ((self.image_size // p) ** 2 + 1, self.width))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width)), x], axis=1)
         x = _layer_norm("ln_pre", self.layer_norm_eps)(x + pos).astype(self.dtype)
-        x = VisionTransformer(self.width, self.heads, self.layers, self.mlp_ratio, self.act, self.dtype,
-                              name="transformer")(x)
+        x = OpenCLIPTransformer(self.width, self.heads, self.layers, self.mlp_ratio, self.dtype, self.act,
+                                causal=False, name="transformer")(x, self.layers)[-1]
         pooled = _layer_norm("ln_post", self.layer_norm_eps)(x[:, 0])
         proj = self.param("proj", init, (self.width, self.embed_dim))
         return (pooled @ proj).astype(jnp.float32)

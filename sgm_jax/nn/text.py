@@ -34,11 +34,11 @@ def _layer_norm(name: str | None = None, epsilon: float = 1e-5) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=jnp.float32, name=name)
 
 
-def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """`[B, T, W]` q, k, v -> causal multi-head attention `[B, T, W]` (scale head_dim^-0.5)."""
+def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, causal: bool = True) -> jax.Array:
+    """`[B, T, W]` q, k, v -> multi-head attention `[B, T, W]` (scale head_dim^-0.5), causal for text."""
     b, t, w = q.shape
     split = lambda a: a.reshape(b, t, heads, w // heads)
-    return jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=True).reshape(b, t, w)
+    return jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal).reshape(b, t, w)
 
 
 # CLIP (transformers CLIPTextModel layout).
@@ -219,7 +219,8 @@ class FrozenCLIPEmbedder(nn.Module):
         return (z, out["pooler_output"]) if self.always_return_pooled else z
 
 
-# OpenCLIP text tower.
+# OpenCLIP's (and OpenAI CLIP's) transformer blocks: the text tower (causal) and, through
+# sgm_jax.nn.clip_vision, the image tower (bidirectional).
 
 
 class OpenCLIPAttention(nn.Module):
@@ -229,40 +230,44 @@ class OpenCLIPAttention(nn.Module):
     width: int
     heads: int
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         q, k, v = jnp.split(nn.Dense(3 * self.width, dtype=self.dtype, name="in_proj")(x), 3, axis=-1)
-        out = _causal_attention(q, k, v, self.heads)
+        out = _causal_attention(q, k, v, self.heads, self.causal)
         return nn.Dense(self.width, dtype=self.dtype, name="out_proj")(out)
 
 
 class OpenCLIPMLP(nn.Module):
-    """c_fc -> GELU (exact) -> c_proj."""
+    """c_fc -> act (open_clip: exact GELU; OpenAI's weights: QuickGELU) -> c_proj."""
 
     width: int
     hidden: int
     dtype: Dtype = jnp.float32
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="c_fc")(x), approximate=False)
+        h = _ACTIVATIONS[self.act](nn.Dense(self.hidden, dtype=self.dtype, name="c_fc")(x))
         return nn.Dense(self.width, dtype=self.dtype, name="c_proj")(h)
 
 
 class OpenCLIPResidualBlock(nn.Module):
-    """x + attn(ln_1(x)); x + mlp(ln_2(x)) (causal)."""
+    """x + attn(ln_1(x)); x + mlp(ln_2(x))."""
 
     width: int
     heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    act: str = "gelu"
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + OpenCLIPAttention(self.width, self.heads, self.dtype, name="attn")(
+        x = x + OpenCLIPAttention(self.width, self.heads, self.dtype, self.causal, name="attn")(
             _layer_norm("ln_1")(x).astype(self.dtype))
-        mlp = OpenCLIPMLP(self.width, int(self.width * self.mlp_ratio), self.dtype, name="mlp")
+        mlp = OpenCLIPMLP(self.width, int(self.width * self.mlp_ratio), self.dtype, self.act, name="mlp")
         return x + mlp(_layer_norm("ln_2")(x).astype(self.dtype))
 
 
@@ -275,13 +280,16 @@ class OpenCLIPTransformer(nn.Module):
     layers: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    act: str = "gelu"
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, num_run: int) -> list[jax.Array]:
         hidden = [x]
         for i in range(self.layers):
             if i < num_run or self.is_initializing():  # all blocks exist in the params tree
-                x = OpenCLIPResidualBlock(self.width, self.heads, self.mlp_ratio, self.dtype, name=f"resblocks_{i}")(x)
+                x = OpenCLIPResidualBlock(self.width, self.heads, self.mlp_ratio, self.dtype, self.act, self.causal,
+                                          name=f"resblocks_{i}")(x)
                 hidden.append(x)
         return hidden[: num_run + 1]
 
