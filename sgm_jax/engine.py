@@ -20,11 +20,15 @@ from sgm_jax.diffusion.loss import StandardDiffusionLoss
 from sgm_jax.diffusion.registry import instantiate_from_config, to_plain
 from sgm_jax.nn.conditioner import GeneralConditioner, build_conditioner
 from sgm_jax.nn.unet import UNetModel
+from sgm_jax.nn.video_unet import VideoUNet
 
 Params = Mapping[str, Any]
 Cond = Mapping[str, jax.Array]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# network_config targets by class name: sgm.modules.diffusionmodules.openaimodel.UNetModel,
+# sgm.modules.diffusionmodules.video_model.VideoUNet (SVD; its sampling is not wired yet).
+NETWORKS: dict[str, type[UNetModel]] = {"UNetModel": UNetModel, "VideoUNet": VideoUNet, "": UNetModel}
 
 
 def _target_name(cfg: Mapping[str, Any] | None) -> str:
@@ -191,9 +195,11 @@ def build_engine(model_config: Mapping[str, Any], dtype: Any = "float32") -> Dif
     cfg = cfg.get("params", cfg)
     compute_dtype = resolve_dtype(dtype)
     network_cfg = cfg["network_config"]
-    if _target_name(network_cfg) not in ("UNetModel", ""):
-        raise ValueError(f"unsupported network target {network_cfg['target']!r}; sgm_jax implements UNetModel")
-    network = UNetModel(**network_cfg.get("params", {}), dtype=compute_dtype)
+    network_cls = NETWORKS.get(_target_name(network_cfg))
+    if network_cls is None:
+        raise ValueError(f"unsupported network target {network_cfg['target']!r}; sgm_jax implements "
+                         f"{', '.join(n for n in NETWORKS if n)}")
+    network = network_cls(**network_cfg.get("params", {}), dtype=compute_dtype)
     first_stage = None
     fs_cfg = cfg.get("first_stage_config")
     if fs_cfg is not None and _target_name(fs_cfg) not in ("IdentityFirstStage", ""):

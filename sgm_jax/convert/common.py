@@ -8,6 +8,7 @@ PyTorch tensor, so conversion and export are inverse, bit-exact maps.
 Transform kinds:
   "linear": torch Linear weight [out, in] -> Flax Dense kernel [in, out]
   "conv":   torch Conv weight [out, in, kh, kw] -> Flax Conv kernel [kh, kw, in, out]
+            (any rank: Conv3d [out, in, kt, kh, kw] -> [kt, kh, kw, in, out])
   "copy":   same layout (biases, norms, embeddings, text_projection used as x @ W)
 """
 
@@ -29,7 +30,7 @@ def to_flax_layout(kind: str, array: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return np.ascontiguousarray(np.transpose(array, (1, 0)))
     if kind == "conv":
-        return np.ascontiguousarray(np.transpose(array, (2, 3, 1, 0)))
+        return np.ascontiguousarray(np.transpose(array, (*range(2, array.ndim), 1, 0)))
     if kind == "copy":
         return array
     raise ValueError(f"unknown transform kind {kind!r}")
@@ -39,7 +40,8 @@ def to_torch_layout(kind: str, array: np.ndarray) -> np.ndarray:
     if kind == "linear":
         return np.ascontiguousarray(np.transpose(array, (1, 0)))
     if kind == "conv":
-        return np.ascontiguousarray(np.transpose(array, (3, 2, 0, 1)))
+        n = array.ndim
+        return np.ascontiguousarray(np.transpose(array, (n - 1, n - 2, *range(n - 2))))
     if kind == "copy":
         return array
     raise ValueError(f"unknown transform kind {kind!r}")
@@ -51,7 +53,7 @@ def torch_shape(kind: str, flax_shape: Sequence[int]) -> tuple[int, ...]:
     if kind == "linear":
         return (s[1], s[0])
     if kind == "conv":
-        return (s[3], s[2], s[0], s[1])
+        return (s[-1], s[-2], *s[:-2])
     return s
 
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from sgm_jax.convert.common import FlaxPath, KeyMap, flatten_params, torch_shape
 from sgm_jax.convert.text import (CLIP_IGNORED_SUFFIXES, OPENCLIP_IGNORED_SUFFIXES, abstract_embedder_params,
                                   clip_text_prefix, text_key_map)
-from sgm_jax.convert.unet import flax_path_to_torch, unet_abstract_params, unet_key_map
+from sgm_jax.convert.unet import flax_path_to_torch, unet_abstract_params, unet_buffer_suffixes, unet_key_map
 from sgm_jax.convert.vae import VAE_PREFIX, abstract_vae_params, vae_key_map
 from sgm_jax.engine import DiffusionEngine, build_engine
 
@@ -168,7 +168,8 @@ def engine_parts(config: Any, keys: Collection[str] | None = None, *, use_ema: b
     if use_ema:
         parts.append(Part("model", ("model",), EMA_PREFIX, _ema_key_map(unet_map), _shapes(unet_abstract)))
     else:
-        parts.append(Part("model", ("model",), UNET_PREFIX, unet_map, _shapes(unet_abstract)))
+        parts.append(Part("model", ("model",), UNET_PREFIX, unet_map, _shapes(unet_abstract),
+                          unet_buffer_suffixes(engine.network)))
     for i, spec in enumerate(engine.conditioner.specs):
         part = _embedder_part(i, spec, keys)
         if part is not None:

@@ -6,7 +6,10 @@ rule on each Flax path rather than a table:
     `input_blocks.4`, `in_layers_2` -> `in_layers.2`, `to_out_0` -> `to_out.0`); children
     named `0`, `1`, ... are already indices;
   * leaves: Dense `kernel` -> `weight` ("linear"), Conv `kernel` -> `weight` ("conv"),
-    norm `scale` -> `weight`, Embed `embedding` -> `weight`, `bias` -> `bias` ("copy").
+    norm `scale` -> `weight`, Embed `embedding` -> `weight`, `bias` -> `bias` ("copy"),
+    AlphaBlender `mix_factor` -> `mix_factor` ("copy").
+The same rule covers `sgm_jax.nn.video_unet.VideoUNet` (SVD), whose modules mirror the seed's
+`video_model.VideoUNet`; its Conv3d kernels are "conv" with one more axis.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ _INDEXED = re.compile(r"^(.+)_(\d+)$")
 
 def _torch_leaf(name: str, ndim: int) -> tuple[str, str]:
     if name == "kernel":
-        if ndim == 4:
+        if ndim in (4, 5):  # Conv2d; Conv3d (VideoUNet's temporal ResBlocks)
             return "weight", "conv"
         if ndim == 2:
             return "weight", "linear"
@@ -39,6 +42,8 @@ def _torch_leaf(name: str, ndim: int) -> tuple[str, str]:
         return "weight", "copy"
     if name == "bias":
         return "bias", "copy"
+    if name == "mix_factor":  # VideoUNet's AlphaBlender, a [1] parameter in the seed too
+        return "mix_factor", "copy"
     raise ValueError(f"no seed name for Flax param {name!r}")
 
 
@@ -58,11 +63,17 @@ def unet_key_map(abstract_params: Mapping[str, Any]) -> dict[FlaxPath, tuple[str
     }
 
 
-def make_unet(unet_kwargs: Mapping[str, Any], **overrides: Any) -> UNetModel:
-    """UNetModel from seed-style kwargs (dict or ml_collections ConfigDict)."""
+def make_unet(unet_kwargs: Mapping[str, Any], network_cls: type[UNetModel] = UNetModel, **overrides: Any) -> UNetModel:
+    """UNetModel (or `network_cls`, e.g. VideoUNet) from seed-style kwargs (dict or ml_collections ConfigDict)."""
     kwargs = dict(unet_kwargs.items())
     kwargs.update(overrides)
-    return UNetModel(**kwargs)
+    return network_cls(**kwargs)
+
+
+def unet_buffer_suffixes(model: UNetModel) -> tuple[str, ...]:
+    """Seed state-dict keys that are buffers, not params: a "fixed" AlphaBlender's constant
+    `mix_factor` (sgm_jax keeps it in the config), accepted and left out on conversion."""
+    return ("time_mixer.mix_factor",) if getattr(model, "merge_strategy", None) == "fixed" else ()
 
 
 def unet_abstract_params(model: UNetModel) -> dict[str, Any]:
@@ -76,15 +87,19 @@ def convert_unet(
     unet_kwargs: Mapping[str, Any],
     prefix: str = UNET_PREFIX,
     dtype: Any = None,
+    network_cls: type[UNetModel] = UNetModel,
 ) -> dict[str, Any]:
-    """Seed state dict (`{key: array}`, may be a whole checkpoint) -> UNetModel params.
+    """Seed state dict (`{key: array}`, may be a whole checkpoint) -> UNetModel params
+    (VideoUNet params with `network_cls=VideoUNet`).
 
     Raises `CheckpointMismatchError` listing missing, unexpected (under `prefix`) and
     mis-shaped keys. Returns a params tree of numpy arrays (`dtype=None` keeps the stored
     dtype); use it as `model.apply({"params": params}, ...)`.
     """
-    abstract = unet_abstract_params(make_unet(unet_kwargs))
-    return convert_state_dict(state_dict, unet_key_map(abstract), abstract, prefix=prefix, dtype=dtype)
+    model = make_unet(unet_kwargs, network_cls)
+    abstract = unet_abstract_params(model)
+    return convert_state_dict(state_dict, unet_key_map(abstract), abstract, prefix=prefix, dtype=dtype,
+                              ignore_unexpected=unet_buffer_suffixes(model))
 
 
 def export_unet(params: Mapping[str, Any], prefix: str = UNET_PREFIX) -> dict[str, Any]:

@@ -11,7 +11,7 @@ where the platform has one.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -104,6 +104,11 @@ class FeedForward(nn.Module):
         return nn.Dense(self.dim_out or self.dim, dtype=self.dtype, name="net_2")(h)
 
 
+def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    """torch.nn.LayerNorm: eps 1e-5, two-pass variance, statistics in float32."""
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=False, name=name)
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attn (`attn1`), cross-attn (`attn2`), GEGLU `ff`.
 
@@ -124,19 +129,18 @@ class BasicTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         det = self.deterministic
-        attn = lambda name: CrossAttention(
-            self.dim, self.n_heads, self.d_head, self.dropout, self.attn_implementation,
-            dtype=self.dtype, name=name,
-        )
-        # LayerNorm as torch: eps 1e-5, two-pass variance, statistics in float32.
-        norm = lambda name: nn.LayerNorm(
-            epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name
-        )
+        norm = lambda name: layer_norm(self.dtype, name)
         ctx1 = context if self.disable_self_attn else None
-        x = attn("attn1")(norm("norm1")(x), ctx1, det) + x
-        x = attn("attn2")(norm("norm2")(x), context, det) + x
-        ff = FeedForward(self.dim, glu=self.gated_ff, dropout=self.dropout, dtype=self.dtype, name="ff")
-        return ff(norm("norm3")(x), det) + x
+        x = self._attention("attn1", self.dim)(norm("norm1")(x), ctx1, det) + x
+        x = self._attention("attn2", self.dim)(norm("norm2")(x), context, det) + x
+        return self._feed_forward("ff", self.dim, self.dim)(norm("norm3")(x), det) + x
+
+    def _attention(self, name: str, query_dim: int) -> CrossAttention:
+        return CrossAttention(query_dim, self.n_heads, self.d_head, self.dropout, self.attn_implementation,
+                              dtype=self.dtype, name=name)
+
+    def _feed_forward(self, name: str, dim: int, dim_out: int) -> FeedForward:
+        return FeedForward(dim, dim_out=dim_out, glu=self.gated_ff, dropout=self.dropout, dtype=self.dtype, name=name)
 
 
 def _context_dims(context_dim: int | Sequence[int] | None, depth: int) -> list[int | None]:
@@ -177,6 +181,13 @@ class SpatialTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: Context = None) -> jax.Array:
+        return self._transform(x, context)
+
+    def _transform(
+        self, x: jax.Array, context: Context, after_block: Callable[[int, jax.Array], jax.Array] | None = None
+    ) -> jax.Array:
+        """The body; `after_block(i, tokens)` (tokens `[B, H*W, inner]`) runs after block `i`:
+        SpatialVideoTransformer mixes over time there, from its own compact `__call__`."""
         if self.attn_type not in ATTENTION_TYPES:
             raise ValueError(f"attn_type {self.attn_type!r} not in {ATTENTION_TYPES}")
         contexts = list(context) if isinstance(context, (list, tuple)) else [context]
@@ -199,6 +210,8 @@ class SpatialTransformer(nn.Module):
                 attn_implementation=self.attn_implementation, dtype=self.dtype,
                 name=f"transformer_blocks_{i}",
             )(x, ctx)
+            if after_block is not None:
+                x = after_block(i, x)
         if self.use_linear:
             # zero-init as the seed's zero_module: the block starts as the identity.
             x = nn.Dense(c, dtype=self.dtype, kernel_init=zeros_init(), name="proj_out")(x)

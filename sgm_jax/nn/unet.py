@@ -24,10 +24,15 @@ Dtype = Any
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1; Flax "SAME" differs for stride 2 on even sizes
 
 
-def _conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, zero: bool = False) -> nn.Conv:
-    pad = _PAD1 if kernel == 3 else ((0, 0), (0, 0))
+def _conv(
+    features: int, kernel: int | Sequence[int], dtype: Dtype, name: str, stride: int = 1,
+    zero: bool = False, dims: int = 2,
+) -> nn.Conv:
+    """The seed's conv_nd with padding `k // 2` per axis; an int kernel is square (cubic)."""
+    size = (int(kernel),) * dims if isinstance(kernel, int) else tuple(int(k) for k in kernel)
+    pad = tuple((k // 2, k // 2) for k in size)
     kw = {"kernel_init": zeros_init()} if zero else {}
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=pad, dtype=dtype, name=name, **kw)
+    return nn.Conv(features, size, (stride,) * len(size), padding=pad, dtype=dtype, name=name, **kw)
 
 
 class Upsample(nn.Module):
@@ -68,6 +73,9 @@ class ResBlock(nn.Module):
 
     `x` `[B,H,W,channels]`, `emb` `[B,E]` -> `[B,H',W',out_channels]` (H' = 2H / H/2 with
     `up` / `down`). `use_scale_shift_norm`: emb gives FiLM scale and shift after out norm.
+    `dims=3` (the VideoUNet's temporal block): `x` `[B,T,H,W,C]`, `emb` `[B,T,E]`, convs of
+    `kernel_size` (e.g. `(3, 1, 1)`: over time only); the seed's `exchange_temb_dims` is
+    what broadcasting `emb` over H, W does in channels-last.
     """
 
     channels: int
@@ -78,22 +86,34 @@ class ResBlock(nn.Module):
     up: bool = False
     down: bool = False
     deterministic: bool = True
+    dims: int = 2
+    kernel_size: int | Sequence[int] = 3
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        return self._residual(x, emb)
+
+    def _residual(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        """The block's body; VideoResBlock calls it from its own compact `__call__`, so the
+        spatial params stay at the top level, as in the seed's subclass."""
+        if self.dims == 3 and (self.up or self.down):
+            raise NotImplementedError("a 3-d ResBlock does not resample")
         out_ch = self.out_channels or self.channels
+        conv = lambda name, kernel=self.kernel_size, **kw: _conv(out_ch, kernel, self.dtype, name, dims=self.dims, **kw)
         h = nn.silu(GroupNorm(dtype=self.dtype, name="in_layers_0")(x))
         if self.up or self.down:
             # Resample both paths between the activation and the conv, as the seed does.
             resample = Upsample if self.up else Downsample
             h = resample(self.channels, False, dtype=self.dtype)(h)
             x = resample(self.channels, False, dtype=self.dtype)(x)
-        h = _conv(out_ch, 3, self.dtype, "in_layers_2")(h)
+        h = conv("in_layers_2")(h)
 
         emb_width = 2 * out_ch if self.use_scale_shift_norm else out_ch
         emb_out = nn.Dense(emb_width, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
-        emb_out = emb_out.astype(h.dtype)[:, None, None, :]
+        # [B, C] -> [B, 1, 1, C]; [B, T, C] -> [B, T, 1, 1, C]
+        spatial_ones = (1,) * (h.ndim - emb_out.ndim)
+        emb_out = emb_out.astype(h.dtype).reshape(emb_out.shape[:-1] + spatial_ones + emb_out.shape[-1:])
         out_norm = GroupNorm(dtype=self.dtype, name="out_layers_0")
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
@@ -101,10 +121,10 @@ class ResBlock(nn.Module):
         else:
             h = out_norm(h + emb_out)
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=self.deterministic)
-        h = _conv(out_ch, 3, self.dtype, "out_layers_3", zero=True)(h)
+        h = conv("out_layers_3", zero=True)(h)
 
         if out_ch != self.channels:
-            x = _conv(out_ch, 3 if self.use_conv else 1, self.dtype, "skip_connection")(x)
+            x = conv("skip_connection", self.kernel_size if self.use_conv else 1)(x)
         return x + h
 
 
@@ -122,7 +142,16 @@ class TimestepEmbedSequential(nn.Module):
     layers: Sequence[LayerSpec]
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, context: Context = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        emb: jax.Array,
+        context: Context = None,
+        image_only_indicator: jax.Array | None = None,
+        time_context: jax.Array | None = None,
+    ) -> jax.Array:
+        """`image_only_indicator` `[B, T]` and `time_context` reach the VideoUNet's layers
+        ("video_res", "video_attn") only, as in the seed's dispatch on the layer type."""
         for i, (kind, cls, kwargs) in enumerate(self.layers):
             if kind == "skip":  # the seed's nn.Identity placeholder keeps later indices
                 continue
@@ -131,21 +160,28 @@ class TimestepEmbedSequential(nn.Module):
                 x = layer(x, emb)
             elif kind == "attn":
                 x = layer(x, context)
+            elif kind == "video_res":
+                x = layer(x, emb, image_only_indicator)
+            elif kind == "video_attn":
+                x = layer(x, context, time_context, image_only_indicator)
             else:
                 x = layer(x)
         return x
 
 
 class _MLP(nn.Module):
-    """Linear (`0`) - SiLU - Linear (`2`), as the seed's embedding Sequentials."""
+    """Linear (`0`) - SiLU - Linear (`2`), as the seed's embedding Sequentials.
+
+    `[..., D]` -> `[..., out_features or features]` (`features`: the hidden width)."""
 
     features: int
     dtype: Dtype = jnp.float32
+    out_features: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.silu(nn.Dense(self.features, dtype=self.dtype, name="0")(x))
-        return nn.Dense(self.features, dtype=self.dtype, name="2")(x)
+        return nn.Dense(self.out_features or self.features, dtype=self.dtype, name="2")(x)
 
 
 _RematResBlock = nn.remat(ResBlock)  # the seed's use_checkpoint: recompute in backward
@@ -353,6 +389,20 @@ class UNetModel(nn.Module):
         y: jax.Array | None = None,
         deterministic: bool = True,
     ) -> jax.Array:
+        return self._unet(x, timesteps, context, y, deterministic)
+
+    def _unet(
+        self,
+        x: jax.Array,
+        timesteps: jax.Array,
+        context: Context,
+        y: jax.Array | None,
+        deterministic: bool,
+        image_only_indicator: jax.Array | None = None,
+        time_context: jax.Array | None = None,
+    ) -> jax.Array:
+        """The forward pass; VideoUNet's `__call__` adds `image_only_indicator` `[B, T]` and
+        `time_context`, which every block passes on to its video layers."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("must specify y if and only if the model is class-conditional")
         plan = self.build_plan(deterministic)
@@ -370,15 +420,17 @@ class UNetModel(nn.Module):
             context = [c.astype(dt) for c in context]
         elif context is not None:
             context = context.astype(dt)
+        video = dict(image_only_indicator=image_only_indicator,
+                     time_context=None if time_context is None else time_context.astype(dt))
         h = x.astype(dt)
         hs = []
         for i, layers in enumerate(plan.input_blocks):
-            h = TimestepEmbedSequential(layers, name=f"input_blocks_{i}")(h, emb, context)
+            h = TimestepEmbedSequential(layers, name=f"input_blocks_{i}")(h, emb, context, **video)
             hs.append(h)
-        h = TimestepEmbedSequential(plan.middle_block, name="middle_block")(h, emb, context)
+        h = TimestepEmbedSequential(plan.middle_block, name="middle_block")(h, emb, context, **video)
         for i, layers in enumerate(plan.output_blocks):
             h = jnp.concatenate([h, hs.pop()], axis=-1)
-            h = TimestepEmbedSequential(layers, name=f"output_blocks_{i}")(h, emb, context)
+            h = TimestepEmbedSequential(layers, name=f"output_blocks_{i}")(h, emb, context, **video)
         h = nn.silu(GroupNorm(dtype=dt, name="out_0")(h))
         return _conv(self.out_channels, 3, dt, "out_2", zero=True)(h)
 
