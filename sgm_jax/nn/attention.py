@@ -5,8 +5,8 @@ name `to_out_0` stands for the seed's `to_out.0`) so the checkpoint key map is m
 (see `sgm_jax.convert.unet`). Images are NHWC, token sequences `[B, T, D]`.
 
 Both of the seed's attention types ("softmax" and "softmax-xformers") compute the same
-thing; here both go through `jax.nn.dot_product_attention`, which picks a fused kernel
-where the platform has one.
+thing; here both go through `attention` below (or `jax.nn.dot_product_attention` when an
+implementation is named, e.g. "cudnn" for the fused GPU kernel).
 """
 
 from __future__ import annotations
@@ -24,6 +24,32 @@ Context = Union[jax.Array, Sequence[jax.Array], None]
 ATTENTION_TYPES = ("softmax", "softmax-xformers")
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys / values.
+
+    The logits, their row maxima and the row sums are float32, as in jax.nn.dot_product_attention's
+    XLA path; what differs is where the normalisation happens: the unnormalised probabilities
+    exp(s - max) are rounded to the compute dtype (as that path rounds the normalised ones) and the
+    division by their float32 row sum is applied to the `[B, T, heads, d]` output of the second
+    matmul (accumulated in float32) instead of to the `[B, heads, T, S]` scores. The maths is the same
+    up to float rounding; the gain is in what XLA writes to memory. With the division on the scores,
+    XLA:TPU fuses it into the second matmul's operand, so the first fusion stores exp(s - max) in
+    float32: a [2, 10, 4096, 4096] f32 array (1.34 GB) written and read back per self-attention at
+    SDXL's 64x64 level. Here it stores them in bfloat16 (half the bytes: 2.8 -> 1.5 GB per call,
+    benchmarks/tpu_peer.py, RESULTS.md "peer column"); on XLA:CPU (float32) nothing changes but S/d
+    times fewer divisions. `implementation` ("xla", "cudnn"): jax.nn.dot_product_attention's instead.
+    """
+    if implementation is not None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=acc) * (q.shape[-1] ** -0.5)
+    # the max only shifts the exponent (softmax is invariant to it): no gradient through it
+    probs = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))).astype(v.dtype)
+    total = probs.astype(acc).sum(axis=-1)  # the sum of the rounded values: rows sum to exactly 1
+    out = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=acc)
+    return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(v.dtype)
+
+
 class CrossAttention(nn.Module):
     """Multi-head (cross-)attention: the seed's CrossAttention / MemoryEfficientCrossAttention.
 
@@ -35,7 +61,7 @@ class CrossAttention(nn.Module):
     heads: int = 8
     dim_head: int = 64
     dropout: float = 0.0
-    implementation: str | None = None  # jax.nn.dot_product_attention's: None, "xla", "cudnn"
+    implementation: str | None = None  # None: `attention`; "xla", "cudnn": jax.nn.dot_product_attention's
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -50,7 +76,7 @@ class CrossAttention(nn.Module):
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
         q, k, v = split(proj("to_q")(x)), split(proj("to_k")(context)), split(proj("to_v")(context))
         # softmax(q k^T / sqrt(dim_head)) v
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attention(q, k, v, self.implementation)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         out = nn.Dense(self.query_dim, dtype=self.dtype, name="to_out_0")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
@@ -176,7 +202,7 @@ class SpatialTransformer(nn.Module):
     attn_type: str = "softmax"
     use_checkpoint: bool = False
     deterministic: bool = True
-    attn_implementation: str | None = None  # None (auto), "xla" or "cudnn" (fused, bf16/fp16)
+    attn_implementation: str | None = None  # None (`attention`), "xla" or "cudnn" (jax.nn's; cudnn: fused, bf16/fp16)
     dtype: Dtype = jnp.float32
 
     @nn.compact
