@@ -4,6 +4,7 @@ both compiled by XLA:TPU for the same compile-only chip, without TPUs.
     pip install --no-deps --target /tmp/peer_diffusers diffusers==0.31.0   # benchmark only, never a dependency
     python benchmarks/tpu_peer.py                         # full UNet forward, batch 2, 1024², ours then the peer
     python benchmarks/tpu_peer.py --part res640,st640     # one ResBlock / one transformer at SDXL widths (seconds)
+    python benchmarks/tpu_peer.py --part st640 --attn tpu --label after   # ours with attn_implementation="tpu"
     python benchmarks/tpu_peer.py --part st640 --job train --fusions 15   # the 15 costliest fusions of each side
     python benchmarks/tpu_peer.py --table-only            # the table from the saved reports
 
@@ -75,6 +76,9 @@ def sdxl_network_params(remat: bool = True) -> dict[str, Any]:
 
 
 # Each builder returns (module, init inputs (small, for eval_shape), call(module, params, *inputs), inputs)
+ATTN: str | None = None  # --attn: ours' attn_implementation ("tpu": the 'after' rows)
+
+
 def ours(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tuple]:
     import jax
     import jax.numpy as jnp
@@ -83,7 +87,7 @@ def ours(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tupl
     if part == "unet":
         from sgm_jax.nn.unet import UNetModel
 
-        model = UNetModel(**sdxl_network_params(remat), dtype=dtype)
+        model = UNetModel(**{**sdxl_network_params(remat), "attn_implementation": ATTN}, dtype=dtype)
         ex = model.example_inputs(1, 8)
         small = (ex["x"], ex["timesteps"], ex["context"], ex["y"])
         inputs = (jax.ShapeDtypeStruct((BATCH, LATENT, LATENT, 4), f32), jax.ShapeDtypeStruct((BATCH,), f32),
@@ -100,7 +104,8 @@ def ours(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tupl
     else:
         from sgm_jax.nn.attention import SpatialTransformer
 
-        model = SpatialTransformer(ch, ch // 64, 64, depth=1, context_dim=CTX_DIM, use_linear=True, dtype=dtype)
+        model = SpatialTransformer(ch, ch // 64, 64, depth=1, context_dim=CTX_DIM, use_linear=True,
+                                   attn_implementation=ATTN, dtype=dtype)
         small = (jnp.zeros((1, 8, 8, ch), dtype), jnp.zeros((1, 1, CTX_DIM), dtype))
         inputs = (jax.ShapeDtypeStruct((BATCH, size, size, ch), dtype),
                   jax.ShapeDtypeStruct((BATCH, CTX_LEN, CTX_DIM), dtype))
@@ -392,7 +397,10 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--no-save", action="store_true", help="do not overwrite the saved reports (experiments)")
     p.add_argument("--label", default="", help="save ours under this label (e.g. before / after a change)")
+    p.add_argument("--attn", help='ours\' attn_implementation: "tpu" for the "after" rows (default: jax.nn\'s)')
     args = p.parse_args()
+    global ATTN
+    ATTN = args.attn
     parts, jobs, sides = args.part.split(","), args.job.split(","), args.side.split(",")
     if args.count_only:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

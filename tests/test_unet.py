@@ -297,3 +297,20 @@ def test_sdxl_base_param_count_and_key_map() -> None:
         assert key in torch_keys, key
     path = ("input_blocks_4", "1", "transformer_blocks_1", "attn2", "to_k", "kernel")
     assert flat[path].shape == (2048, 640)
+
+
+def test_the_tpu_attention_form_is_softmax_attention():
+    """attn_implementation="tpu" (normalised after the PV matmul) against jax.nn.dot_product_attention in
+    float32, and against a float64 softmax in bfloat16, at a large logit scale."""
+    from sgm_jax.nn.attention import attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 37, 3, 16)) * s for s in (3.0, 3.0, 1.0))  # logit std ~ 9
+    f32 = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    np.testing.assert_allclose(attention(*f32, "tpu"), jax.nn.dot_product_attention(*f32), atol=2e-5, rtol=1e-5)
+    logits = np.einsum("btnh,bsnh->bnts", q, k) / 4.0
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    exact = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v)
+    bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    err = lambda out: float(np.sqrt(np.mean((np.asarray(out, np.float64) - exact) ** 2)))  # noqa: E731
+    assert err(attention(*bf16, "tpu")) < 2 * err(jax.nn.dot_product_attention(*bf16)) + 1e-3

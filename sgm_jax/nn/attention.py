@@ -5,8 +5,9 @@ name `to_out_0` stands for the seed's `to_out.0`) so the checkpoint key map is m
 (see `sgm_jax.convert.unet`). Images are NHWC, token sequences `[B, T, D]`.
 
 Both of the seed's attention types ("softmax" and "softmax-xformers") compute the same
-thing; here both go through `attention` below (or `jax.nn.dot_product_attention` when an
-implementation is named, e.g. "cudnn" for the fused GPU kernel).
+thing; here both go through `jax.nn.dot_product_attention` (implementation None: it picks;
+"xla"; "cudnn": the fused GPU kernel), or with implementation "tpu" through `attention` below,
+the form that moves half the bytes on XLA:TPU.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | No
     float32: a [2, 10, 4096, 4096] f32 array (1.34 GB) written and read back per self-attention at
     SDXL's 64x64 level. Here it stores them in bfloat16 (half the bytes: 2.8 -> 1.5 GB per call,
     benchmarks/tpu_peer.py, RESULTS.md "peer column"); on XLA:CPU (float32) nothing changes but S/d
-    times fewer divisions. `implementation` ("xla", "cudnn"): jax.nn.dot_product_attention's instead.
+    times fewer divisions. `implementation` other than "tpu" (None, "xla", "cudnn"):
+    jax.nn.dot_product_attention's instead, the default until a TPU run confirms the compile-only
+    figures.
     """
-    if implementation is not None:
+    if implementation != "tpu":
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     acc = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=acc) * (q.shape[-1] ** -0.5)
@@ -61,7 +64,7 @@ class CrossAttention(nn.Module):
     heads: int = 8
     dim_head: int = 64
     dropout: float = 0.0
-    implementation: str | None = None  # None: `attention`; "xla", "cudnn": jax.nn.dot_product_attention's
+    implementation: str | None = None  # jax.nn.dot_product_attention's None / "xla" / "cudnn", or "tpu": `attention`
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -202,7 +205,7 @@ class SpatialTransformer(nn.Module):
     attn_type: str = "softmax"
     use_checkpoint: bool = False
     deterministic: bool = True
-    attn_implementation: str | None = None  # None (`attention`), "xla" or "cudnn" (jax.nn's; cudnn: fused, bf16/fp16)
+    attn_implementation: str | None = None  # None, "xla", "cudnn" (jax.nn's; cudnn: fused, bf16/fp16), "tpu"
     dtype: Dtype = jnp.float32
 
     @nn.compact

@@ -213,8 +213,8 @@ class UNetModel(nn.Module):
     a SpatialTransformer; `False` with attention asks for the old AttentionBlock, which
     sgm_jax does not implement. `legacy=True` uses the old `dim_head = ch // num_heads`.
     Beyond the seed: `dtype` (compute dtype; params stay float32) and `attn_implementation`
-    (None: sgm_jax.nn.attention.attention; "xla" or "cudnn": `jax.nn.dot_product_attention`'s,
-    "cudnn" being the fused kernel for bf16 on GPU).
+    (None, "xla" or "cudnn": `jax.nn.dot_product_attention`'s, "cudnn" being the fused kernel for
+    bf16 on GPU; "tpu": sgm_jax.nn.attention.attention, which XLA:TPU compiles to half the bytes).
     """
 
     in_channels: int
@@ -251,7 +251,7 @@ class UNetModel(nn.Module):
     use_fairscale_checkpoint: bool = False
     offload_to_cpu: bool = False
     transformer_depth_middle: int | None = None
-    attn_implementation: str | None = None  # None (nn.attention.attention), or jax.nn's "xla", "cudnn"
+    attn_implementation: str | None = None  # jax.nn's None, "xla", "cudnn"; or "tpu" (nn.attention.attention)
     dtype: Dtype = jnp.float32
 
     def _check_config(self) -> None:
