@@ -104,7 +104,8 @@ def guarded(train_step: Callable) -> Callable:
 
     def step(state, batch, base_key, nonfinite, frozen):
         key = jax.random.fold_in(base_key, state.step)
-        new, metrics = train_step(state, batch, key, frozen)
+        # a bare step function (state, batch, key) works too: frozen is passed only when there is one
+        new, metrics = train_step(state, batch, key) if frozen is None else train_step(state, batch, key, frozen)
         loss_ok, grad_ok = finite(metrics, "loss"), finite(metrics, "grad_norm")
         ok = loss_ok & grad_ok
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
