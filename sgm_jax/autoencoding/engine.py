@@ -83,13 +83,13 @@ def build_parts(config: Any) -> AutoencoderParts:
     lr = float(model_cfg["base_learning_rate"])
     lr_g = lr * float(mp.get("lr_g_factor", 1.0))
     ema = mp.get("ema_decay")
-    adam = mp.get("optimizer_config") or {"target": "torch.optim.Adam"}  # the AutoencodingEngine's default
+    optimizer_config = mp.get("optimizer_config") or {"target": "torch.optim.Adam"}  # the AutoencodingEngine's default
     order = str(config.training.get("optimizer_order", "sequential"))
     if order not in ("sequential", "alternate"):
         raise ValueError(f"training.optimizer_order must be 'sequential' or 'alternate', got {order!r}")
     return AutoencoderParts(
         model=model, discriminator=discriminator_from_config(loss_params), loss=LossConfig.from_params(loss_params),
-        ae_tx=seed_optimizer(adam, lr_g), disc_tx=seed_optimizer(adam, lr),
+        ae_tx=seed_optimizer(optimizer_config, lr_g), disc_tx=seed_optimizer(optimizer_config, lr),
         sample_posterior=bool((reg.get("params") or {}).get("sample", True)),
         disc_start_iter=int(mp.get("disc_start_iter", 0)), ema_decay=None if ema is None else float(ema),
         input_key=str(mp.get("input_key", "jpg")), optimizer_order=order)

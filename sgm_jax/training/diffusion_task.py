@@ -98,7 +98,7 @@ class DiffusionTask(Task):
         self.frozen: Any = None  # device copy, set by frozen_params()
         self._sample_fn = None
         self._grid: tuple[dict[str, np.ndarray], list[str] | None] | None = None
-        self._grid_compiled: Any = None  # the grid sampler compiled on every host (several hosts only)
+        self._grid_compiled = False  # several hosts: the grid sampler was compiled on all of them together
         self._evaluator = None
         if int(tc.eval_every) > 0 and config.get("eval") is not None:
             from sgm_jax.evaluation.in_training import make_training_evaluator
@@ -181,8 +181,9 @@ class DiffusionTask(Task):
             self._sample_fn = make_sample_fn(self.engine, self.engine.latent_shape(shape))
         batch, labels = self._grid
         args = (self.sampling_params(state), batch, jax.random.key(int(tc.seed) + 7))
-        if self._grid_compiled is None and jax.process_count() > 1:
-            self._grid_compiled = multihost.compile_together(self._sample_fn, *args, name="grid")
+        if not self._grid_compiled and jax.process_count() > 1:
+            multihost.compile_together(self._sample_fn, *args, name="grid")
+            self._grid_compiled = True
         images = multihost.to_host(self._sample_fn(*args))
         return {"": make_grid(np.asarray(images), int(tc.sample_nrow), labels,
                               scale=legible_scale(images.shape[1]))}
