@@ -19,9 +19,10 @@ from sgm_jax.engine import DiffusionEngine
 from sgm_jax.nn.conditioner import GeneralConditioner, token_key, ucg_token_key
 
 TEXT_KEY = "txt"
+CLASS_KEY = "cls"
 # input keys the seed's get_batch knows (image-model keys such as fps / pool_image are not
 # used by the text-to-image models)
-SUPPORTED_KEYS = (TEXT_KEY, *SIZE_KEYS, "aesthetic_score")
+SUPPORTED_KEYS = (TEXT_KEY, CLASS_KEY, *SIZE_KEYS, "aesthetic_score")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ConditioningValues:
     crop_coords_left: int = 0
     aesthetic_score: float = 6.0            # the refiner's defaults in the seed's demo
     negative_aesthetic_score: float = 2.5
+    class_label: int = 0                    # a class-conditional model's "cls" (uc: the same id, zeroed)
 
     @classmethod
     def for_size(cls, prompt: str, negative_prompt: str, width: int, height: int, **kw: Any) -> "ConditioningValues":
@@ -73,6 +75,8 @@ def get_batch(keys: Sequence[str], values: ConditioningValues, n: int = 1) -> tu
     for key in keys:
         if key == TEXT_KEY:
             batch[key], batch_uc[key] = [v.prompt] * n, [v.negative_prompt] * n
+        elif key == CLASS_KEY:
+            batch[key] = np.full((n,), v.class_label, np.int32)
         elif key == "original_size_as_tuple":
             batch[key] = rows(v.orig_height, v.orig_width)
         elif key == "crop_coords_top_left":
@@ -100,7 +104,7 @@ def example_batch(engine: DiffusionEngine, image_shape: tuple[int, ...]) -> dict
             batch[token_key(spec.input_key, i)] = tokens
             if spec.legacy_ucg_value is not None:  # training replaces dropped captions by these tokens
                 batch[ucg_token_key(spec.input_key, i)] = tokens
-        elif spec.input_key == "cls":
+        elif spec.input_key == CLASS_KEY:
             batch["cls"] = np.zeros((1,), np.int32)
         elif spec.input_key is not None:
             batch[spec.input_key] = np.zeros((1, 2), np.int32)

@@ -283,7 +283,7 @@ def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], opti
         bars = ProgressBars()
         for _, first, count in blocks_of(1, total, batch):
             result = model.sample(conds, num=num, seed=int(inf["seed"]), spec=spec, batch_size=batch,
-                                  negative_prompt=str(inf.get("negative_prompt", "")), progress=bars,
+                                  negative_prompt=str(inf["negative_prompt"]), progress=bars,
                                   start=first, count=count)
             yield first, result.images, result.captions
         bars.close()

@@ -51,7 +51,7 @@ def run(config_spec: str, overrides: list[tuple[str, str]], workdir: str | None,
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     from sgm_jax.training.loop import train
 
-    train(config, workdir or str(Path("workdir") / config.training.get("name", "run")))
+    train(config, workdir or str(Path("workdir") / config.training.name))
     return 0
 
 

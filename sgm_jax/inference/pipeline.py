@@ -21,18 +21,21 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax.engine import DiffusionEngine, build_engine
+from sgm_jax.errors import UserError
+from sgm_jax.model_inputs import CLASS_KEY, TEXT_KEY
+from sgm_jax.nn.conditioner import CLASS_EMBEDDER_CLASSES
 from sgm_jax.parallel import make_mesh, replicated
 
 from .conditioning import ConditioningValues, PromptEncoder
 from .runner import SamplingRunner, StepEvent, Timing, to_uint8  # noqa: F401  (re-exported)
-from .sampling import SamplerSpec, seed_key
+from .sampling import AS_TRAINED, SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization, seed_key
 
 Cond = dict[str, jax.Array]
 
@@ -88,50 +91,154 @@ def default_zero_uc_keys(config: Any, conditioner_keys: list[str]) -> tuple[str,
 
 
 class Pipeline:
-    """A model ready to sample. `params`: {"model", "conditioner", "first_stage"} (load_params)."""
+    """One model ready to sample, whatever its weights' source: converted weights (load_pipeline)
+    or a train.py workdir (workdir.TrainedModel.load). `params`: {"model", "conditioner",
+    "first_stage"}. Prompts, class ids or nothing condition it, as its conditioner says:
+    txt2img / img2img / refine take prompts; `sample` takes a list of conditions."""
 
-    def __init__(self, config: Any, params: Mapping[str, Any], *, clip_tokenizer: Any = None,
-                 dtype: str | None = None, mesh: jax.sharding.Mesh | None = None, name: str = "model",
+    def __init__(self, config: Any, params: Mapping[str, Any], *, engine: DiffusionEngine | None = None,
+                 image_shape: Sequence[int] | None = None, clip_tokenizer: Any = None, dtype: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None, name: str = "model",
                  step_progress: bool | None = None) -> None:
-        """config: an inference config (`model`, `inference`); dtype: compute dtype (default
-        bfloat16 on accelerators, float32 on CPU); step_progress: see sgm_jax.inference.runner."""
+        """config: with an `inference` section (sampler defaults); engine: built from config.model
+        when None, computing in dtype (default bfloat16 on accelerators, float32 on CPU);
+        image_shape: (H, W, C) that `sample` draws (default: the inference size, RGB);
+        step_progress: see sgm_jax.inference.runner."""
         self.config, self.name = config, name
         self.inference = dict(config.get("inference") or {})
-        if dtype is None:
-            dtype = "float32" if jax.default_backend() == "cpu" else self.inference["dtype"]
-        self.dtype = dtype
-        self.engine = engine_for_sampling(config, dtype)
+        if engine is None:
+            if dtype is None:
+                dtype = "float32" if jax.default_backend() == "cpu" else self.inference["dtype"]
+            engine = engine_for_sampling(config, dtype)
+        self.dtype = dtype or "float32"
+        self.engine = engine
+        self.image_shape = tuple(image_shape) if image_shape is not None else (
+            int(self.inference["height"]), int(self.inference["width"]), 3)
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
         self.params = jax.device_put(dict(params), replicated(self.mesh))
         # the sampling function needs no text towers: keep them out of its arguments
         self.sampling_params = {k: v for k, v in self.params.items() if k != "conditioner"}
-        self.prompts = PromptEncoder(self.engine.conditioner, clip_tokenizer)
+        self.prompts = PromptEncoder(engine.conditioner, clip_tokenizer)
         self.zero_uc_keys = default_zero_uc_keys(config, self.prompts.keys)
-        self.runner = SamplingRunner(self.engine, self.mesh, name, step_progress)
+        conditions = [s for s in engine.conditioner.specs if s.input_key in (CLASS_KEY, TEXT_KEY)]
+        self.condition_key: str | None = conditions[0].input_key if conditions else None
+        self.n_classes = (int(conditions[0].params.get("n_classes", CLASS_EMBEDDER_CLASSES))
+                          if self.condition_key == CLASS_KEY else None)
+        self.runner = SamplingRunner(engine, self.mesh, name, step_progress)
         self.timings: list[Timing] = self.runner.timings
-        self._encode = jax.jit(self.engine.encode_first_stage)
+        self._encode = jax.jit(engine.encode_first_stage)
+
+    @property
+    def conditional(self) -> bool:
+        return self.condition_key is not None
 
     # --- conditioning --------------------------------------------------------------------
-    def condition(self, values: ConditioningValues) -> tuple[Cond, Cond]:
-        """c, uc (batch 1). A non-empty negative prompt is always encoded; with an empty one,
-        the model's zero_uc_keys apply (SDXL base: zero uc text, as the seed)."""
-        zero = self.zero_uc_keys if not values.negative_prompt else ()
+    def encode(self, values: ConditioningValues, timed: bool = False) -> tuple[Cond, Cond]:
+        """c, uc (batch 1). zero_uc_keys' uc embeddings are zeros (SDXL base: the text, as the
+        seed; a trained model: what training dropped), except the text when a negative prompt
+        is given: that is always encoded."""
+        zero = tuple(k for k in self.zero_uc_keys if not (values.negative_prompt and k == TEXT_KEY))
         t0 = time.perf_counter()
         c, uc = self.prompts(self.params.get("conditioner", {}), values, zero)
-        jax.block_until_ready((c, uc))
-        self.timings.append(Timing(f"{self.name}: text", 0.0, time.perf_counter() - t0))
+        if timed:
+            jax.block_until_ready((c, uc))
+            self.timings.append(Timing(f"{self.name}: text", 0.0, time.perf_counter() - t0))
         return c, uc
+
+    def condition(self, condition: Any = None, negative_prompt: str = "") -> tuple[Cond, Cond]:
+        """c, uc (batch 1) for one class id / prompt (or None, unconditional) at image_shape's size
+        (SDXL's size and crop inputs take the seed's sampling values: original = target, crop 0),
+        or for the seed's whole value dict (a ConditioningValues, e.g. from `values`)."""
+        if isinstance(condition, ConditioningValues):
+            return self.encode(condition, timed=True)
+        height, width = self.image_shape[:2]
+        prompt = str(condition) if self.condition_key == TEXT_KEY else ""
+        label = int(condition) if self.condition_key == CLASS_KEY else 0
+        return self.encode(self.values(prompt, negative_prompt, width, height, class_label=label))
+
+    def check_conditions(self, conditions: Sequence[Any]) -> list[Any]:
+        """The conditions `sample` takes (class ids as ints), or one UserError line."""
+        if not self.conditional:
+            if any(c not in (None, "") for c in conditions):
+                raise UserError(f"the model {self.name} is unconditional: it takes no classes or prompts")
+            return [None]
+        if not conditions:
+            raise UserError(f"the model {self.name} is conditioned on "
+                            f"{'classes' if self.condition_key == CLASS_KEY else 'prompts'}: give at least one")
+        if self.condition_key != CLASS_KEY:
+            return [str(c) for c in conditions]
+        out = []
+        for c in conditions:
+            if isinstance(c, str) and not c.strip().lstrip("-").isdigit():
+                raise UserError(f"class {c!r} is not an integer")
+            if not 0 <= int(c) < int(self.n_classes):  # type: ignore[arg-type]
+                raise UserError(f"class {int(c)} out of range: this model has {self.n_classes} classes (0..."
+                                f"{int(self.n_classes) - 1})")  # type: ignore[arg-type]
+            out.append(int(c))
+        return out
 
     def check_size(self, width: int, height: int) -> None:
         check_size(self.engine, width, height, self.name)
 
     def latent_shape(self, n: int, width: int, height: int) -> tuple[int, int, int, int]:
-        return tuple(self.engine.latent_shape((n, height, width, 3)))  # type: ignore[return-value]
+        return tuple(self.engine.latent_shape((n, height, width, self.image_shape[2])))  # type: ignore[return-value]
 
-    # --- modes ---------------------------------------------------------------------------
     def values(self, prompt: str, negative_prompt: str, width: int, height: int, **kw: Any) -> ConditioningValues:
         extra = {k: self.inference[k] for k in ("aesthetic_score", "negative_aesthetic_score") if k in self.inference}
         return ConditioningValues.for_size(prompt, negative_prompt, width, height, **{**extra, **kw})
+
+    # --- sampler settings ----------------------------------------------------------------
+    def spec(self, sampler: str | None = None, steps: int | None = None, discretization: str | None = None,
+             **options: Any) -> SamplerSpec:
+        """SamplerSpec from the inference section; a trained model's own sampler options and
+        schedule (discretization "config") unless another sampler / discretization is named."""
+        name = canonical_sampler_name(sampler or self.inference["sampler"])
+        disc_name = discretization or self.inference["discretization"]
+        trained = self.engine.sampler
+        if disc_name == AS_TRAINED:
+            disc = trained.discretization if trained is not None else make_discretization("edm")
+        else:
+            disc = make_discretization(disc_name)
+        if trained is not None and canonical_sampler_name(type(trained).__name__) == name:
+            options = {**{k: getattr(trained, k) for k in SAMPLER_DEFAULTS[name] if hasattr(trained, k)}, **options}
+        return SamplerSpec.create(name, int(steps or self.inference["num_steps"]), disc, guided=self.conditional,
+                                  **options)
+
+    def default_spec(self) -> SamplerSpec:
+        return self.spec()
+
+    def batch_size(self, num: int) -> int:
+        """Images per compiled call for a request of `num`: inference.batch_per_device per device."""
+        return min(int(self.inference["batch_per_device"]) * self.mesh.size, num)
+
+    # --- modes ---------------------------------------------------------------------------
+    def sample(self, conditions: Sequence[Any] = (), *, num: int = 1, seed: int = 42, spec: SamplerSpec | None = None,
+               cfg_scale: float | None = None, negative_prompt: str = "", batch_size: int | None = None,
+               progress: Callable[[StepEvent], None] | None = None, start: int = 0,
+               count: int | None = None) -> SampleResult:
+        """`num` images per condition (class id / prompt), condition-major: uint8
+        [len(conditions) * num, H, W, C] at image_shape.
+
+        Image i's noise depends on (seed, i) only; batch_size: images per compiled call
+        (default `batch_size(total)`). start / count: only images start ... start + count - 1 of
+        the request (start a multiple of the batch size), the same pixels, for long requests."""
+        conditions = self.check_conditions(conditions)
+        total = len(conditions) * num
+        count = total - start if count is None else min(count, total - start)
+        rows = np.arange(start, start + count) // num  # the condition of each image asked for
+        used = sorted(set(rows.tolist()))
+        encoded = {i: self.condition(conditions[i], negative_prompt) for i in used}
+        c, uc = (jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[np.searchsorted(used, rows)],
+                                        *[encoded[i][k] for i in used]) for k in (0, 1))
+        spec = spec or self.default_spec()
+        scale = float(self.inference["cfg_scale"] if cfg_scale is None else cfg_scale)
+        latent = tuple(self.engine.latent_shape((1,) + self.image_shape))[1:]
+        images = self.runner.run(self.sampling_params, spec, c, uc, num=count, latent_shape=latent, cfg_scale=scale,
+                                 seed_key=seed_key(seed), batch_size=batch_size or self.batch_size(total),
+                                 progress=progress, first_index=start)
+        captions = [str(conditions[i]) for i in rows] if self.conditional else []
+        return SampleResult(images=images, latents=np.empty((0,), np.float32), sigmas={self.name: spec.sigmas()},
+                            captions=captions)
 
     def txt2img(self, prompt: str, negative_prompt: str = "", *, width: int | None = None, height: int | None = None,
                 num: int = 1, seed: int = 42, spec: SamplerSpec | None = None, cfg_scale: float | None = None,
@@ -142,7 +249,7 @@ class Pipeline:
         height = int(height or self.inference["height"])
         self.check_size(width, height)
         spec = spec or self.default_spec()
-        c, uc = self.condition(self.values(prompt, negative_prompt, width, height))
+        c, uc = self.encode(self.values(prompt, negative_prompt, width, height), timed=True)
         latent = self.latent_shape(1, width, height)[1:]
         return self._run(spec, c, uc, num, latent, None, True, decode, seed, stage, cfg_scale, run_kw)
 
@@ -156,7 +263,7 @@ class Pipeline:
         height, width = image.shape[1:3]
         self.check_size(width, height)
         spec = dataclasses.replace(spec or self.default_spec(), img2img_strength=float(strength))
-        c, uc = self.condition(self.values(prompt, negative_prompt, width, height))
+        c, uc = self.encode(self.values(prompt, negative_prompt, width, height), timed=True)
         z = self._encode(self.params, jnp.asarray(image[:1]))
         return self._run(spec, c, uc, num, z.shape[1:], z, True, decode, seed, stage, cfg_scale, run_kw)
 
@@ -171,17 +278,9 @@ class Pipeline:
         height, width = latents.shape[1] * vae_factor, latents.shape[2] * vae_factor
         strength = float(self.inference["refiner_strength"] if strength is None else strength)
         spec = dataclasses.replace(spec or self.default_spec(), img2img_strength=strength)
-        c, uc = self.condition(self.values(prompt, negative_prompt, width, height))
+        c, uc = self.encode(self.values(prompt, negative_prompt, width, height), timed=True)
         return self._run(spec, c, uc, len(latents), latents.shape[1:], latents, add_noise, True, seed, stage,
                          cfg_scale, run_kw)
-
-    def batch_size(self, num: int) -> int:
-        """Images per compiled call for a request of `num`: inference.batch_per_device per device."""
-        return min(int(self.inference["batch_per_device"]) * self.mesh.size, num)
-
-    def default_spec(self) -> SamplerSpec:
-        inf = self.inference
-        return SamplerSpec.create(inf["sampler"], inf["num_steps"], inf["discretization"])
 
     def _run(self, spec: SamplerSpec, c: Cond, uc: Cond, num: int, latent_shape: tuple[int, ...], x0: Any,
              add_noise: bool, decode: bool, seed: int, stage: int, cfg_scale: float | None,

@@ -42,6 +42,7 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "substep_euler_ancestral": _ANCESTRAL,  # turbo.py: eta=1.0, s_noise left at 1.0
 }
 SAMPLER_NAMES = tuple(SAMPLER_DEFAULTS)
+AS_TRAINED = "config"  # a discretization name: the model config's own sampler schedule (a workdir's default)
 # the seed demo's EDMDiscretization defaults for latent models (sampling params in api.py)
 EDM_DEMO = {"sigma_min": 0.0292, "sigma_max": 14.6146, "rho": 3.0}
 

@@ -32,8 +32,7 @@ from .outputs import Watermark, save_images, to_pil
 from .pipeline import check_size, size_multiple
 from .requests import ImageRequest, generate
 from .runner import StepEvent
-from .sampling import SAMPLER_DEFAULTS, SamplerSpec
-from .workdir import AS_TRAINED
+from .sampling import AS_TRAINED, SAMPLER_DEFAULTS, SamplerSpec
 
 
 @dataclass(frozen=True)

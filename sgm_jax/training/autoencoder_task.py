@@ -53,7 +53,7 @@ class AutoencoderTask(Task):
         self._lpips_params = None
         if self.parts.loss.perceptual_weight > 0:  # stops here, with one line, when the weights are absent
             self._lpips_params = load_lpips_params() if lpips_params is None else lpips_params
-            self.perceptual = self._perceptual_fn(self._lpips_params, bool(config.training.get("lpips_train_dropout", True)))
+            self.perceptual = self._perceptual_fn(self._lpips_params, bool(config.training.lpips_train_dropout))
         self._step = make_train_step(self.parts, self.perceptual)
         self._eval_set: np.ndarray | None = None
         self._jit_eval = None
@@ -80,7 +80,7 @@ class AutoencoderTask(Task):
 
     def log_images(self, state: AutoencoderState, step: int) -> dict[str, Any]:
         tc = self.config.training
-        n, nrow = int(tc.get("num_samples", 16)), int(tc.get("sample_nrow", 8))
+        n, nrow = int(tc.num_samples), int(tc.sample_nrow)
         x = np.asarray(self.images(self.dataset.example_batch(n)), np.float32)
         rec, _ = jax.jit(lambda p, x: reconstruct(self.parts, p, x))(self.first_stage_params(state), x)
         rec = np.clip(multihost.to_host(rec), -1.0, 1.0)
@@ -95,7 +95,7 @@ class AutoencoderTask(Task):
         if self._eval_set is None:
             from sgm_jax import data
 
-            n = int(self.config.training.get("eval_examples", 256))
+            n = int(self.config.training.eval_examples)
             try:
                 test = data.from_config(self.config.data, split="test")
             except (ValueError, KeyError, FileNotFoundError):
@@ -137,7 +137,7 @@ class AutoencoderTask(Task):
         """Held-out L1, PSNR (dB), SSIM on [0, 1] images, KL per example, LPIPS (when its weights
         exist) and discriminator logits, for the trained weights and (`ema/`) their EMA."""
         x_all, fn = self._held_out(), self._eval_fn()
-        batch = int(self.config.training.get("eval_batch_size", 64))
+        batch = int(self.config.training.eval_batch_size)
         disc_vars = {"params": state.disc_params, "batch_stats": state.disc_batch_stats}
         logvar = logvar_of(self.parts, state.params)
         weights = {"": state.params["autoencoder"]}

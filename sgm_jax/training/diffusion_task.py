@@ -85,7 +85,7 @@ class DiffusionTask(Task):
         self.engine = build_engine(config.model, dtype=tc.dtype)
         mp = config.model.params
         self.ema_rate = float(mp.get("ema_decay_rate", 0.9999)) if mp.get("use_ema", False) else None
-        self.grad_accum = int(tc.get("grad_accum", 1))
+        self.grad_accum = int(tc.grad_accum)
         self.lora = lora_settings(config)  # None: the UNet (+ trainable embedders) train; else adapters only
         self._tokenizers = None
         if any(spec.is_text for spec in self.engine.conditioner.specs):

@@ -135,7 +135,7 @@ def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: An
     jax.devices() (sgm_jax.aot's compile check: stand-in data, a TPU slice's compile-only devices)."""
     check_training_config(config.training)
     cls = task_class(config.model.target) if task is None else type(task)
-    grad_accum = int(config.training.get("grad_accum", 1))
+    grad_accum = int(config.training.grad_accum)
     if grad_accum < 1:
         raise UserError(f"training.grad_accum={grad_accum}: must be 1 (no accumulation) or more")
     if grad_accum > 1 and not cls.accumulates_gradients:
