@@ -61,7 +61,8 @@ def test_gradient_accumulation_is_one_update_with_the_mean_gradient():
     assert int(state1.step) == 1  # one optimiser step, as the seed's global_step
 
     # reference: the mean of the two micro-batch gradients (micro-batch i with fold_in(key, i))
-    grad = lambda b, i: jax.grad(lambda p: engine.loss(p, b, jax.random.fold_in(key, i))[0])(state0.params)
+    loss_grad = jax.jit(jax.grad(lambda p, b, k: engine.loss(p, b, k)[0]))  # one compile serves both
+    grad = lambda b, i: loss_grad(state0.params, b, jax.random.fold_in(key, i))
     mean_grad = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, grad(b0, 0), grad(b1, 1))
     tx1 = make_optimizer(LR, trainable)
     updates, _ = tx1.update(mean_grad, tx1.init(state0.params), state0.params)

@@ -17,7 +17,9 @@ import time
 from typing import Any
 
 from .report import Report, arguments_bytes, build_report, format_report, not_compiled
-from .topology import CHIPS, GiB, Chip, chip_of, compile_only_devices, libtpu_available
+from .sample_step import lower_sampling
+from .topology import CHIPS, Chip, GiB, chip_of, compile_only_devices, libtpu_available
+from .train_step import lower_train_step
 
 NOTE_FLOPS = ("FLOPs and bytes are XLA:TPU's cost analysis of the compiled per-chip program (remat recomputation "
               "included, so the MFU is of hardware FLOPs); the time is a roofline, not a measurement")
@@ -62,7 +64,6 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
         notes.append(f"libtpu lists {len(devices)} devices for {chips} chips: figures are per device, the HBM "
                      f"per device is taken as the chip's")
     if job == "train":
-        from .train_step import lower_train_step
 
         if bool(width) != bool(height):
             raise ValueError("--width and --height go together")
@@ -76,7 +77,6 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
                             groups=groups, compile_seconds=lower_s + seconds, notes=notes), chip
     if job != "sample":
         raise ValueError(f"--job {job!r}: train or sample")
-    from .sample_step import lower_sampling
 
     groups, facts = lower_sampling(config, devices, width=width, height=height, steps=steps, num=num,
                                    sampler=sampler, dtype=dtype, param_dtype=param_dtype, name=config_name)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from .topology import GiB, Chip
+from .topology import Chip, GiB
 
 
 def _itemsize(dtype: Any) -> int:

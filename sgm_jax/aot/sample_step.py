@@ -19,6 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import parallel
+from sgm_jax.checkpointing.frozen import abstract_full_params
+from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
+from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder
+from sgm_jax.inference.pipeline import (
+    check_size,
+    default_zero_uc_keys,
+    engine_for_sampling,
+)
+from sgm_jax.inference.runner import SamplingRunner
+from sgm_jax.inference.sampling import SamplerSpec
+
+from .stand_in import ShapeTokenizer
 
 # samplers that call the denoiser twice per step (the seed's Heun and DPM++ 2S)
 TWO_EVALS = {"heun_edm", "dpmpp2s_ancestral"}
@@ -33,13 +45,7 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
                      param_dtype: str = "float32", name: str = "model") -> tuple[dict[str, Any], dict[str, Any]]:
     """(argument groups, facts) for `num` images of width x height; facts["lower"]: () -> the lowered
     call, facts["body"]: () -> one loop step lowered (None when the loop runs once)."""
-    from sgm_jax.checkpointing.frozen import abstract_full_params
-    from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder
-    from sgm_jax.inference.pipeline import check_size, default_zero_uc_keys, engine_for_sampling
-    from sgm_jax.inference.runner import SamplingRunner
-    from sgm_jax.inference.sampling import SamplerSpec
 
-    from .stand_in import ShapeTokenizer
 
     inf = dict(config.get("inference") or {})
     width, height = int(width or inf["width"]), int(height or inf["height"])
@@ -79,7 +85,6 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
     per_step = 2 if spec.name in TWO_EVALS else 1
     evals = spec.num_loop * per_step
     if evals > per_step:  # one guided denoising step: what the loop body runs
-        from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
 
         def one_step(p, x, sigma, cond, ucond, s):
             g = VanillaCFG(s) if spec.guided else IdentityGuider()  # as SamplerSpec.build

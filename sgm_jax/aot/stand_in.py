@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from sgm_jax.data import STREAMING_TARGETS
+from sgm_jax.data.streaming import _MODES
+from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.errors import UserError
+from sgm_jax.nn.lpips import LPIPS
 
 SOT, EOT = 49406, 49407  # CLIP's start / end of text ids
 
@@ -31,7 +35,6 @@ def lpips_stand_in() -> Any:
     import jax
     import jax.numpy as jnp
 
-    from sgm_jax.nn.lpips import LPIPS
 
     x = jnp.zeros((1, 64, 64, 3), jnp.float32)
     return jax.jit(LPIPS().init)(jax.random.key(0), x, x)["params"]
@@ -69,7 +72,6 @@ def _transform_sizes(postprocessors: Sequence[Mapping[str, Any]]) -> tuple[int |
 def stream_image_shape(datapipeline: Mapping[str, Any]) -> tuple[int, int, int]:
     """[H, W, C] of the images a streaming datapipeline yields (its largest aspect bucket)."""
     pc = dict(datapipeline.get("pipeline_config") or {})
-    from sgm_jax.data.streaming import _MODES
 
     decoders = [str(d).lower() for d in datapipeline.get("decoders") or ["pil"]]
     channels = 1 if _MODES.get(decoders[0]) == "L" else 3
@@ -89,8 +91,6 @@ def stand_in_data(config: Any, image_hw: tuple[int, int] | None = None) -> dict[
     """A `data` section that builds without files: synthetic batches of the config's shapes.
 
     image_hw: (height, width) instead of the config's image size."""
-    from sgm_jax.data import STREAMING_TARGETS
-    from sgm_jax.diffusion.registry import to_plain
 
     data = to_plain(config.data)
     target, params = str(data.get("target")), dict(data.get("params") or {})

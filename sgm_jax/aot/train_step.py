@@ -17,6 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax import parallel
+from sgm_jax.data import from_config
+from sgm_jax.training.loop import build_run
+from sgm_jax.training.progress import CARRY_SHAPE
+from sgm_jax.training.tasks import task_class
+
+from .stand_in import ShapeTokenizer, lpips_stand_in, stand_in_data
 
 # TrainState / AutoencoderState fields -> the report's argument groups
 FIELD_GROUPS = {"params": "parameters", "opt_state": "optimizer state", "ema_params": "EMA parameters",
@@ -40,9 +46,7 @@ def state_groups(abstract_state: Any) -> dict[str, Any]:
 
 
 def make_task(config: Any, dataset: Any) -> Any:
-    from sgm_jax.training.tasks import task_class
 
-    from .stand_in import ShapeTokenizer, lpips_stand_in
 
     cls = task_class(config.model.target)
     takes = inspect.signature(cls.__init__).parameters
@@ -57,11 +61,7 @@ def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] 
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(argument groups for the report, facts: mesh, batch size, image shape, and "lower": () -> the
     lowered step)."""
-    from sgm_jax.data import from_config
-    from sgm_jax.training.loop import build_run
-    from sgm_jax.training.progress import CARRY_SHAPE
 
-    from .stand_in import stand_in_data
 
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
     config.data = stand_in_data(config, image_hw)

@@ -17,9 +17,17 @@ import json
 import sys
 from typing import Sequence
 
+from sgm_jax.aot import compile_check, format_report
 from sgm_jax.errors import run_cli
 
-from .configs import ArgumentParser, apply_overrides, config_name, load_config, packaged_config_names, split_overrides
+from .configs import (
+    ArgumentParser,
+    apply_overrides,
+    config_name,
+    load_config,
+    packaged_config_names,
+    split_overrides,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +63,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     config = apply_overrides(load_config(args.config), overrides)
-    from sgm_jax.aot import compile_check, format_report
 
     report, chip = compile_check(config, args.topology, job=args.job, config_name=config_name(args.config),
                                  width=args.width, height=args.height, steps=args.steps, num=args.num,

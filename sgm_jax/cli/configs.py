@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from sgm_jax.config_files import (OVERRIDE_PREFIX, PACKAGE, apply_overrides, config_name, load_config,
-                                  packaged_config_names, packaged_configs_dir, parse_value, split_overrides)
+from sgm_jax.config_files import (
+    OVERRIDE_PREFIX,
+    PACKAGE,
+    apply_overrides,
+    config_name,
+    load_config,
+    packaged_config_names,
+    packaged_configs_dir,
+    parse_value,
+    split_overrides,
+)
 from sgm_jax.errors import fail
 
 __all__ = ["ArgumentParser", "OVERRIDE_PREFIX", "PACKAGE", "apply_overrides", "config_name", "load_config",

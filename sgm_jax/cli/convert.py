@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from sgm_jax.convert import checkpoint as ck
+from sgm_jax.convert.checkpoint import CheckpointFileError, CheckpointMismatchError
 from sgm_jax.errors import UserError, one_line
 
 from .configs import ArgumentParser, load_config
@@ -58,7 +60,6 @@ def _quiet_logs() -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-    from sgm_jax.convert import checkpoint as ck
 
     config = load_config(args.config)
     start = time.perf_counter()
@@ -85,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     # preallocates GPU memory nor prints device warnings.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _quiet_logs()
-    from sgm_jax.convert.checkpoint import CheckpointFileError, CheckpointMismatchError
 
     try:
         print(run(args))

@@ -20,6 +20,10 @@ import sys
 from typing import Any, Callable, Sequence
 
 from sgm_jax.errors import USER_EXCEPTIONS, UserError, one_line, run_cli
+from sgm_jax.inference.loading import enable_compilation_cache
+from sgm_jax.inference.runner import RequestCancelled
+from sgm_jax.inference.sampling import SAMPLER_NAMES, canonical_sampler_name
+from sgm_jax.inference.service import DemoRequest, DemoService, ModelSource, discover
 
 from .configs import ArgumentParser
 
@@ -54,7 +58,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 def make_service(specs: Sequence[str], tokenizer: str | None = None, out: str | None = None,
                  watermark: bool = True, **caps: int) -> Any:
     """caps: max_images, max_pixels (DemoService's); watermark: stamp the saved images."""
-    from sgm_jax.inference.service import DemoService, ModelSource, discover
 
     sources = [ModelSource.parse(s) for s in specs] if specs else discover(["workdir", "checkpoints"])
     return DemoService(sources, out, tokenizer, watermark=watermark, **caps)
@@ -66,7 +69,6 @@ def serve(args: argparse.Namespace) -> int:
     service = make_service(args.model, args.tokenizer, args.out, watermark=not args.no_watermark,
                            max_images=args.max_images, max_pixels=args.max_pixels)  # checked before anything starts
     if not args.no_cache:
-        from sgm_jax.inference.loading import enable_compilation_cache
 
         enable_compilation_cache(args.cache_dir)
     handler = logging.StreamHandler(sys.stdout)  # the server log: one line per cancelled request
@@ -92,9 +94,6 @@ def build_app(service: Any) -> Any:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from sgm_jax.inference.runner import RequestCancelled
-    from sgm_jax.inference.sampling import SAMPLER_NAMES, canonical_sampler_name
-    from sgm_jax.inference.service import DemoRequest
 
     labels = list(service.sources)
     converted = [label for label in labels if service.sources[label].kind == "converted"]

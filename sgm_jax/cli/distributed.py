@@ -16,7 +16,8 @@ import traceback
 from typing import Callable, NoReturn
 
 from sgm_jax.errors import UserError, run_cli
-from sgm_jax.multihost import lost_peer
+from sgm_jax.multihost import PeerWatch, lost_peer
+from sgm_jax.parallel import DistributedSpec, initialize_distributed
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def start(args: argparse.Namespace) -> int:
     """Join the job described by the flags / environment; one `error:` line when that fails."""
-    from sgm_jax.parallel import DistributedSpec, initialize_distributed
 
     try:
         spec = DistributedSpec.from_env(args.coordinator_address, args.num_processes, args.process_id,
@@ -45,7 +45,6 @@ def start(args: argparse.Namespace) -> int:
     if count > 1:
         import atexit
 
-        from sgm_jax.multihost import PeerWatch
 
         # half jax's heartbeat timeout: this one line comes before jax's abort would
         watch = PeerWatch(max(spec.heartbeat_timeout / 2, 5.0), _lost).start()

@@ -27,7 +27,12 @@ import numpy as np
 from sgm_jax import multihost
 from sgm_jax.errors import UserError
 from sgm_jax.evaluation.images import load_image_folder, save_image_folder
-from sgm_jax.evaluation.registry import EVALUATORS, EvalOptions, build_evaluators, evaluate_images
+from sgm_jax.evaluation.registry import (
+    EVALUATORS,
+    EvalOptions,
+    build_evaluators,
+    evaluate_images,
+)
 from sgm_jax.inference.workdir import TrainedModel
 
 from . import distributed

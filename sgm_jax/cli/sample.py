@@ -28,10 +28,24 @@ import numpy as np
 
 from sgm_jax import multihost
 from sgm_jax.errors import UserError
+from sgm_jax.inference import load_image
+from sgm_jax.inference.loading import enable_compilation_cache
+from sgm_jax.inference.models import load_pipeline, load_workdir_config, parse_loras
+from sgm_jax.inference.outputs import Watermark, output_paths, save_grid, save_images
+from sgm_jax.inference.pipeline import check_size, engine_for_sampling, size_multiple
+from sgm_jax.inference.requests import ImageRequest, generate
+from sgm_jax.inference.workdir import TrainedModel
 from sgm_jax.nn.conditioner import class_count
+from sgm_jax.parallel import make_mesh
 
 from . import distributed
-from .configs import ArgumentParser, apply_overrides, config_name, load_config, split_overrides
+from .configs import (
+    ArgumentParser,
+    apply_overrides,
+    config_name,
+    load_config,
+    split_overrides,
+)
 
 SAMPLERS = ("euler_edm", "heun_edm", "euler_ancestral", "dpmpp2s_ancestral", "dpmpp2m", "linear_multistep",
             "substep_euler_ancestral")
@@ -139,7 +153,6 @@ def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -
     if bool(args.workdir) == bool(args.config):
         raise UserError("pass --config (SDXL / SD 2.1 inference config) or --workdir (a train.py run), one of them")
     if args.workdir:
-        from sgm_jax.inference.models import load_workdir_config
 
         for flag in ("checkpoint", "refiner", "init_image", "tokenizer"):
             if getattr(args, flag):
@@ -193,8 +206,6 @@ def workdir_conditions(config: Any, args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from sgm_jax.inference.models import parse_loras
-    from sgm_jax.inference.outputs import Watermark, output_paths, save_grid, save_images
 
     config = request_config(args, overrides)
     distributed.start(args)  # before any other JAX call; each host then samples its share on its devices
@@ -211,7 +222,6 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     num = int(inf["num_samples"])
     paths, grid = output_paths(args.out, max(len(conds), 1) * num, f"{name}_s{inf['seed']}")
     if not args.no_cache:
-        from sgm_jax.inference.loading import enable_compilation_cache
 
         enable_compilation_cache(args.cache_dir)
     step_progress = True if args.progress_steps else None
@@ -261,7 +271,6 @@ def blocks_of(groups: int, per_group: int, batch: int) -> list[tuple[int, int, i
 
 def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], options: dict[str, float],
                    step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
-    from sgm_jax.inference.workdir import TrainedModel
 
     inf = config.inference
     model = TrainedModel.load(args.workdir, use_ema=not args.no_ema, step=args.step, config=config,
@@ -296,11 +305,6 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
                      step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
     import jax
 
-    from sgm_jax.inference import load_image
-    from sgm_jax.inference.models import load_pipeline
-    from sgm_jax.inference.requests import ImageRequest, generate
-    from sgm_jax.inference.pipeline import check_size, engine_for_sampling, size_multiple
-    from sgm_jax.parallel import make_mesh
 
     inf = config.inference
     engine = engine_for_sampling(config, "float32")

@@ -14,8 +14,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from sgm_jax.training.loop import train
+
 from . import distributed
-from .configs import ArgumentParser, apply_overrides, load_config, packaged_config_names, split_overrides
+from .configs import (
+    ArgumentParser,
+    apply_overrides,
+    load_config,
+    packaged_config_names,
+    split_overrides,
+)
 
 DEFAULT_CONFIG = "mnist_cond_cpu"
 
@@ -49,7 +57,6 @@ def run(config_spec: str, overrides: list[tuple[str, str]], workdir: str | None,
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from sgm_jax.training.loop import train
 
     train(config, workdir or str(Path("workdir") / config.training.name))
     return 0

@@ -16,9 +16,19 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from sgm_jax.data.base import ArrayDataset, DataSource, SourcedArrayDataset, StepIterator, to_model_range
+from sgm_jax.data.base import (
+    ArrayDataset,
+    DataSource,
+    SourcedArrayDataset,
+    StepIterator,
+    to_model_range,
+)
 from sgm_jax.data.cifar10 import Cifar10Dataset, resolve_cifar10_source
 from sgm_jax.data.mnist import MnistDataset, read_idx, resolve_mnist_source
+from sgm_jax.data.streaming import streaming_from_config
+from sgm_jax.data.synthetic import SyntheticDataset
+from sgm_jax.diffusion.registry import to_plain
+from sgm_jax.errors import UserError
 
 # Dataset names, including the seed's data targets, so its yaml `data.target` maps 1:1.
 DATASETS: dict[str, type[ArrayDataset]] = {
@@ -53,19 +63,15 @@ def from_config(
     batch size. In-memory targets (the seed's MNISTLoader / CIFAR10Loader) take
     `params.path` ("" = search the usual places; a path given must hold the data);
     streaming targets read the seed's `params.train.datapipeline` / `loader` layout."""
-    from sgm_jax.diffusion.registry import to_plain
-    from sgm_jax.errors import UserError
 
     config = to_plain(data_config)
     if not isinstance(config, Mapping) or "target" not in config:
         raise UserError(f"config.data needs a 'target' (one of {sorted(DATASETS) + sorted(STREAMING_TARGETS)})")
     target, params = str(config["target"]), dict(config.get("params") or {})
     if target == "synthetic":
-        from sgm_jax.data.synthetic import SyntheticDataset
 
         return SyntheticDataset(process_index=process_index, process_count=process_count, **params)
     if target in STREAMING_TARGETS:
-        from sgm_jax.data.streaming import streaming_from_config
 
         return streaming_from_config(target, params, split=split, process_index=process_index,
                                      process_count=process_count)

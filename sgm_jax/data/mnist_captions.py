@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 from sgm_jax.data import webdataset as W
+from sgm_jax.data.mnist import load_mnist, resolve_mnist_source
 from sgm_jax.errors import run_cli
+from sgm_jax.nn.tokenizer import load_tokenizer
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Training captions are composed: a frame around a phrase naming the digit, sometimes with a
@@ -65,7 +67,6 @@ def caption(label: int, wording: str) -> str:
 def distractor_words(tokenizer=None) -> tuple[str, ...]:
     """Whole words of the CLIP BPE vocabulary that say nothing about a digit: lower-case ASCII
     letters, 3-10 long, no digit name inside, no number word, no held-out-only word."""
-    from sgm_jax.nn.tokenizer import load_tokenizer
 
     vocab = (tokenizer or load_tokenizer()).get_vocab()
     words = {t[:-4] for t in vocab if t.endswith("</w>")}
@@ -101,7 +102,6 @@ def write_shards(out_dir: str | Path, split: str = "train", *, path: str | None 
                  samples_per_shard: int = 2000, seed: int = 0) -> dict:
     """Shards `<out_dir>/<split>-NNNNNN.tar` of padded MNIST `split` digits with captions from
     `training_caption` (deterministic per seed); returns {"urls", "samples", "paths"}."""
-    from sgm_jax.data.mnist import load_mnist, resolve_mnist_source
 
     images, labels = load_mnist(resolve_mnist_source(path, split), split)
     order = np.random.default_rng(seed).permutation(len(labels))[:limit]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sgm_jax.data import MnistDataset
 from sgm_jax.evaluation.checks import check_conditioning
 
 
@@ -87,7 +88,6 @@ class ClassifierEvaluator:
     @classmethod
     def from_mnist(cls, path: str | None = None, split: str = "test", epochs: int = 3, seed: int = 0,
                    limit: int | None = None) -> "ClassifierEvaluator":
-        from sgm_jax.data import MnistDataset
 
         data = MnistDataset(path or None, split=split)
         n = len(data) if limit is None else min(limit, len(data))

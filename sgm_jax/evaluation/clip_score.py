@@ -14,9 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax.convert.clip_vision import (
+    convert_clip_text,
+    convert_clip_vision,
+    open_clip_checkpoint,
+)
 from sgm_jax.evaluation.fid import prepare_images
 from sgm_jax.nn.clip_vision import VIT_L_14, CLIPVisionTower, preprocess
 from sgm_jax.nn.text import CLIPTextTransformer
+from sgm_jax.nn.tokenizer import tokenize
 
 
 def clip_score_from_embeddings(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
@@ -50,7 +56,6 @@ class CLIPScore:
         self._text_fn = jax.jit(lambda p, t: text_embeddings(self.text, p, t))
 
     def per_image(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        from sgm_jax.nn.tokenizer import tokenize
 
         if len(prompts) != len(images):
             raise ValueError(f"CLIP score needs one prompt per image: {len(images)} images, {len(prompts)} prompts")
@@ -70,7 +75,6 @@ def load_clip_score_params(path: str | None = None, vision: CLIPVisionTower | No
                            text: CLIPTextTransformer | None = None) -> dict[str, Any]:
     """Both towers from transformers' CLIPModel checkpoint of openai/clip-vit-large-patch14
     (a file or folder; None: `sgm_jax.convert.clip_vision.default_weight_paths()`)."""
-    from sgm_jax.convert.clip_vision import convert_clip_text, convert_clip_vision, open_clip_checkpoint
 
     checkpoint = open_clip_checkpoint(path)
     return {"vision": convert_clip_vision(checkpoint, vision or CLIPVisionTower(**VIT_L_14)),

@@ -48,7 +48,8 @@ class InceptionFeatures:
     """
 
     def __init__(self, params: Any, batch_size: int = 64, dtype: Any = jnp.float32, devices: Any = None):
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         devices = list(devices if devices is not None else jax.local_devices())
         self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)

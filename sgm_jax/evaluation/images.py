@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sgm_jax.data import DATASETS, build_dataset
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -76,7 +78,6 @@ def save_image_folder(directory: str | os.PathLike, images: np.ndarray, conditio
 def load_split(ref: str, limit: int | None = None) -> tuple[np.ndarray, list[Any]]:
     """`"mnist:test"`, `"cifar10:train"`, ... (optionally `"mnist:test:/path/to/data"`): the split's
     uint8 images and class ids, from the same sources training reads."""
-    from sgm_jax.data import DATASETS, build_dataset
 
     name, _, rest = ref.partition(":")
     split, _, path = rest.partition(":")

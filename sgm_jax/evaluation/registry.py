@@ -16,10 +16,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sgm_jax import multihost
+from sgm_jax.convert.inception import load_inception_params
 from sgm_jax.evaluation import fid as fid_lib
 from sgm_jax.evaluation.checks import check_conditioning
 from sgm_jax.evaluation.classifier import ClassifierEvaluator
+from sgm_jax.evaluation.clip_score import CLIPScore, load_clip_score_params
 from sgm_jax.evaluation.images import is_split_reference, load_image_folder, load_split
+from sgm_jax.evaluation.reconstruction import ReconstructionEvaluator
+from sgm_jax.nn.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -69,7 +73,6 @@ class FIDEvaluator:
 
 
 def build_fid(options: EvalOptions) -> FIDEvaluator:
-    from sgm_jax.convert.inception import load_inception_params
 
     if not options.ref:
         raise ValueError("FID needs reference images or statistics: give --ref DIR|stats.npz|mnist:test")
@@ -99,8 +102,6 @@ class CLIPScoreEvaluator:
 
 
 def build_clip_score(options: EvalOptions) -> CLIPScoreEvaluator:
-    from sgm_jax.evaluation.clip_score import CLIPScore, load_clip_score_params
-    from sgm_jax.nn.tokenizer import load_tokenizer
 
     params = load_clip_score_params(options.clip_weights)
     return CLIPScoreEvaluator(CLIPScore(params, load_tokenizer(options.tokenizer), batch_size=options.batch_size))
@@ -111,7 +112,6 @@ def build_classifier(options: EvalOptions) -> Any:
 
 
 def build_reconstruction(options: EvalOptions) -> Any:
-    from sgm_jax.evaluation.reconstruction import ReconstructionEvaluator
 
     if not options.ref or str(options.ref).endswith(".npz"):
         raise ValueError("reconstruction metrics compare image pairs: --ref must be a folder or <dataset>:<split>")

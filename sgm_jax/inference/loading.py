@@ -9,8 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sgm_jax.convert.checkpoint import CheckpointFileError, load_params
 from sgm_jax.errors import UserError
 from sgm_jax.lora import LoraFile, apply_loras, read_lora
+from sgm_jax.nn.tokenizer import load_tokenizer
 
 DEFAULT_CACHE_DIR = Path("~/.cache/sgm_jax/jax_cache")
 
@@ -45,7 +47,6 @@ def load_checkpoint(checkpoint: str | os.PathLike | None, config_path: str | os.
     (`sgm_jax.lora.apply_loras`); the LoRA files are checked (readable, every key fits this
     model, or with lora_strict=False skipped with a warning) before the weights are read.
     """
-    from sgm_jax.convert.checkpoint import CheckpointFileError, load_params
 
     path = check_checkpoint(checkpoint, config_path)
     lora_files = read_loras(loras)
@@ -80,7 +81,6 @@ def load_clip_tokenizer(config: Any, source: str | os.PathLike | None) -> Any:
     source: --tokenizer (a tokenizer folder, a diffusers checkpoint folder, or the BPE file);
     None: config.inference.tokenizer_path, then sgm_jax.nn.tokenizer's default places.
     """
-    from sgm_jax.nn.tokenizer import load_tokenizer
 
     inference = config.get("inference") or {}
     specs = config["model"]["params"]["conditioner_config"]["params"]["emb_models"]

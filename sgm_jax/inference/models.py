@@ -16,14 +16,15 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from sgm_jax.checkpointing.checkpoint import first_mismatch
 from sgm_jax.checkpointing.workdirs import read_workdir_config
 from sgm_jax.config_files import config_name, load_config
-from sgm_jax.errors import UserError
-from sgm_jax.lora.merge import apply_loras
-from sgm_jax.lora.files import parse_lora_spec
-from sgm_jax.checkpointing.checkpoint import first_mismatch
 from sgm_jax.convert.layout import engine_parts
+from sgm_jax.errors import UserError
+from sgm_jax.lora.files import parse_lora_spec
+from sgm_jax.lora.merge import apply_loras
 
+from .loading import check_checkpoint, load_checkpoint, load_clip_tokenizer
 from .pipeline import Pipeline
 from .workdir import TrainedModel, with_inference_section
 
@@ -67,7 +68,6 @@ def load_pipeline(config: Any, checkpoint: str | os.PathLike | None, *, config_l
                   step_progress: bool | None = None, loras: Sequence[tuple[str, float]] = (),
                   lora_strict: bool = True) -> Pipeline:
     """A Pipeline over converted weights; every problem is one line, raised before any compile."""
-    from .loading import check_checkpoint, load_checkpoint, load_clip_tokenizer
 
     checkpoint = checkpoint or (config.get("inference") or {}).get("checkpoint")
     path = check_checkpoint(checkpoint, config_label)

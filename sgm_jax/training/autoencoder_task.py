@@ -16,8 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax import multihost
-from sgm_jax.autoencoding.engine import AutoencoderState, build_parts, init_state, logvar_of
+from sgm_jax import data, multihost
+from sgm_jax.autoencoding.engine import (
+    AutoencoderState,
+    build_parts,
+    init_state,
+    logvar_of,
+)
 from sgm_jax.autoencoding.lpips import find_lpips_weights, load_lpips_params
 from sgm_jax.autoencoding.step import make_train_step, reconstruct
 from sgm_jax.images import legible_scale, make_grid
@@ -93,7 +98,6 @@ class AutoencoderTask(Task):
 
     def _held_out(self) -> np.ndarray:
         if self._eval_set is None:
-            from sgm_jax import data
 
             n = int(self.config.training.eval_examples)
             try:

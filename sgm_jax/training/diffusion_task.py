@@ -10,16 +10,26 @@ import numpy as np
 
 from sgm_jax import multihost
 from sgm_jax.batch_keys import SIZE_KEYS, is_stored_output
+from sgm_jax.checkpointing.frozen import (
+    abstract_full_params,
+    merge_params,
+    split_params,
+)
+from sgm_jax.checkpointing.lora_params import (
+    frozen_parts,
+    full_params,
+    lora_settings,
+    new_adapters,
+)
 from sgm_jax.diffusion.registry import to_plain
 from sgm_jax.engine import DiffusionEngine, build_engine
-
-from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
-
-from sgm_jax.checkpointing.frozen import abstract_full_params, merge_params, split_params
-from sgm_jax.checkpointing.lora_params import frozen_parts, full_params, lora_settings, new_adapters
+from sgm_jax.evaluation.in_training import make_training_evaluator
 from sgm_jax.images import legible_scale, make_grid
 from sgm_jax.model_inputs import ConditioningValues, get_batch
+from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
+from sgm_jax.nn.tokenizer import load_tokenizer
 from sgm_jax.optim import make_optimizer
+
 from .schedules import learning_rate_schedule
 from .state import TrainState, trainable_tree
 from .step import init_train_state, make_train_step
@@ -89,7 +99,6 @@ class DiffusionTask(Task):
         self.lora = lora_settings(config)  # None: the UNet (+ trainable embedders) train; else adapters only
         self._tokenizers = None
         if any(spec.is_text for spec in self.engine.conditioner.specs):
-            from sgm_jax.nn.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(tc.tokenizer or None) if tokenizer is None else tokenizer
             self._tokenizers = text_tokenizers(self.engine.conditioner, tokenizer)
@@ -101,7 +110,6 @@ class DiffusionTask(Task):
         self._grid_compiled = False  # several hosts: the grid sampler was compiled on all of them together
         self._evaluator = None
         if int(tc.eval_every) > 0 and config.get("eval") is not None:
-            from sgm_jax.evaluation.in_training import make_training_evaluator
 
             self._evaluator = make_training_evaluator({**to_plain(config.eval), "every": int(tc.eval_every)},
                                                       tuple(dataset.image_shape))

@@ -20,14 +20,25 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from sgm_jax import multihost, parallel
-from sgm_jax.checkpointing.checkpoint import Checkpointer, check_tree_matches, remove_interrupted_saves, step_dirs
+from sgm_jax import data, multihost, parallel
+from sgm_jax.checkpointing.checkpoint import (
+    Checkpointer,
+    check_tree_matches,
+    remove_interrupted_saves,
+    step_dirs,
+)
 from sgm_jax.errors import UserError
 from sgm_jax.images import save_png
 from sgm_jax.signals import StopFlag
 
 from .metrics import MetricsWriter, truncate_after
-from .progress import CARRY_SHAPE, NonfiniteWatch, next_carry, nonfinite_what, progress_bar
+from .progress import (
+    CARRY_SHAPE,
+    NonfiniteWatch,
+    next_carry,
+    nonfinite_what,
+    progress_bar,
+)
 from .run_control import Profiler
 from .tasks import task_class
 from .workdir import WorkdirLock, check_run_record, write_json_atomic
@@ -40,7 +51,6 @@ REQUIRED_TRAINING_FIELDS = (
 
 
 def _dataset(config: Any) -> Any:
-    from sgm_jax import data
 
     return data.from_config(config.data, split="train")
 

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sgm_jax.checkpointing.frozen import merge_params
 from sgm_jax.engine import DiffusionEngine
 from sgm_jax.optim import ema_decay, ema_update
-from sgm_jax.checkpointing.frozen import merge_params
 
 from .state import TrainState
 
