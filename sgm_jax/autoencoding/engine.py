@@ -69,6 +69,8 @@ def build_parts(config: Any) -> AutoencoderParts:
         raise ValueError(f"model.target {model_cfg['target']!r} is not an autoencoder sgm_jax trains")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[str(config.training.get("dtype", "float32"))]
     model = autoencoder_from_config(model_cfg, dtype=dtype)
+    if model.decoder_target != "Decoder":  # the adaptive GAN weight takes conv_out as the last layer
+        raise ValueError(f"training a {model.decoder_target} first stage is not implemented (SVD's is inference-only)")
     loss_cfg = mp.get("loss_config") or mp.get("lossconfig")
     if not loss_cfg or not str(loss_cfg.get("target", "")).endswith("GeneralLPIPSWithDiscriminator"):
         raise ValueError("model.params.loss_config must be GeneralLPIPSWithDiscriminator to train an autoencoder")

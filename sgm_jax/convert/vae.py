@@ -4,6 +4,10 @@
 The key map is derived from the Flax params tree itself: module names in `sgm_jax.nn.vae`
 are the seed's with list indices written `down_1_block_0`, so every Flax path translates
 mechanically, and `convert_state_dict` checks that the map covers the model exactly.
+The video decoder (`sgm_jax.nn.video_vae`, SVD) adds modules named as the seed's openaimodel
+ones (`time_stack/in_layers_2` -> `time_stack.in_layers.2`, `to_out_0` -> `to_out.0`), its
+Conv3d kernels (5-d, "conv") and the blocks' `mix_factor` ("copy"; a buffer in the seed under
+merge_strategy "fixed", accepted and left out on conversion).
 """
 
 from __future__ import annotations
@@ -24,16 +28,19 @@ VAE_PREFIX = "first_stage_model."
 _LEVEL = re.compile(r"^(down|up)_(\d+)_(block|attn)_(\d+)$")
 _RESAMPLE = re.compile(r"^(down|up)_(\d+)_(downsample|upsample)$")
 _MID = re.compile(r"^mid_(block_1|attn_1|block_2)$")
+# Any other `<name>_<index>`: a torch list / Sequential entry (the video decoder's openaimodel
+# and attention modules); no image Encoder / Decoder name ends so.
+_INDEXED = re.compile(r"^(.+)_(\d+)$")
 
 
 def torch_leaf(leaf: str, ndim: int) -> tuple[str, str]:
     """Flax leaf name and rank -> (torch leaf name, transform kind).
 
-    Dense/Conv `kernel` -> `weight` (linear / conv layout), norm `scale` -> `weight`,
+    Dense/Conv `kernel` -> `weight` (linear / conv layout: Conv2d and Conv3d), norm `scale` -> `weight`,
     `embedding` -> `weight`, `bias` and raw parameters (e.g. `positional_embedding`) as is.
     """
     if leaf == "kernel":
-        return "weight", "conv" if ndim == 4 else "linear"
+        return "weight", "conv" if ndim >= 4 else "linear"
     if leaf in ("scale", "embedding"):
         return "weight", "copy"
     return leaf, "copy"
@@ -44,7 +51,7 @@ def _torch_module(name: str) -> str:
         return f"mid.{m.group(1)}"
     if m := _LEVEL.match(name) or _RESAMPLE.match(name):
         return ".".join(m.groups())
-    return name
+    return _INDEXED.sub(r"\1.\2", name)
 
 
 def vae_key_map(params: Mapping[str, Any]) -> KeyMap:
@@ -66,6 +73,15 @@ def abstract_vae_params(model: AutoencoderKL) -> Mapping[str, Any]:
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
 
 
+def vae_buffer_suffixes(model: AutoencoderKL) -> tuple[str, ...]:
+    """Seed keys that are buffers, not params: a VideoDecoder's "fixed" `mix_factor`s (the
+    constant is its config's `alpha`)."""
+    if model.decoder_target != "VideoDecoder":
+        return ()
+    cfg = model.decoder_config or model.ddconfig
+    return (".mix_factor",) if cfg.get("merge_strategy", "learned") == "fixed" else ()
+
+
 def convert_vae(
     state_dict: Mapping[str, Any],
     model: AutoencoderKL,
@@ -77,7 +93,8 @@ def convert_vae(
     -> Flax params for `model` (numpy). Raises CheckpointMismatchError listing missing,
     unexpected (under `prefix`) and mis-shaped keys."""
     abstract = abstract_vae_params(model)
-    return convert_state_dict(state_dict, vae_key_map(abstract), abstract, prefix=prefix, dtype=dtype)
+    return convert_state_dict(state_dict, vae_key_map(abstract), abstract, prefix=prefix, dtype=dtype,
+                              ignore_unexpected=vae_buffer_suffixes(model))
 
 
 def export_vae(params: Mapping[str, Any], *, prefix: str = VAE_PREFIX) -> dict[str, Any]:

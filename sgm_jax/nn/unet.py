@@ -75,7 +75,8 @@ class ResBlock(nn.Module):
     `up` / `down`). `use_scale_shift_norm`: emb gives FiLM scale and shift after out norm.
     `dims=3` (the VideoUNet's temporal block): `x` `[B,T,H,W,C]`, `emb` `[B,T,E]`, convs of
     `kernel_size` (e.g. `(3, 1, 1)`: over time only); the seed's `exchange_temb_dims` is
-    what broadcasting `emb` over H, W does in channels-last.
+    what broadcasting `emb` over H, W does in channels-last. `skip_t_emb` (the seed's, for the
+    video decoder's temporal blocks): no `emb_layers`, `emb` is unused and may be None.
     """
 
     channels: int
@@ -88,13 +89,14 @@ class ResBlock(nn.Module):
     deterministic: bool = True
     dims: int = 2
     kernel_size: int | Sequence[int] = 3
+    skip_t_emb: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array | None) -> jax.Array:
         return self._residual(x, emb)
 
-    def _residual(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    def _residual(self, x: jax.Array, emb: jax.Array | None) -> jax.Array:
         """The block's body; VideoResBlock calls it from its own compact `__call__`, so the
         spatial params stay at the top level, as in the seed's subclass."""
         if self.dims == 3 and (self.up or self.down):
@@ -108,24 +110,31 @@ class ResBlock(nn.Module):
             h = resample(self.channels, False, dtype=self.dtype)(h)
             x = resample(self.channels, False, dtype=self.dtype)(x)
         h = conv("in_layers_2")(h)
-
-        emb_width = 2 * out_ch if self.use_scale_shift_norm else out_ch
-        emb_out = nn.Dense(emb_width, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
-        # [B, C] -> [B, 1, 1, C]; [B, T, C] -> [B, T, 1, 1, C]
-        spatial_ones = (1,) * (h.ndim - emb_out.ndim)
-        emb_out = emb_out.astype(h.dtype).reshape(emb_out.shape[:-1] + spatial_ones + emb_out.shape[-1:])
         out_norm = GroupNorm(dtype=self.dtype, name="out_layers_0")
-        if self.use_scale_shift_norm:
-            scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = out_norm(h) * (1 + scale) + shift
+        if self.skip_t_emb:
+            if self.use_scale_shift_norm:
+                raise ValueError("skip_t_emb has no embedding to scale and shift with")
+            h = out_norm(h)  # the seed adds zeros in place of the embedding
         else:
-            h = out_norm(h + emb_out)
+            h = self._add_embedding(h, emb, out_ch, out_norm)
         h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=self.deterministic)
         h = conv("out_layers_3", zero=True)(h)
 
         if out_ch != self.channels:
             x = conv("skip_connection", self.kernel_size if self.use_conv else 1)(x)
         return x + h
+
+    def _add_embedding(self, h: jax.Array, emb: jax.Array, out_ch: int, out_norm: GroupNorm) -> jax.Array:
+        """The embedding's projection added before `out_norm` (or FiLM after it)."""
+        emb_width = 2 * out_ch if self.use_scale_shift_norm else out_ch
+        emb_out = nn.Dense(emb_width, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
+        # [B, C] -> [B, 1, 1, C]; [B, T, C] -> [B, T, 1, 1, C]
+        spatial_ones = (1,) * (h.ndim - emb_out.ndim)
+        emb_out = emb_out.astype(h.dtype).reshape(emb_out.shape[:-1] + spatial_ones + emb_out.shape[-1:])
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            return out_norm(h) * (1 + scale) + shift
+        return out_norm(h + emb_out)
 
 
 # A layer of a TimestepEmbedSequential: (kind, module class, constructor kwargs). `kind`

@@ -52,6 +52,11 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        return self._residual(x, deterministic)
+
+    def _residual(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        """The block's body; the video decoder's VideoResBlock calls it from its own compact
+        `__call__`, so the spatial params stay at the block's level, as in the seed's subclass."""
         h = nn.swish(_norm("norm1")(x))
         h = _conv(self.out_channels, 3, "conv1", self.dtype)(h)
         h = nn.swish(_norm("norm2")(h))
@@ -72,13 +77,17 @@ class AttnBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        h = _conv(x.shape[-1], 1, "proj_out", self.dtype)(self._attend(x))
+        return x.astype(h.dtype) + h
+
+    def _attend(self, x: jax.Array) -> jax.Array:
+        """norm, q/k/v and the attention, `[B, H, W, C]` before proj_out (the seed's
+        `attention`; its VideoBlock mixes over time between this and proj_out)."""
         b, hgt, wid, c = x.shape
         h = _norm("norm")(x)
         # [B, H*W, 1 head, C]: the layout jax.nn.dot_product_attention expects.
         q, k, v = (_conv(c, 1, n, self.dtype)(h).reshape(b, hgt * wid, 1, c) for n in ("q", "k", "v"))
-        h = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt, wid, c)
-        h = _conv(c, 1, "proj_out", self.dtype)(h)
-        return x.astype(h.dtype) + h
+        return jax.nn.dot_product_attention(q, k, v).reshape(b, hgt, wid, c)
 
 
 class Downsample(nn.Module):
@@ -146,7 +155,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent `[B, h, w, z_channels]` -> image `[B, h*f, w*f, out_ch]`."""
+    """Latent `[B, h, w, z_channels]` -> image `[B, h*f, w*f, out_ch]`.
+
+    Its res blocks, attention and conv_out are built by `_resnet`, `_attn` and `_conv_out`
+    (the seed's `_make_resblock`, `_make_attn`, `_make_conv`), which the video decoder
+    (`sgm_jax.nn.video_vae.VideoDecoder`) overrides. `timesteps` (frames per video) is passed
+    to them; this image decoder ignores it, as the seed's blocks ignore their `**kwargs`.
+    """
 
     ch: int
     out_ch: int
@@ -162,23 +177,21 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, z: jax.Array, deterministic: bool = True, timesteps: int | None = None) -> jax.Array:
         levels = len(self.ch_mult)
         block_in = self.ch * self.ch_mult[-1]
         curr_res = self.resolution // 2 ** (levels - 1)
         h = _conv(block_in, 3, "conv_in", self.dtype)(z.astype(self.dtype))
-        h = ResnetBlock(block_in, self.dropout, self.dtype, name="mid_block_1")(h, deterministic)
-        h = _make_attn(self.attn_type, "mid_attn_1", self.dtype)(h)
-        h = ResnetBlock(block_in, self.dropout, self.dtype, name="mid_block_2")(h, deterministic)
+        h = self._resnet(h, block_in, "mid_block_1", deterministic, timesteps)
+        h = self._attn(h, "mid_attn_1", timesteps)
+        h = self._resnet(h, block_in, "mid_block_2", deterministic, timesteps)
         # The seed stores the up path by level index (up.0 = full resolution) and runs it
         # from the lowest resolution upwards.
         for i in reversed(range(levels)):
             for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(self.ch * self.ch_mult[i], self.dropout, self.dtype, name=f"up_{i}_block_{j}")(
-                    h, deterministic
-                )
+                h = self._resnet(h, self.ch * self.ch_mult[i], f"up_{i}_block_{j}", deterministic, timesteps)
                 if curr_res in self.attn_resolutions:
-                    h = _make_attn(self.attn_type, f"up_{i}_attn_{j}", self.dtype)(h)
+                    h = self._attn(h, f"up_{i}_attn_{j}", timesteps)
             if i != 0:
                 h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
                 curr_res *= 2
@@ -188,8 +201,35 @@ class Decoder(nn.Module):
         # The input of the last layer, kept only when "intermediates" is mutable: the
         # autoencoder's adaptive GAN weight needs gradients at conv_out (get_last_layer).
         self.sow("intermediates", "conv_out_input", h)
-        h = _conv(self.out_ch, 3, "conv_out", self.dtype)(h)
+        h = self._conv_out(h, timesteps)
         return jnp.tanh(h) if self.tanh_out else h
+
+    @staticmethod
+    def config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """This class's own keyword arguments from a seed decoder config (a subclass's extras)."""
+        return {}
+
+    def _resnet(self, h: jax.Array, out_channels: int, name: str, deterministic: bool,
+                timesteps: int | None) -> jax.Array:
+        return ResnetBlock(out_channels, self.dropout, self.dtype, name=name)(h, deterministic)
+
+    def _attn(self, h: jax.Array, name: str, timesteps: int | None) -> jax.Array:
+        return _make_attn(self.attn_type, name, self.dtype)(h)
+
+    def _conv_out(self, h: jax.Array, timesteps: int | None) -> jax.Array:
+        return _conv(self.out_ch, 3, "conv_out", self.dtype)(h)
+
+
+# The seed's decoder class names -> their Flax modules. Subclasses defined elsewhere register
+# here (sgm_jax.nn.video_vae's VideoDecoder, imported with sgm_jax.nn), so this module needs
+# no import of theirs.
+DECODERS: dict[str, type[Decoder]] = {"Decoder": Decoder}
+
+
+def register_decoder(cls: type[Decoder]) -> type[Decoder]:
+    """Class decorator: make `cls` buildable as AutoencoderKL(decoder_target=cls.__name__)."""
+    DECODERS[cls.__name__] = cls
+    return cls
 
 
 @flax.struct.dataclass
@@ -273,6 +313,8 @@ class AutoencoderKL(nn.Module):
     """The seed's AutoencoderKL (AutoencodingEngineLegacy with a DiagonalGaussianRegularizer),
     and its AutoencodingEngine (`use_quant_conv=False`, `decoder_config` = the decoder's params
     when they differ from the encoder's `ddconfig`); build either with `autoencoder_from_config`.
+    `decoder_target` "VideoDecoder": the decoder is `sgm_jax.nn.video_vae.VideoDecoder` (SVD's
+    first stage); `decode`'s `timesteps` is then the number of frames per video.
 
     Params (float32): `encoder`, `decoder`, `quant_conv`, `post_quant_conv` (the last two only
     with `use_quant_conv`). Compute dtype `dtype`; group norms run in float32. Usage:
@@ -287,6 +329,7 @@ class AutoencoderKL(nn.Module):
     dtype: Dtype = jnp.float32
     decoder_config: Any = None  # None: the decoder reads `ddconfig` too (AutoencoderKL)
     use_quant_conv: bool = True  # False: the AutoencodingEngine (no quant_conv / post_quant_conv)
+    decoder_target: str = "Decoder"  # or "VideoDecoder" (the seed's temporal_ae.VideoDecoder)
 
     def __post_init__(self) -> None:
         # A hashable copy (FrozenDict, tuples) keeps the module usable as a static jit argument.
@@ -300,11 +343,15 @@ class AutoencoderKL(nn.Module):
         self.double_z = bool(self.ddconfig.get("double_z", True))
         self.encoder = Encoder(double_z=self.double_z, **enc)
         dec_cfg = self.decoder_config or self.ddconfig
-        self.decoder = Decoder(
+        decoder_cls = DECODERS.get(self.decoder_target)
+        if decoder_cls is None:
+            raise ValueError(f"decoder_target {self.decoder_target!r} is not one of {sorted(DECODERS)}")
+        self.decoder = decoder_cls(
             out_ch=int(dec_cfg["out_ch"]),
             give_pre_end=bool(dec_cfg.get("give_pre_end", False)),
             tanh_out=bool(dec_cfg.get("tanh_out", False)),
             **dec,
+            **decoder_cls.config_kwargs(dec_cfg),
         )
         if self.use_quant_conv:
             moments = (1 + self.double_z) * self.embed_dim
@@ -320,10 +367,14 @@ class AutoencoderKL(nn.Module):
         """Image -> the posterior over latents (logvar clamped)."""
         return DiagonalGaussianDistribution.from_moments(self.encode(x, deterministic))
 
-    def decode(self, z: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Latent `[B, h, w, embed_dim]` (unscaled) -> image `[B, h*f, w*f, out_ch]`."""
+    def decode(self, z: jax.Array, deterministic: bool = True, timesteps: int | None = None) -> jax.Array:
+        """Latent `[B, h, w, embed_dim]` (unscaled) -> image `[B, h*f, w*f, out_ch]`.
+
+        `timesteps`: frames per video for a VideoDecoder (B = videos * timesteps, video-major;
+        None: all B latents are one clip, as the seed decodes each `decoding_t` chunk); the
+        image decoder ignores it."""
         z = z.astype(self.dtype)
-        return self.decoder(self.post_quant_conv(z) if self.use_quant_conv else z, deterministic)
+        return self.decoder(self.post_quant_conv(z) if self.use_quant_conv else z, deterministic, timesteps)
 
     def __call__(
         self, x: jax.Array, key: jax.Array | None = None, deterministic: bool = True
@@ -355,12 +406,14 @@ def autoencoder_from_config(first_stage_config: Mapping[str, Any], dtype: Dtype 
         reg = str((params.get("regularizer_config") or {}).get("target", "DiagonalGaussianRegularizer"))
         if not reg.endswith("DiagonalGaussianRegularizer"):
             raise ValueError(f"regularizer {reg!r} is not supported; sgm_jax implements DiagonalGaussianRegularizer")
-        for name, part in (("encoder_config", params["encoder_config"]), ("decoder_config", params["decoder_config"])):
-            part_target = str(part.get("target", "")).rsplit(".", 1)[-1]
-            if part_target not in ("Encoder", "Decoder", ""):
-                raise ValueError(f"{name} target {part['target']!r} is not supported (use the seed's Encoder/Decoder)")
+        targets = {name: str(params[name].get("target", "")).rsplit(".", 1)[-1]
+                   for name in ("encoder_config", "decoder_config")}
+        for name, allowed in (("encoder_config", ("Encoder", "")), ("decoder_config", (*DECODERS, ""))):
+            if targets[name] not in allowed:
+                raise ValueError(f"{name} target {params[name]['target']!r} is not supported "
+                                 f"(use the seed's {' / '.join(a for a in allowed if a)})")
         return AutoencoderKL(embed_dim=int(enc["z_channels"]), ddconfig=enc,
                              decoder_config=None if normalize_ddconfig(dec) == normalize_ddconfig(enc) else dec,
-                             use_quant_conv=False, dtype=dtype)
+                             use_quant_conv=False, decoder_target=targets["decoder_config"] or "Decoder", dtype=dtype)
     raise ValueError(f"first stage {first_stage_config.get('target')!r} is not an autoencoder sgm_jax implements "
                      f"({', '.join(LEGACY_TARGETS + ENGINE_TARGETS)})")
