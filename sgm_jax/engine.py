@@ -21,6 +21,7 @@ from sgm_jax.diffusion.registry import instantiate_from_config, to_plain
 from sgm_jax.nn.conditioner import GeneralConditioner, build_conditioner
 from sgm_jax.nn.unet import UNetModel
 from sgm_jax.nn.video_unet import VideoUNet
+from sgm_jax.nn.vae import DiagonalGaussianDistribution, autoencoder_from_config
 
 Params = Mapping[str, Any]
 Cond = Mapping[str, jax.Array]
@@ -95,8 +96,6 @@ class DiffusionEngine:
     def latents_from_moments(self, moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """moments [B, h, w, 2 * embed_dim] -> scaled latents [B, h, w, embed_dim] (float32):
         the posterior mode, or with `key` a sample."""
-        from sgm_jax.nn.vae import DiagonalGaussianDistribution  # only configs with a VAE need it
-
         posterior = DiagonalGaussianDistribution.from_moments(jnp.asarray(moments).astype(jnp.float32))
         z = posterior.mode() if key is None else posterior.sample(key)
         return self.scale_factor * z
@@ -203,8 +202,6 @@ def build_engine(model_config: Mapping[str, Any], dtype: Any = "float32") -> Dif
     first_stage = None
     fs_cfg = cfg.get("first_stage_config")
     if fs_cfg is not None and _target_name(fs_cfg) not in ("IdentityFirstStage", ""):
-        from sgm_jax.nn.vae import autoencoder_from_config  # only configs with a VAE need it
-
         first_stage = autoencoder_from_config(fs_cfg, dtype=compute_dtype)
     emb_models = (cfg.get("conditioner_config") or {}).get("params", {}).get("emb_models", [])
     return DiffusionEngine(
