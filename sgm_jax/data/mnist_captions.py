@@ -22,7 +22,6 @@ from PIL import Image
 from sgm_jax.data import webdataset as W
 from sgm_jax.data.mnist import load_mnist, resolve_mnist_source
 from sgm_jax.errors import run_cli
-from sgm_jax.nn.tokenizer import load_tokenizer
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Training captions are composed: a frame around a phrase naming the digit, sometimes with a
@@ -67,6 +66,8 @@ def caption(label: int, wording: str) -> str:
 def distractor_words(tokenizer=None) -> tuple[str, ...]:
     """Whole words of the CLIP BPE vocabulary that say nothing about a digit: lower-case ASCII
     letters, 3-10 long, no digit name inside, no number word, no held-out-only word."""
+    # transformers is heavy and, without torch, prints a line on import: only text models need it
+    from sgm_jax.nn.tokenizer import load_tokenizer
 
     vocab = (tokenizer or load_tokenizer()).get_vocab()
     words = {t[:-4] for t in vocab if t.endswith("</w>")}

@@ -22,7 +22,6 @@ from sgm_jax.convert.clip_vision import (
 from sgm_jax.evaluation.fid import prepare_images
 from sgm_jax.nn.clip_vision import VIT_L_14, CLIPVisionTower, preprocess
 from sgm_jax.nn.text import CLIPTextTransformer
-from sgm_jax.nn.tokenizer import tokenize
 
 
 def clip_score_from_embeddings(image_embeds: jax.Array, text_embeds: jax.Array) -> jax.Array:
@@ -56,6 +55,8 @@ class CLIPScore:
         self._text_fn = jax.jit(lambda p, t: text_embeddings(self.text, p, t))
 
     def per_image(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        # transformers is heavy and, without torch, prints a line on import: only text models need it
+        from sgm_jax.nn.tokenizer import tokenize
 
         if len(prompts) != len(images):
             raise ValueError(f"CLIP score needs one prompt per image: {len(images)} images, {len(prompts)} prompts")

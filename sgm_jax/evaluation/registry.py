@@ -23,7 +23,6 @@ from sgm_jax.evaluation.classifier import ClassifierEvaluator
 from sgm_jax.evaluation.clip_score import CLIPScore, load_clip_score_params
 from sgm_jax.evaluation.images import is_split_reference, load_image_folder, load_split
 from sgm_jax.evaluation.reconstruction import ReconstructionEvaluator
-from sgm_jax.nn.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -102,6 +101,8 @@ class CLIPScoreEvaluator:
 
 
 def build_clip_score(options: EvalOptions) -> CLIPScoreEvaluator:
+    # transformers is heavy and, without torch, prints a line on import: only text models need it
+    from sgm_jax.nn.tokenizer import load_tokenizer
 
     params = load_clip_score_params(options.clip_weights)
     return CLIPScoreEvaluator(CLIPScore(params, load_tokenizer(options.tokenizer), batch_size=options.batch_size))

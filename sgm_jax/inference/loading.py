@@ -12,7 +12,6 @@ import numpy as np
 from sgm_jax.convert.checkpoint import CheckpointFileError, load_params
 from sgm_jax.errors import UserError
 from sgm_jax.lora import LoraFile, apply_loras, read_lora
-from sgm_jax.nn.tokenizer import load_tokenizer
 
 DEFAULT_CACHE_DIR = Path("~/.cache/sgm_jax/jax_cache")
 
@@ -81,6 +80,8 @@ def load_clip_tokenizer(config: Any, source: str | os.PathLike | None) -> Any:
     source: --tokenizer (a tokenizer folder, a diffusers checkpoint folder, or the BPE file);
     None: config.inference.tokenizer_path, then sgm_jax.nn.tokenizer's default places.
     """
+    # transformers is heavy and, without torch, prints a line on import: only text models need it
+    from sgm_jax.nn.tokenizer import load_tokenizer
 
     inference = config.get("inference") or {}
     specs = config["model"]["params"]["conditioner_config"]["params"]["emb_models"]

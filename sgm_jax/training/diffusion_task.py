@@ -27,7 +27,6 @@ from sgm_jax.evaluation.in_training import make_training_evaluator
 from sgm_jax.images import legible_scale, make_grid
 from sgm_jax.model_inputs import ConditioningValues, get_batch
 from sgm_jax.nn.conditioner import text_tokenizers, tokenize_batch
-from sgm_jax.nn.tokenizer import load_tokenizer
 from sgm_jax.optim import make_optimizer
 
 from .schedules import learning_rate_schedule
@@ -99,6 +98,8 @@ class DiffusionTask(Task):
         self.lora = lora_settings(config)  # None: the UNet (+ trainable embedders) train; else adapters only
         self._tokenizers = None
         if any(spec.is_text for spec in self.engine.conditioner.specs):
+            # transformers is heavy and, without torch, prints a line on import: only text models need it
+            from sgm_jax.nn.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(tc.tokenizer or None) if tokenizer is None else tokenizer
             self._tokenizers = text_tokenizers(self.engine.conditioner, tokenizer)
