@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ml_collections import ConfigDict
+
 from sgm_jax.errors import UserError
 
 PACKAGE = "sgm_jax.configs"
@@ -160,7 +162,9 @@ def parse_value(raw: str, current: Any, field: str) -> Any:
 
 
 def apply_overrides(config: Any, overrides: Sequence[tuple[str, str]]) -> Any:
-    """Set every (dotted field, raw value) on `config` in place; UserError for any bad one."""
+    """Set every (dotted field, raw value) on `config` in place; UserError for any bad one. A
+    ConfigDict is then locked (as ml_collections' config_flags(lock_config=True) leaves it): code
+    may change its fields but not add new ones, so a misspelt field fails where it is written."""
     for field, raw in overrides:
         parts = field.split(".")
         node, done = config, ""
@@ -176,4 +180,6 @@ def apply_overrides(config: Any, overrides: Sequence[tuple[str, str]]) -> Any:
                 node[parts[-1]] = value
         except (TypeError, ValueError) as e:  # ConfigDict's type safety
             raise UserError(f"--config.{field}={raw}: {e}") from None
+    if isinstance(config, ConfigDict):
+        config.lock()
     return config

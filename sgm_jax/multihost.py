@@ -96,7 +96,12 @@ def compile_together(fn: Any, *args: Any, name: str) -> Any:
     Hosts compile at their own speed (a busy machine, a cache hit on one host only); without this
     the first to finish waits inside the first collective of the run, where gloo allows 30 s.
     The compiled executable is what later calls of `fn` with such arguments run (jax keeps it)."""
-    compiled = fn.lower(*args).compile()
+    return start_together(fn.lower(*args), name=name)
+
+
+def start_together(lowered: Any, *, name: str) -> Any:
+    """compile_together for a step the caller has lowered already (its cost analysis read too)."""
+    compiled = lowered.compile()
     if _spans_hosts(compiled):  # a computation on this host's devices alone (sample.py's share) runs alone
         sync(f"sgm_jax:compiled:{name}")
     return compiled

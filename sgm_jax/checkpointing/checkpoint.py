@@ -7,7 +7,8 @@ written before the data item existed hold one item, `default`, and still restore
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so an
 interrupted save never replaces the last good checkpoint; the temp folders such a save leaves
-behind are removed by `remove_interrupted_saves` when the next run starts.
+behind are removed by Orbax (`cleanup_tmp_directories`) when the next run opens the directory,
+and those of a save that fails here at once (`remove_interrupted_saves`).
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ def step_dirs(directory: Path) -> list[int]:
     return sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
 
 
+def interrupted_saves(directory: Path) -> list[Path]:
+    """The temp folders of saves that did not finish (killed mid-write, or failed)."""
+    return [p for p in (directory.iterdir() if directory.is_dir() else ()) if TMP_MARK in p.name]
+
+
 def remove_interrupted_saves(directory: Path) -> list[Path]:
-    """Delete the temp folders of saves that were killed mid-write; returns what was removed."""
-    removed = [p for p in (directory.iterdir() if directory.is_dir() else ()) if TMP_MARK in p.name]
+    """Delete the temp folders of a save that failed in this run; returns what was removed."""
+    removed = interrupted_saves(directory)
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
@@ -62,7 +68,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, max_to_keep: int = 3, async_save: bool = False):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        # cleanup_tmp_directories: Orbax removes what an earlier run's killed save left (primary host)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=async_save)
         self.async_save = async_save
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))

@@ -24,7 +24,7 @@ from sgm_jax import data, multihost, parallel
 from sgm_jax.checkpointing.checkpoint import (
     Checkpointer,
     check_tree_matches,
-    remove_interrupted_saves,
+    interrupted_saves,
     step_dirs,
 )
 from sgm_jax.errors import UserError
@@ -51,7 +51,6 @@ REQUIRED_TRAINING_FIELDS = (
 
 
 def _dataset(config: Any) -> Any:
-
     return data.from_config(config.data, split="train")
 
 
@@ -171,10 +170,10 @@ def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: An
                jax.jit(init, out_shardings=state_sharding), step_fn, example, prepare, grad_accum)
 
 
-def step_flops(run: Run, batch: Any, base_key: Any, nonfinite_run: Any, frozen: Any) -> float | None:
+def step_flops(lowered: Any) -> float | None:
     """FLOPs of one train step (XLA's cost analysis of the lowered step, all devices together)."""
     try:
-        cost = run.step_fn.lower(run.abstract_with_sharding(), batch, base_key, nonfinite_run, frozen).cost_analysis()
+        cost = lowered.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
     except Exception:  # not every backend / JAX version reports costs: the metric is then left out
@@ -210,10 +209,9 @@ def train(config: Any, workdir: str | Path, run: Run | None = None) -> dict[str,
         raise UserError(problem or f"{workdir} is in use by another training (another host of this job was "
                                    "refused its lock); wait for it to finish or choose another --workdir")
     with lock:
-        if is_main:
-            removed = remove_interrupted_saves(ckpt_dir)
-            if removed:
-                print(f"removed {len(removed)} unfinished checkpoint save(s): {', '.join(p.name for p in removed)}")
+        unfinished = interrupted_saves(ckpt_dir)  # the Checkpointer's Orbax manager removes them
+        if is_main and unfinished:
+            print(f"removing {len(unfinished)} unfinished checkpoint save(s): {', '.join(p.name for p in unfinished)}")
         multihost.sync("sgm_jax:workdir_ready")
         return _train_locked(run, workdir, is_main, data_description)
 
@@ -289,12 +287,12 @@ def _train_locked(run: Run, workdir: Path, is_main: bool, data_description: str)
         with StopFlag() as flag:
             for step in range(start, max_steps):
                 batch = run.next_batch(batches)
-                if step == start:
+                if step == start and (jax.process_count() > 1 or bool(tc.report_flops)):
+                    lowered = run.step_fn.lower(state, batch, base_key, nonfinite, frozen)  # traced once
                     if jax.process_count() > 1:
-                        multihost.compile_together(run.step_fn, state, batch, base_key, nonfinite, frozen,
-                                                   name="train_step")
+                        multihost.start_together(lowered, name="train_step")
                     if bool(tc.report_flops):
-                        flops = step_flops(run, batch, base_key, nonfinite, frozen)
+                        flops = step_flops(lowered)
                 profiler.before(step)
                 state, m, nonfinite = run.step_fn(state, batch, base_key, nonfinite, frozen)
                 profiler.after(step, m)
