@@ -10,6 +10,8 @@ browser) must show those images. Its screenshot is kept in $SGM_JAX_TEST_ARTIFAC
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import importlib.util
 import os
@@ -347,7 +349,7 @@ def test_a_request_its_client_cancels_stops_and_the_next_one_is_served(models, c
     label = models["sources"][0].label
     service = DemoService(models["sources"][:1], tmp_path / "out")  # its own cache: batches of one image
     model = service.cache.trained(str(models["workdir"]), step_progress=True)
-    model.inference["batch_per_device"] = 1
+    model.defaults = dataclasses.replace(model.defaults, batch_per_device=1)
     batches = 64 // model.batch_size(64)
     with live_client(service, tmp_path) as client:
         job = client.submit(*api_args(label, 64, steps=20), api_name="/generate")

@@ -8,7 +8,8 @@ Layers, bottom to top (a module may import its own package and any lower layer):
     engine.py
     convert/ (seed layouts)
     lora/ (adapter maths and key layouts: what loading a LoRA needs)
-    model specs + checkpointing (optim.py, checkpointing/: weights of workdirs, frozen parts, LoRA)
+    model specs + checkpointing (optim.py, model_inputs.py, sampling_defaults.py; checkpointing/: weights of
+        workdirs, frozen parts, LoRA)
     data/
     autoencoding/
     evaluation/
@@ -34,7 +35,7 @@ LAYERS = [
     {"engine"},
     {"convert"},
     {"lora"},
-    {"optim", "checkpointing", "model_inputs"},
+    {"optim", "checkpointing", "model_inputs", "sampling_defaults"},
     {"data"},
     {"autoencoding"},
     {"evaluation"},

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sgm_jax.sampling_defaults import SamplingDefaults
+
 SEED = "sgm.modules.diffusionmodules"
 ENCODERS = "sgm.modules.encoders.modules"
 
@@ -83,34 +85,12 @@ TURBO = {"sampler": "SubstepSampler", "num_steps": 1, "discretization": "LegacyD
 
 
 def inference(width: int, height: int, tokenizers: list[str], **overrides: Any) -> dict[str, Any]:
-    """Sampling defaults, as the seed's scripts/demo/sampling.py sets them.
+    """Sampling defaults (sgm_jax.sampling_defaults.SamplingDefaults: the seed's
+    scripts/demo/sampling.py values) at this size.
 
     `tokenizers`: for each text embedder, in order, the tokenizer sub-folder of a
     diffusers-style checkpoint folder ("tokenizer" = CLIP-L, "tokenizer_2" = OpenCLIP).
     All of them use the same CLIP BPE vocabulary; `tokenizer_path` None searches the usual
     places (see sgm_jax.nn.tokenizer.load_tokenizer).
     """
-    out = {
-        "width": width,
-        "height": height,
-        "num_steps": 50,                      # streamlit_helpers.init_sampling default
-        "sampler": "EulerEDMSampler",         # first entry of the seed's sampler list
-        "discretization": "LegacyDDPMDiscretization",
-        "guider": "VanillaCFG",
-        "cfg_scale": 5.0,                     # streamlit_helpers.get_guider default
-        "negative_prompt": "",
-        "num_samples": 1,
-        "seed": 42,
-        "dtype": "bfloat16",                  # compute dtype on accelerators ("float32" on CPU)
-        "tokenizers": tokenizers,
-        "tokenizer_path": None,
-        "checkpoint": None,                   # Orbax directory written by convert_torch_weights.py
-        "img2img_strength": 0.75,             # streamlit_helpers' img2img strength default
-        "refiner_strength": 0.15,             # share of the schedule a refiner runs (sampling.py default)
-        "refiner_config": None,               # a refiner config name / file for the base -> refiner hand-off
-        "refiner_checkpoint": None,
-        "batch_per_device": 2,                # images per device per compiled call (CFG doubles it)
-        "resolutions": (),                    # (width, height) choices offered by the demo
-    }
-    out.update(overrides)
-    return out
+    return SamplingDefaults.from_section(dict(width=width, height=height, tokenizers=tokenizers, **overrides)).section()

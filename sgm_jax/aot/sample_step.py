@@ -22,13 +22,10 @@ from sgm_jax import parallel
 from sgm_jax.checkpointing.frozen import abstract_full_params
 from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
 from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder
-from sgm_jax.inference.pipeline import (
-    check_size,
-    default_zero_uc_keys,
-    engine_for_sampling,
-)
+from sgm_jax.inference.pipeline import check_size, engine_for_sampling
 from sgm_jax.inference.runner import SamplingRunner
 from sgm_jax.inference.sampling import SamplerSpec
+from sgm_jax.sampling_defaults import SamplingDefaults
 
 from .stand_in import ShapeTokenizer
 
@@ -45,17 +42,15 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
                      param_dtype: str = "float32", name: str = "model") -> tuple[dict[str, Any], dict[str, Any]]:
     """(argument groups, facts) for `num` images of width x height; facts["lower"]: () -> the lowered
     call, facts["body"]: () -> one loop step lowered (None when the loop runs once)."""
-
-
-    inf = dict(config.get("inference") or {})
-    width, height = int(width or inf["width"]), int(height or inf["height"])
-    engine = engine_for_sampling(config, dtype or inf["dtype"])
+    defaults = SamplingDefaults.from_config(config)
+    width, height = int(width or defaults.width), int(height or defaults.height)
+    engine = engine_for_sampling(config, dtype or defaults.dtype)
     check_size(engine, width, height, name)
     local = [d for d in devices if d.process_index == devices[0].process_index]
     mesh = parallel.make_mesh(devices=local)
-    num = int(num or int(inf["batch_per_device"]) * mesh.size)
+    num = int(num or defaults.batch_per_device * mesh.size)
     bs = -(-num // mesh.size) * mesh.size  # SamplingRunner.run rounds a call up to the device count
-    spec = SamplerSpec.create(sampler or inf["sampler"], int(steps or inf["num_steps"]), inf["discretization"])
+    spec = SamplerSpec.create(sampler or defaults.sampler, int(steps or defaults.num_steps), defaults.discretization)
 
     prompts = PromptEncoder(engine.conditioner, ShapeTokenizer())
     values = ConditioningValues.for_size("a prompt", "", width, height)
@@ -65,7 +60,7 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
     cast = jnp.dtype(param_dtype)
     full = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(
         a.shape, cast if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), full)
-    zero = default_zero_uc_keys(config, prompts.keys)
+    zero = defaults.zero_uc_keys(prompts.keys)
     c, uc = jax.eval_shape(prompts._encode_fn(tuple(zero)), full.get("conditioner", {}), batch, batch_uc)
 
     repl, split = parallel.replicated(mesh), parallel.batch_sharding(mesh)

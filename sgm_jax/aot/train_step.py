@@ -46,8 +46,6 @@ def state_groups(abstract_state: Any) -> dict[str, Any]:
 
 
 def make_task(config: Any, dataset: Any) -> Any:
-
-
     cls = task_class(config.model.target)
     takes = inspect.signature(cls.__init__).parameters
     if "tokenizer" in takes:
@@ -61,8 +59,6 @@ def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] 
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(argument groups for the report, facts: mesh, batch size, image shape, and "lower": () -> the
     lowered step)."""
-
-
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
     config.data = stand_in_data(config, image_hw)
     dataset = from_config(config.data, split="train", process_index=0, process_count=1)

@@ -67,7 +67,7 @@ def build_parts(config: Any) -> AutoencoderParts:
     target = str(model_cfg["target"]).rsplit(".", 1)[-1]
     if target not in ("AutoencodingEngine", "AutoencoderKL", "AutoencodingEngineLegacy"):
         raise ValueError(f"model.target {model_cfg['target']!r} is not an autoencoder sgm_jax trains")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[str(config.training.get("dtype", "float32"))]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[str(config.training.dtype)]
     model = autoencoder_from_config(model_cfg, dtype=dtype)
     if model.decoder_target != "Decoder":  # the adaptive GAN weight takes conv_out as the last layer
         raise ValueError(f"training a {model.decoder_target} first stage is not implemented (SVD's is inference-only)")
@@ -86,7 +86,7 @@ def build_parts(config: Any) -> AutoencoderParts:
     lr_g = lr * float(mp.get("lr_g_factor", 1.0))
     ema = mp.get("ema_decay")
     optimizer_config = mp.get("optimizer_config") or {"target": "torch.optim.Adam"}  # the AutoencodingEngine's default
-    order = str(config.training.get("optimizer_order", "sequential"))
+    order = str(config.training.optimizer_order)
     if order not in ("sequential", "alternate"):
         raise ValueError(f"training.optimizer_order must be 'sequential' or 'alternate', got {order!r}")
     return AutoencoderParts(

@@ -64,7 +64,6 @@ def save_first_stage(ckpt_path: str | Path, out_dir: str | Path, *, use_ema: boo
 
 
 def main(argv: list[str] | None = None) -> None:
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="autoencoder train.py workdir or converted directory")
     parser.add_argument("--safetensors", help="write a seed-layout first_stage_model.* .safetensors file")

@@ -60,7 +60,6 @@ def _quiet_logs() -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-
     config = load_config(args.config)
     start = time.perf_counter()
     if args.export:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from sgm_jax import multihost
@@ -37,6 +38,7 @@ from sgm_jax.inference.requests import ImageRequest, generate
 from sgm_jax.inference.workdir import TrainedModel
 from sgm_jax.nn.conditioner import class_count
 from sgm_jax.parallel import make_mesh
+from sgm_jax.sampling_defaults import SamplingDefaults
 
 from . import distributed
 from .configs import (
@@ -148,8 +150,9 @@ def parse_options(items: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> Any:
-    """The config with --config.* overrides and then the flags folded into `inference`, checked."""
+def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> tuple[Any, SamplingDefaults]:
+    """(config, its sampling defaults): the config with --config.* overrides and then the flags
+    folded into `inference`, resolved once and checked."""
     if bool(args.workdir) == bool(args.config):
         raise UserError("pass --config (SDXL / SD 2.1 inference config) or --workdir (a train.py run), one of them")
     if args.workdir:
@@ -170,19 +173,21 @@ def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -
         value = getattr(args, flag)
         if value is not None:
             inf[key] = value
+    defaults = SamplingDefaults.from_config(config)
     for key in POSITIVE:
-        if key in inf and (not isinstance(inf[key], int) or inf[key] <= 0):
-            raise UserError(f"{key} must be a positive integer, got {inf[key]!r} (flag --"
+        value = getattr(defaults, key)
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(f"{key} must be a positive integer, got {value!r} (flag --"
                             f"{next((f for f, k in FIELDS.items() if k == key), key).replace('_', '-')})")
     for flag in ("batch_size", "refiner_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    if int(inf["seed"]) < 0:
-        raise UserError(f"--seed must be >= 0, got {inf['seed']}")
+    if int(defaults.seed) < 0:
+        raise UserError(f"--seed must be >= 0, got {defaults.seed}")
     for key in ("img2img_strength", "refiner_strength"):
-        if key in inf and not 0.0 <= float(inf[key]) <= 1.0:
-            raise UserError(f"{key} must be in [0, 1], got {inf[key]}")
-    return config
+        if not 0.0 <= float(getattr(defaults, key)) <= 1.0:
+            raise UserError(f"{key} must be in [0, 1], got {getattr(defaults, key)}")
+    return config, defaults
 
 
 def workdir_conditions(config: Any, args: argparse.Namespace) -> list[Any]:
@@ -206,10 +211,8 @@ def workdir_conditions(config: Any, args: argparse.Namespace) -> list[Any]:
 
 
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-
-    config = request_config(args, overrides)
+    config, defaults = request_config(args, overrides)
     distributed.start(args)  # before any other JAX call; each host then samples its share on its devices
-    inf = config.inference
     options = parse_options(args.sampler_option)
     loras = parse_loras(args.lora)
     if args.workdir:
@@ -219,17 +222,16 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     else:
         name, conds = config_name(args.config), list(args.prompt or [""])
     # the output location is checked before the weights load or anything compiles
-    num = int(inf["num_samples"])
-    paths, grid = output_paths(args.out, max(len(conds), 1) * num, f"{name}_s{inf['seed']}")
+    num = defaults.num_samples
+    paths, grid = output_paths(args.out, max(len(conds), 1) * num, f"{name}_s{defaults.seed}")
     if not args.no_cache:
-
         enable_compilation_cache(args.cache_dir)
     step_progress = True if args.progress_steps else None
     t0 = time.perf_counter()
     if args.workdir:
-        meta, models, blocks = sample_workdir(config, args, conds, options, step_progress)
+        meta, models, blocks = sample_workdir(config, defaults, args, conds, options, step_progress)
     else:
-        meta, models, blocks = sample_converted(config, name, conds, args, options, loras, step_progress)
+        meta, models, blocks = sample_converted(config, defaults, name, conds, args, options, loras, step_progress)
     written, kept, captions, stamp = [], [], [], Watermark(enabled=not args.no_watermark)
     for first, images, caps in blocks:  # saved block by block: a long request never sits in memory
         if grid is not None:
@@ -269,21 +271,20 @@ def blocks_of(groups: int, per_group: int, batch: int) -> list[tuple[int, int, i
     return blocks
 
 
-def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], options: dict[str, float],
-                   step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
-
-    inf = config.inference
+def sample_workdir(config: Any, defaults: SamplingDefaults, args: argparse.Namespace, conds: list[Any],
+                   options: dict[str, float], step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
+    d = defaults
     model = TrainedModel.load(args.workdir, use_ema=not args.no_ema, step=args.step, config=config,
                               step_progress=step_progress)
     model.check_conditions(conds)
     spec = model.spec(**options)
-    num = int(inf["num_samples"])
+    num = d.num_samples
     total = max(len(conds), 1) * num
     batch = whole_devices(args.batch_size or model.batch_size(total), model.mesh.size)
     print(f"{model.name} (step {model.step}): {len(conds) or 1} condition(s) x {num}, {spec.name} "
-          f"{spec.steps} steps, cfg {inf['cfg_scale']}, {model.mesh.size} device(s)")
+          f"{spec.steps} steps, cfg {d.cfg_scale}, {model.mesh.size} device(s)")
     meta = {"model": model.name, "workdir": str(args.workdir), "step": model.step, "ema": not args.no_ema,
-            "seed": inf["seed"], "sampler": spec.name, "steps": spec.steps, "cfg_scale": inf["cfg_scale"],
+            "seed": d.seed, "sampler": spec.name, "steps": spec.steps, "cfg_scale": d.cfg_scale,
             "size": f"{model.image_shape[1]}x{model.image_shape[0]}", "options": dict(spec.options)}
     if conds:
         meta["conditions"] = ",".join(map(str, conds))
@@ -291,8 +292,8 @@ def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], opti
     def blocks() -> Iterator:
         bars = ProgressBars()
         for _, first, count in blocks_of(1, total, batch):
-            result = model.sample(conds, num=num, seed=int(inf["seed"]), spec=spec, batch_size=batch,
-                                  negative_prompt=str(inf["negative_prompt"]), progress=bars,
+            result = model.sample(conds, num=num, seed=d.seed, spec=spec, batch_size=batch,
+                                  negative_prompt=d.negative_prompt, progress=bars,
                                   start=first, count=count)
             yield first, result.images, result.captions
         bars.close()
@@ -300,37 +301,34 @@ def sample_workdir(config: Any, args: argparse.Namespace, conds: list[Any], opti
     return meta, [model], blocks()
 
 
-def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.Namespace,
-                     options: dict[str, float], loras: list[tuple[str, float]],
+def sample_converted(config: Any, defaults: SamplingDefaults, name: str, prompts: list[str],
+                     args: argparse.Namespace, options: dict[str, float], loras: list[tuple[str, float]],
                      step_progress: bool | None) -> tuple[dict[str, Any], list[Any], Iterator]:
-    import jax
-
-
-    inf = config.inference
+    d = defaults
     engine = engine_for_sampling(config, "float32")
     image = None
     if args.init_image:
         image = load_image(args.init_image, args.width, args.height, size_multiple(engine)[0])  # SetupError: one line
         height, width = image.shape[1:3]
     else:
-        width, height = int(inf["width"]), int(inf["height"])
+        width, height = d.width, d.height
     check_size(engine, width, height, name)
     refiner_config = None
-    if inf.get("refiner_checkpoint"):
-        if not inf.get("refiner_config"):
+    if d.refiner_checkpoint:
+        if not d.refiner_config:
             raise UserError(f"{name} names no refiner config: pass --refiner-config")
-        refiner_config = load_config(inf["refiner_config"])
-        check_size(engine_for_sampling(refiner_config, "float32"), width, height, config_name(inf["refiner_config"]))
+        refiner_config = load_config(d.refiner_config)
+        check_size(engine_for_sampling(refiner_config, "float32"), width, height, config_name(d.refiner_config))
     mesh = make_mesh(devices=jax.local_devices())
     kw = dict(tokenizer=args.tokenizer, dtype=args.dtype, param_dtype=args.param_dtype, mesh=mesh,
               step_progress=step_progress)
-    base = load_pipeline(config, inf.get("checkpoint"), config_label=str(args.config), name=name, loras=loras,
+    base = load_pipeline(config, d.checkpoint, config_label=str(args.config), name=name, loras=loras,
                          lora_strict=args.lora_strict, **kw)
     refiner = None
     if refiner_config is not None:
-        refiner = load_pipeline(refiner_config, inf["refiner_checkpoint"], config_label=str(inf["refiner_config"]),
+        refiner = load_pipeline(refiner_config, d.refiner_checkpoint, config_label=str(d.refiner_config),
                                 **kw)
-    requests = [ImageRequest.create(inf, prompt=p, width=width, height=height, refiner_steps=args.refiner_steps,
+    requests = [ImageRequest.create(d, prompt=p, width=width, height=height, refiner_steps=args.refiner_steps,
                                     options=options, refiner_cfg_scale=args.refiner_cfg_scale, init_image=image)
                 for p in prompts]  # each prompt: its own request
     first_request, num = requests[0], requests[0].num
@@ -339,13 +337,13 @@ def sample_converted(config: Any, name: str, prompts: list[str], args: argparse.
     print(f"{name}: {width}x{height}, {len(prompts)} prompt(s) x {num}, {spec.name} {spec.steps} steps, "
           f"cfg {first_request.cfg_scale}, {mesh.size} {jax.default_backend()} device(s)")
     meta = {**first_request.metadata(refiner), "prompt": prompts[0] if len(prompts) == 1 else " | ".join(prompts),
-            "model": name, "checkpoint": str(inf.get("checkpoint")), "dtype": base.dtype}
+            "model": name, "checkpoint": str(d.checkpoint), "dtype": base.dtype}
     if loras:
         meta["loras"] = ", ".join(f"{Path(p).name}:{s:g}" for p, s in loras)
     if image is not None:
         meta["init_image"] = str(args.init_image)
     if refiner is not None:
-        meta["refiner_checkpoint"] = str(inf["refiner_checkpoint"])
+        meta["refiner_checkpoint"] = str(d.refiner_checkpoint)
 
     def blocks() -> Iterator:
         bars = ProgressBars()

@@ -126,7 +126,6 @@ def convert_lpips_files(vgg: str | Path | None, heads: str | Path | None, output
 
 
 def main(argv: list[str] | None = None) -> None:
-
     parser = argparse.ArgumentParser(description="LPIPS (VGG16) weights -> an sgm_jax params directory")
     parser.add_argument("--vgg", help=f"torchvision's {VGG_FILE} (default: the torch hub cache)")
     parser.add_argument("--heads", help="LPIPS v0.1 vgg.pth heads (default: the installed lpips package's)")

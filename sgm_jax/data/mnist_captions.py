@@ -119,7 +119,6 @@ def write_shards(out_dir: str | Path, split: str = "train", *, path: str | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--mnist", default=None, help="folder of the MNIST IDX files (default: the usual places)")

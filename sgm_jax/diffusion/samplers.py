@@ -358,6 +358,15 @@ SAMPLERS: dict[str, type[BaseDiffusionSampler]] = {
 SAMPLERS.update({cls.__name__: cls for cls in list(SAMPLERS.values())})
 
 
+def canonical_sampler_name(name: str) -> str:
+    """CLI name from a CLI name or a seed class name (EulerEDMSampler -> euler_edm)."""
+    for short, cls in SAMPLERS.items():
+        if short.islower() and name in (short, cls.__name__):
+            return short
+    choices = ", ".join(k for k in SAMPLERS if k.islower())
+    raise ValueError(f"unknown sampler {name!r}; choose one of: {choices}")
+
+
 def get_sampler(name: str, **kwargs: Any) -> BaseDiffusionSampler:
     """Sampler by CLI name (euler_edm, heun_edm, ...) or seed class name; kwargs: its fields."""
     if name not in SAMPLERS:

@@ -72,7 +72,6 @@ class FIDEvaluator:
 
 
 def build_fid(options: EvalOptions) -> FIDEvaluator:
-
     if not options.ref:
         raise ValueError("FID needs reference images or statistics: give --ref DIR|stats.npz|mnist:test")
     stats = fid_lib.load_statistics(options.ref) if str(options.ref).endswith(".npz") else None  # before the weights
@@ -113,7 +112,6 @@ def build_classifier(options: EvalOptions) -> Any:
 
 
 def build_reconstruction(options: EvalOptions) -> Any:
-
     if not options.ref or str(options.ref).endswith(".npz"):
         raise ValueError("reconstruction metrics compare image pairs: --ref must be a folder or <dataset>:<split>")
     return ReconstructionEvaluator(load_reference_images(options.ref, options.ref_limit)[0])

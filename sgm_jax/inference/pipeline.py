@@ -30,12 +30,13 @@ import numpy as np
 from sgm_jax.engine import DiffusionEngine, build_engine
 from sgm_jax.errors import UserError
 from sgm_jax.model_inputs import CLASS_KEY, TEXT_KEY
-from sgm_jax.nn.conditioner import CLASS_EMBEDDER_CLASSES
+from sgm_jax.nn.conditioner import class_count
 from sgm_jax.parallel import make_mesh, replicated
+from sgm_jax.sampling_defaults import AS_TRAINED, SamplingDefaults
 
 from .conditioning import ConditioningValues, PromptEncoder
 from .runner import SamplingRunner, StepEvent, Timing, to_uint8  # noqa: F401  (re-exported)
-from .sampling import AS_TRAINED, SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization, seed_key
+from .sampling import SAMPLER_DEFAULTS, SamplerSpec, canonical_sampler_name, make_discretization, seed_key
 
 Cond = dict[str, jax.Array]
 
@@ -80,16 +81,6 @@ def check_size(engine: DiffusionEngine, width: int, height: int, name: str = "mo
                 f"(VAE factor {vae} x UNet downsampling {unet}); try {lower} or {lower + multiple}")
 
 
-def default_zero_uc_keys(config: Any, conditioner_keys: list[str]) -> tuple[str, ...]:
-    """The seed zeroes the uc text embeddings (force_uc_zero_embeddings=["txt"]) for the
-    non-legacy model, SDXL base; configs may say so explicitly in
-    `inference.force_uc_zero_embeddings`, else SDXL-base conditioning (target size) tells."""
-    inference = config.get("inference") or {}
-    if "force_uc_zero_embeddings" in inference:
-        return tuple(inference["force_uc_zero_embeddings"] or ())
-    return ("txt",) if {"txt", "target_size_as_tuple"} <= set(conditioner_keys) else ()
-
-
 class Pipeline:
     """One model ready to sample, whatever its weights' source: converted weights (load_pipeline)
     or a train.py workdir (workdir.TrainedModel.load). `params`: {"model", "conditioner",
@@ -105,25 +96,24 @@ class Pipeline:
         image_shape: (H, W, C) that `sample` draws (default: the inference size, RGB);
         step_progress: see sgm_jax.inference.runner."""
         self.config, self.name = config, name
-        self.inference = dict(config.get("inference") or {})
+        self.defaults = SamplingDefaults.from_config(config)
         if engine is None:
             if dtype is None:
-                dtype = "float32" if jax.default_backend() == "cpu" else self.inference["dtype"]
+                dtype = "float32" if jax.default_backend() == "cpu" else self.defaults.dtype
             engine = engine_for_sampling(config, dtype)
         self.dtype = dtype or "float32"
         self.engine = engine
         self.image_shape = tuple(image_shape) if image_shape is not None else (
-            int(self.inference["height"]), int(self.inference["width"]), 3)
+            self.defaults.height, self.defaults.width, 3)
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.local_devices())
         self.params = jax.device_put(dict(params), replicated(self.mesh))
         # the sampling function needs no text towers: keep them out of its arguments
         self.sampling_params = {k: v for k, v in self.params.items() if k != "conditioner"}
         self.prompts = PromptEncoder(engine.conditioner, clip_tokenizer)
-        self.zero_uc_keys = default_zero_uc_keys(config, self.prompts.keys)
+        self.zero_uc_keys = self.defaults.zero_uc_keys(self.prompts.keys)
         conditions = [s for s in engine.conditioner.specs if s.input_key in (CLASS_KEY, TEXT_KEY)]
         self.condition_key: str | None = conditions[0].input_key if conditions else None
-        self.n_classes = (int(conditions[0].params.get("n_classes", CLASS_EMBEDDER_CLASSES))
-                          if self.condition_key == CLASS_KEY else None)
+        self.n_classes = class_count(engine.conditioner.specs)
         self.runner = SamplingRunner(engine, self.mesh, name, step_progress)
         self.timings: list[Timing] = self.runner.timings
         self._encode = jax.jit(engine.encode_first_stage)
@@ -184,16 +174,17 @@ class Pipeline:
         return tuple(self.engine.latent_shape((n, height, width, self.image_shape[2])))  # type: ignore[return-value]
 
     def values(self, prompt: str, negative_prompt: str, width: int, height: int, **kw: Any) -> ConditioningValues:
-        extra = {k: self.inference[k] for k in ("aesthetic_score", "negative_aesthetic_score") if k in self.inference}
-        return ConditioningValues.for_size(prompt, negative_prompt, width, height, **{**extra, **kw})
+        kw = {"aesthetic_score": self.defaults.aesthetic_score,
+              "negative_aesthetic_score": self.defaults.negative_aesthetic_score, **kw}
+        return ConditioningValues.for_size(prompt, negative_prompt, width, height, **kw)
 
     # --- sampler settings ----------------------------------------------------------------
     def spec(self, sampler: str | None = None, steps: int | None = None, discretization: str | None = None,
              **options: Any) -> SamplerSpec:
         """SamplerSpec from the inference section; a trained model's own sampler options and
         schedule (discretization "config") unless another sampler / discretization is named."""
-        name = canonical_sampler_name(sampler or self.inference["sampler"])
-        disc_name = discretization or self.inference["discretization"]
+        name = canonical_sampler_name(sampler or self.defaults.sampler)
+        disc_name = discretization or self.defaults.discretization
         trained = self.engine.sampler
         if disc_name == AS_TRAINED:
             disc = trained.discretization if trained is not None else make_discretization("edm")
@@ -201,7 +192,7 @@ class Pipeline:
             disc = make_discretization(disc_name)
         if trained is not None and canonical_sampler_name(type(trained).__name__) == name:
             options = {**{k: getattr(trained, k) for k in SAMPLER_DEFAULTS[name] if hasattr(trained, k)}, **options}
-        return SamplerSpec.create(name, int(steps or self.inference["num_steps"]), disc, guided=self.conditional,
+        return SamplerSpec.create(name, int(steps or self.defaults.num_steps), disc, guided=self.conditional,
                                   **options)
 
     def default_spec(self) -> SamplerSpec:
@@ -209,7 +200,7 @@ class Pipeline:
 
     def batch_size(self, num: int) -> int:
         """Images per compiled call for a request of `num`: inference.batch_per_device per device."""
-        return min(int(self.inference["batch_per_device"]) * self.mesh.size, num)
+        return min(int(self.defaults.batch_per_device) * self.mesh.size, num)
 
     # --- modes ---------------------------------------------------------------------------
     def sample(self, conditions: Sequence[Any] = (), *, num: int = 1, seed: int = 42, spec: SamplerSpec | None = None,
@@ -231,7 +222,7 @@ class Pipeline:
         c, uc = (jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[np.searchsorted(used, rows)],
                                         *[encoded[i][k] for i in used]) for k in (0, 1))
         spec = spec or self.default_spec()
-        scale = float(self.inference["cfg_scale"] if cfg_scale is None else cfg_scale)
+        scale = float(self.defaults.cfg_scale if cfg_scale is None else cfg_scale)
         latent = tuple(self.engine.latent_shape((1,) + self.image_shape))[1:]
         images = self.runner.run(self.sampling_params, spec, c, uc, num=count, latent_shape=latent, cfg_scale=scale,
                                  seed_key=seed_key(seed), batch_size=batch_size or self.batch_size(total),
@@ -245,8 +236,8 @@ class Pipeline:
                 decode: bool = True, stage: int = 0, **run_kw: Any) -> SampleResult:
         """Text to image. With spec.stage2_strength set and decode=False: noisy latents for a refiner.
         run_kw: batch_size, progress (SamplingRunner.run)."""
-        width = int(width or self.inference["width"])
-        height = int(height or self.inference["height"])
+        width = int(width or self.defaults.width)
+        height = int(height or self.defaults.height)
         self.check_size(width, height)
         spec = spec or self.default_spec()
         c, uc = self.encode(self.values(prompt, negative_prompt, width, height), timed=True)
@@ -276,7 +267,7 @@ class Pipeline:
         latents = np.asarray(latents, np.float32)
         _, vae_factor, _ = size_multiple(self.engine)
         height, width = latents.shape[1] * vae_factor, latents.shape[2] * vae_factor
-        strength = float(self.inference["refiner_strength"] if strength is None else strength)
+        strength = float(self.defaults.refiner_strength if strength is None else strength)
         spec = dataclasses.replace(spec or self.default_spec(), img2img_strength=strength)
         c, uc = self.encode(self.values(prompt, negative_prompt, width, height), timed=True)
         return self._run(spec, c, uc, len(latents), latents.shape[1:], latents, add_noise, True, seed, stage,
@@ -286,7 +277,7 @@ class Pipeline:
              add_noise: bool, decode: bool, seed: int, stage: int, cfg_scale: float | None,
              run_kw: dict[str, Any]) -> SampleResult:
         # stage: base 0, refiner 1 -> independent random streams from one seed
-        scale = float(self.inference["cfg_scale"] if cfg_scale is None else cfg_scale)
+        scale = float(self.defaults.cfg_scale if cfg_scale is None else cfg_scale)
         run_kw = {**run_kw, "batch_size": run_kw.get("batch_size") or self.batch_size(num)}
         out = self.runner.run(self.sampling_params, spec, c, uc, num=num, latent_shape=tuple(latent_shape), x0=x0,
                               add_noise=add_noise, decode=decode, cfg_scale=scale,

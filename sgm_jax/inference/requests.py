@@ -1,12 +1,12 @@
 """One request to a converted model (SDXL, SD 2.1, Turbo), as sample.py and the demo both make it:
 text-to-image, image-to-image from an init image, and the SDXL base -> refiner hand-off.
 
-    request = ImageRequest.create(config.inference, prompt="a lighthouse", num=4)
+    request = ImageRequest.create(SamplingDefaults.from_config(config), prompt="a lighthouse", num=4)
     images = generate(base, refiner, request, batch_size=4)      # uint8 [4, H, W, 3]
     png_metadata = request.metadata()
 
-`ImageRequest.create` fills whatever a caller leaves None from the config's `inference` section
-(sampler, steps, discretization, size, CFG scale, strengths, negative prompt, seed), so the two
+`ImageRequest.create` fills whatever a caller leaves None from the model's sampling defaults
+(its config's `inference` section, resolved once: sampler, steps, discretization, size, CFG scale, strengths, negative prompt, seed), so the two
 front ends cannot drift apart; `generate` picks the mode, `metadata` describes it.
 """
 
@@ -16,6 +16,8 @@ import dataclasses
 from typing import Any, Mapping
 
 import numpy as np
+
+from sgm_jax.sampling_defaults import SamplingDefaults
 
 from .pipeline import Pipeline, txt2img_with_refiner
 from .sampling import SamplerSpec
@@ -41,27 +43,27 @@ class ImageRequest:
     refiner_strength: float = 0.15
 
     @classmethod
-    def create(cls, inference: Mapping[str, Any], *, prompt: str, negative_prompt: str | None = None,
+    def create(cls, defaults: SamplingDefaults | Mapping[str, Any], *, prompt: str, negative_prompt: str | None = None,
                width: int | None = None, height: int | None = None, num: int | None = None, seed: int | None = None,
                sampler: str | None = None, steps: int | None = None, refiner_steps: int | None = None,
                discretization: str | None = None, options: Mapping[str, float] | None = None,
                cfg_scale: float | None = None, refiner_cfg_scale: float | None = None,
                init_image: np.ndarray | None = None, img2img_strength: float | None = None,
                refiner_strength: float | None = None) -> "ImageRequest":
-        """The request with every argument left None taken from `inference` (a config's inference
-        section). The size of an init image wins over width / height."""
-        inf = inference
+        """The request with every argument left None taken from the model's sampling defaults
+        (SamplingDefaults.from_config). The size of an init image wins over width / height."""
+        d = defaults if isinstance(defaults, SamplingDefaults) else SamplingDefaults.from_section(defaults)
         if init_image is not None:
             height, width = np.shape(init_image)[1:3]
-        name, disc = sampler or inf["sampler"], discretization or inf["discretization"]
-        steps = int(steps or inf["num_steps"])
+        name, disc = sampler or d.sampler, discretization or d.discretization
+        steps = int(steps or d.num_steps)
         options = dict(options or {})
 
         def pick(value: Any, key: str) -> Any:
-            return inf[key] if value is None else value
+            return getattr(d, key) if value is None else value
 
         return cls(prompt=str(prompt), negative_prompt=str(pick(negative_prompt, "negative_prompt")),
-                   width=int(width or inf["width"]), height=int(height or inf["height"]),
+                   width=int(width or d.width), height=int(height or d.height),
                    num=int(pick(num, "num_samples")), seed=int(pick(seed, "seed")),
                    spec=SamplerSpec.create(name, steps, disc, **options),
                    refiner_spec=SamplerSpec.create(name, int(refiner_steps or steps), disc, **options),

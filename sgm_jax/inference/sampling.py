@@ -22,7 +22,7 @@ from sgm_jax.diffusion.discretization import (
     Txt2NoisyDiscretizationWrapper,
 )
 from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
-from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler
+from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler, canonical_sampler_name
 
 SEED_RANGE = 2**32  # seeds are reduced modulo this: JAX keeps only the low 32 bits of a seed without x64
 
@@ -42,19 +42,10 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "substep_euler_ancestral": _ANCESTRAL,  # turbo.py: eta=1.0, s_noise left at 1.0
 }
 SAMPLER_NAMES = tuple(SAMPLER_DEFAULTS)
-AS_TRAINED = "config"  # a discretization name: the model config's own sampler schedule (a workdir's default)
 # the seed demo's EDMDiscretization defaults for latent models (sampling params in api.py)
 EDM_DEMO = {"sigma_min": 0.0292, "sigma_max": 14.6146, "rho": 3.0}
 
 
-def canonical_sampler_name(name: str) -> str:
-    """CLI name from a CLI name or a seed class name (EulerEDMSampler -> euler_edm)."""
-    if name in SAMPLER_DEFAULTS:
-        return name
-    for short, cls in SAMPLERS.items():
-        if short.islower() and cls.__name__ == name:
-            return short
-    raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}")
 
 
 def make_discretization(name: str = "legacy_ddpm", **params: Any) -> Discretization:

@@ -25,6 +25,7 @@ from sgm_jax.checkpointing.workdirs import read_workdir_config
 from sgm_jax.config_files import config_name, load_config
 from sgm_jax.errors import UserError
 from sgm_jax.nn.conditioner import class_count
+from sgm_jax.sampling_defaults import AS_TRAINED, SamplingDefaults
 
 from .models import ModelCache, load_workdir_config, parse_loras
 from .loading import load_image
@@ -32,7 +33,7 @@ from .outputs import Watermark, save_images, to_pil
 from .pipeline import check_size, size_multiple
 from .requests import ImageRequest, generate
 from .runner import StepEvent
-from .sampling import AS_TRAINED, SAMPLER_DEFAULTS, SamplerSpec
+from .sampling import SAMPLER_DEFAULTS, SamplerSpec
 
 
 @dataclass(frozen=True)
@@ -141,15 +142,15 @@ class DemoService:
     def info(self, label: str) -> dict[str, Any]:
         """What the UI shows for a model: conditioning, classes, sizes and sampler defaults."""
         s, config = self.source(label), self.config(label)
-        inf = dict(config.inference)
+        d = SamplingDefaults.from_config(config)
         emb = (config.model.params.get("conditioner_config") or {}).get("params", {}).get("emb_models", [])
         keys = [e.get("input_key") for e in emb]
         return {"kind": s.kind, "text": "txt" in keys, "classes": list(range(class_count(emb) or 0)),
-                "resolutions": [f"{w}x{h}" for w, h in inf.get("resolutions") or ()],
-                "width": inf["width"], "height": inf["height"], "sampler": inf["sampler"],
-                "steps": inf["num_steps"], "cfg_scale": inf["cfg_scale"], "discretization": inf["discretization"],
-                "seed": inf["seed"], "strength": inf.get("img2img_strength", 0.75),
-                "refiner_strength": inf.get("refiner_strength", 0.15), "img2img": s.kind == "converted"}
+                "resolutions": [f"{w}x{h}" for w, h in d.resolutions],
+                "width": d.width, "height": d.height, "sampler": d.sampler,
+                "steps": d.num_steps, "cfg_scale": d.cfg_scale, "discretization": d.discretization,
+                "seed": d.seed, "strength": d.img2img_strength,
+                "refiner_strength": d.refiner_strength, "img2img": s.kind == "converted"}
 
     def _pipeline(self, label: str, loras: list[str] = ()):  # type: ignore[assignment]
         s = self.source(label)
@@ -199,7 +200,7 @@ class DemoService:
         conds = list(req.classes) if model.condition_key == "cls" else ([req.prompt] if model.conditional else [])
         result = model.sample(conds, num=req.num, seed=req.seed, spec=spec, cfg_scale=req.cfg_scale,
                               negative_prompt=req.negative_prompt, progress=progress)
-        scale = model.inference["cfg_scale"] if req.cfg_scale is None else req.cfg_scale
+        scale = model.defaults.cfg_scale if req.cfg_scale is None else req.cfg_scale
         meta = {"sampler": spec.name, "steps": spec.steps, "cfg_scale": scale, "step": model.step,
                 "discretization": req.discretization or AS_TRAINED, "conditions": ",".join(map(str, conds)),
                 "size": f"{model.image_shape[1]}x{model.image_shape[0]}", "options": dict(spec.options)}
@@ -211,9 +212,9 @@ class DemoService:
 
     def _converted(self, s: ModelSource, req: DemoRequest, progress) -> tuple[np.ndarray, list[str], dict]:
         config = self.config(s.label)
-        inf = config.inference
+        defaults = SamplingDefaults.from_config(config)
         base = self._pipeline(s.label, req.loras)
-        width, height = int(req.width or inf["width"]), int(req.height or inf["height"])
+        width, height = int(req.width or defaults.width), int(req.height or defaults.height)
         image = None
         if req.init_image is not None:  # through load_image, as sample.py reads --init-image
             upload = self.out_dir / "uploads" / f"{int(time.time() * 1000)}.png"
@@ -225,9 +226,9 @@ class DemoService:
         refiner = self._pipeline(req.refiner) if req.refiner else None
         if refiner is not None:
             check_size(refiner.engine, width, height, req.refiner)
-        name = req.sampler or inf["sampler"]
+        name = req.sampler or defaults.sampler
         request = ImageRequest.create(
-            inf, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height, num=req.num,
+            defaults, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height, num=req.num,
             seed=req.seed, sampler=name, steps=req.steps, refiner_steps=req.refiner_steps,
             discretization=req.discretization, options=self._options(req, SamplerSpec.create(name).name),
             cfg_scale=req.cfg_scale, init_image=image, img2img_strength=req.strength,

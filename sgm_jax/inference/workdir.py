@@ -25,31 +25,18 @@ from sgm_jax.checkpointing.checkpoint import check_tree_matches, restore_params,
 from sgm_jax.checkpointing.frozen import abstract_full_params, split_params
 from sgm_jax.checkpointing.lora_params import LORA, as_pairs, frozen_parts, full_params, lora_settings, new_adapters
 from sgm_jax.checkpointing.workdirs import read_workdir_config
-from sgm_jax.diffusion.guiders import VanillaCFG
 from sgm_jax.engine import DiffusionEngine, build_engine
 from sgm_jax.errors import UserError
 from sgm_jax.model_inputs import example_batch
+from sgm_jax.sampling_defaults import SamplingDefaults
 
 from .pipeline import Pipeline
-from .sampling import AS_TRAINED, canonical_sampler_name
 
 
 def inference_defaults(engine: DiffusionEngine, image_shape: Sequence[int]) -> dict[str, Any]:
     """The `inference` section a workdir's config gets (what configs/inference/* hold for SDXL):
     the training config's sampler, steps and CFG scale; overridable with --config.inference.x=y."""
-    smp = engine.sampler
-    guider = getattr(smp, "guider", None)
-    return {
-        "sampler": canonical_sampler_name(type(smp).__name__) if smp is not None else "euler_edm",
-        "num_steps": int(getattr(smp, "num_steps", None) or 50),
-        "discretization": AS_TRAINED,
-        "cfg_scale": float(guider.scale) if isinstance(guider, VanillaCFG) else 1.0,
-        "height": int(image_shape[0]), "width": int(image_shape[1]),
-        "num_samples": 1, "seed": 42, "negative_prompt": "",
-        "batch_per_device": 64,
-        # the seed's log_images: the unconditional input zeroes what training dropped (ucg_rate > 0)
-        "force_uc_zero_embeddings": [s.input_key for s in engine.conditioner.specs if s.ucg_rate > 0 and s.input_key],
-    }
+    return SamplingDefaults.for_trained(engine, image_shape).section()
 
 
 def restore_weights(workdir: Path, engine: DiffusionEngine, image_shape: tuple[int, ...], use_ema: bool = True,
@@ -106,8 +93,9 @@ class TrainedModel(Pipeline):
         + sgm_jax.cli.configs.apply_overrides); None reads it as saved. kw: mesh, clip_tokenizer,
         step_progress."""
         workdir = Path(workdir)
-        config = config if config is not None else with_inference_section(workdir, read_workdir_config(workdir))
+        config = config if config is not None else read_workdir_config(workdir)
         engine = build_engine(config.model, dtype=config.training.dtype)
+        config = with_inference_section(workdir, config, engine)
         image_shape = workdir_image_shape(workdir)
         step, params = restore_weights(workdir, engine, image_shape, use_ema, step, config)
         return cls(workdir, config, engine, params, step, image_shape, **kw)
@@ -121,13 +109,17 @@ def workdir_image_shape(workdir: Path) -> tuple[int, ...]:
     return tuple(int(x) for x in shape)
 
 
-def with_inference_section(workdir: Path, config: ConfigDict) -> ConfigDict:
+def with_inference_section(workdir: Path, config: ConfigDict, engine: DiffusionEngine | None = None) -> ConfigDict:
     """The workdir config with an `inference` section: its own sampler defaults under whatever
-    the saved config already says."""
-    defaults = inference_defaults(build_engine(config.model), workdir_image_shape(workdir))
+    the saved config already says (a section already complete is kept as it is). `engine`: the
+    config's, when the caller has built it (only its sampler and conditioner are read)."""
     given = config.inference.to_dict() if "inference" in config else {}
+    if set(given) >= set(SamplingDefaults.fields()):
+        return config
+    engine = engine if engine is not None else build_engine(config.model)
+    section = SamplingDefaults.for_trained(engine, workdir_image_shape(workdir), **given).section()
     with config.unlocked():
-        config.inference = {**defaults, **given}
+        config.inference = section
     return config
 
 

@@ -276,13 +276,14 @@ class GeneralConditioner(nn.Module):
         return x
 
 
-def class_count(emb_models: Sequence[Mapping[str, Any]]) -> int | None:
-    """n_classes of the class embedder (input_key "cls") among the seed's emb_models: the labels a
-    model takes (the seed's ClassEmbedder default, 1000, when the config leaves it out); None: no
-    class input."""
-    for e in emb_models or ():
-        if e.get("input_key") == "cls":
-            return int((e.get("params") or {}).get("n_classes", CLASS_EMBEDDER_CLASSES))
+def class_count(embedders: Sequence[EmbedderSpec | Mapping[str, Any]]) -> int | None:
+    """n_classes of the class embedder (input_key "cls") among the seed's emb_models entries or
+    a conditioner's EmbedderSpecs: the labels a model takes (the seed's ClassEmbedder default,
+    1000, when the config leaves it out); None: no class input."""
+    for e in embedders or ():
+        spec = e if isinstance(e, EmbedderSpec) else EmbedderSpec.from_config(e)
+        if spec.input_key == "cls":
+            return int(spec.params.get("n_classes", CLASS_EMBEDDER_CLASSES))
     return None
 
 
