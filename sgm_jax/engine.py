@@ -28,7 +28,7 @@ Cond = Mapping[str, jax.Array]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # network_config targets by class name: sgm.modules.diffusionmodules.openaimodel.UNetModel,
-# sgm.modules.diffusionmodules.video_model.VideoUNet (SVD; its sampling is not wired yet).
+# sgm.modules.diffusionmodules.video_model.VideoUNet (SVD).
 NETWORKS: dict[str, type[UNetModel]] = {"UNetModel": UNetModel, "VideoUNet": VideoUNet, "": UNetModel}
 
 
@@ -54,6 +54,9 @@ class DiffusionEngine:
     first_stage: nn.Module | None = None
     scale_factor: float = 1.0
     input_key: str = "jpg"
+    # the seed's en_and_decode_n_samples_a_time (SVD's decoding_t): the first stage encodes and
+    # decodes this many images / frames per call (a VideoDecoder: each chunk is one clip); None: all
+    en_and_decode_n_samples_a_time: int | None = None
 
     # --- networks ------------------------------------------------------------------------
     def network_fn(self, model_params: Params, deterministic: bool = True, dropout_key: jax.Array | None = None):
@@ -64,7 +67,8 @@ class DiffusionEngine:
             if "concat" in cond:
                 x = jnp.concatenate([x, cond["concat"].astype(x.dtype)], axis=-1)
             out = self.network.apply({"params": model_params}, x, c_noise, context=cond.get("crossattn"),
-                                     y=cond.get("vector"), deterministic=deterministic, rngs=rngs)
+                                     y=cond.get("vector"), deterministic=deterministic, rngs=rngs,
+                                     **video_inputs(cond))
             return out.astype(jnp.float32)
 
         return network
@@ -88,10 +92,18 @@ class DiffusionEngine:
             return x
         return self.latents_from_moments(self.posterior_moments(params, x), key)
 
+    def _in_chunks(self, fn: Any, x: jax.Array) -> jax.Array:
+        """fn over x in chunks of en_and_decode_n_samples_a_time along the batch (the seed's loop:
+        the last chunk may be shorter), joined again."""
+        n = self.en_and_decode_n_samples_a_time or x.shape[0]
+        parts = [fn(x[i:i + n]) for i in range(0, x.shape[0], n)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
     def posterior_moments(self, params: Params, x: jax.Array) -> jax.Array:
         """x: [B, H, W, 3] in [-1, 1] -> the first stage's moments [B, H/f, W/f, 2 * embed_dim]
         (mean, logvar: the encoder output before sampling; what pre-encoding stores)."""
-        return self.first_stage.apply({"params": params["first_stage"]}, x, method="encode")
+        return self._in_chunks(lambda xs: self.first_stage.apply({"params": params["first_stage"]}, xs,
+                                                                 method="encode"), x)
 
     def latents_from_moments(self, moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """moments [B, h, w, 2 * embed_dim] -> scaled latents [B, h, w, embed_dim] (float32):
@@ -122,10 +134,12 @@ class DiffusionEngine:
         return out
 
     def decode_first_stage(self, params: Params, z: jax.Array) -> jax.Array:
-        """z: [B, h, w, embed_dim] scaled latents -> images [B, h*f, w*f, 3], roughly in [-1, 1] (float32)."""
+        """z: [B, h, w, embed_dim] scaled latents -> images [B, h*f, w*f, 3], roughly in [-1, 1] (float32).
+        A VideoDecoder decodes each chunk of en_and_decode_n_samples_a_time frames as one clip."""
         if self.first_stage is None:
             return z
-        x = self.first_stage.apply({"params": params["first_stage"]}, z / self.scale_factor, method="decode")
+        x = self._in_chunks(lambda zs: self.first_stage.apply({"params": params["first_stage"]}, zs,
+                                                              method="decode"), z / self.scale_factor)
         return x.astype(jnp.float32)
 
     # --- training ------------------------------------------------------------------------
@@ -156,8 +170,9 @@ class DiffusionEngine:
             x = jnp.zeros(self.latent_shape(x.shape), jnp.float32)
         if "concat" in cond:
             x = jnp.concatenate([x, cond["concat"][:1].astype(x.dtype)], axis=-1)
+        video = {"image_only_indicator": jnp.zeros((1, 1))} if isinstance(self.network, VideoUNet) else {}
         model_params = self.network.init(model_key, x, jnp.zeros((1,)), context=_first(cond.get("crossattn")),
-                                         y=_first(cond.get("vector")))["params"]
+                                         y=_first(cond.get("vector")), **video)["params"]
         return {"model": model_params, "conditioner": cond_params}
 
     @property
@@ -182,6 +197,12 @@ class DiffusionEngine:
             raise ValueError("no sampler: pass sampler=... or set model.sampler_config")
         z = sampler(lambda x, s, c: self.denoise(params, x, s, c), noise, cond, uc=uc, key=key)
         return self.decode_first_stage(params, z)
+
+
+def video_inputs(cond: Cond) -> dict[str, jax.Array]:
+    """The seed's additional_model_inputs that reach a VideoUNet: image_only_indicator [B, T]
+    (the frames per video T from its shape; the guiders double it with the batch)."""
+    return {"image_only_indicator": cond["image_only_indicator"]} if "image_only_indicator" in cond else {}
 
 
 def _first(x: jax.Array | None) -> jax.Array | None:
@@ -213,4 +234,5 @@ def build_engine(model_config: Mapping[str, Any], dtype: Any = "float32") -> Dif
         first_stage=first_stage,
         scale_factor=float(cfg.get("scale_factor", 1.0)),
         input_key=cfg.get("input_key", "jpg"),
+        en_and_decode_n_samples_a_time=cfg.get("en_and_decode_n_samples_a_time"),
     )
