@@ -35,7 +35,8 @@ class SamplingDefaults:
     num_steps: int = 50                      # streamlit_helpers.init_sampling default
     sampler: str = "EulerEDMSampler"         # first entry of the seed's sampler list
     discretization: str = "LegacyDDPMDiscretization"
-    guider: str = "VanillaCFG"
+    guider: str = "VanillaCFG"              # or SVD's LinearPredictionGuider / TrianglePredictionGuider
+    guider_options: tuple[tuple[str, Any], ...] = ()   # a video guider's num_frames, min_scale, ...
     cfg_scale: float = 5.0                   # streamlit_helpers.get_guider default
     negative_prompt: str = ""
     num_samples: int = 1
@@ -70,6 +71,8 @@ class SamplingDefaults:
         if unknown:
             raise UserError(f"config.inference has unknown field(s) {', '.join(unknown)}; "
                             f"the fields are {', '.join(cls.fields())}")
+        if "guider_options" in given:  # a mapping in the section, sorted pairs in the spec
+            given["guider_options"] = tuple(sorted(dict(given["guider_options"] or {}).items()))
         return cls(**{k: _frozen(v) for k, v in given.items()})
 
     @classmethod
@@ -84,18 +87,24 @@ class SamplingDefaults:
         `given` (the workdir config's own inference section) wins."""
         smp = engine.sampler
         guider = getattr(smp, "guider", None)
+        video = guider is not None and hasattr(guider, "frame_scales")  # a per-frame (SVD) guider: kept as trained
         trained = dict(
             sampler=canonical_sampler_name(type(smp).__name__) if smp is not None else "euler_edm",
             num_steps=int(getattr(smp, "num_steps", None) or 50), discretization=AS_TRAINED,
-            cfg_scale=float(guider.scale) if isinstance(guider, VanillaCFG) else 1.0,
+            cfg_scale=float(guider.scale) if isinstance(guider, VanillaCFG) else (
+                float(guider.max_scale) if video else 1.0),
             height=int(image_shape[0]), width=int(image_shape[1]), batch_per_device=64,
             force_uc_zero_embeddings=tuple(s.input_key for s in engine.conditioner.specs
                                            if s.ucg_rate > 0 and s.input_key))
+        if video:
+            options = {f.name: getattr(guider, f.name) for f in dataclasses.fields(guider) if f.name != "max_scale"}
+            trained.update(guider=type(guider).__name__, guider_options=options)
         return cls.from_section({**trained, **given})
 
     def section(self, **overrides: Any) -> dict[str, Any]:
         """The `inference` section a config holds (lists where ConfigDict keeps them)."""
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        out = {k: _listed(v) for k, v in dataclasses.asdict(self).items()}
+        out["guider_options"] = {k: _listed(v) for k, v in self.guider_options}
         out.update(overrides)
         return out
 
@@ -106,6 +115,10 @@ class SamplingDefaults:
         if self.force_uc_zero_embeddings is not None:
             return tuple(self.force_uc_zero_embeddings)
         return ("txt",) if {"txt", "target_size_as_tuple"} <= set(conditioner_keys) else ()
+
+
+def _listed(v: Any) -> Any:
+    return [_listed(x) for x in v] if isinstance(v, tuple) else v
 
 
 def _frozen(v: Any) -> Any:

@@ -13,7 +13,9 @@ from sgm_jax.diffusion import discretization as disc
 from sgm_jax.diffusion import samplers as smp
 from sgm_jax.diffusion.guiders import LinearPredictionGuider
 from sgm_jax.engine import build_engine
+from sgm_jax.inference.sampling import SamplerSpec
 from sgm_jax.nn.vae import autoencoder_from_config
+from sgm_jax.sampling_defaults import SamplingDefaults
 from test_video_decoder import tiny_first_stage
 from test_video_unet import TINY, random_params
 
@@ -33,6 +35,13 @@ def tiny_svd_model(first_stage: dict | None = None, chunk: int | None = None) ->
     }
     if chunk is not None:
         params["en_and_decode_n_samples_a_time"] = chunk
+    params["sampler_config"] = {  # configs/inference/svd.yaml's sampler, guider at toy length
+        "target": "sgm.modules.diffusionmodules.sampling.EulerEDMSampler", "params": {
+            "num_steps": 1, "discretization_config": {
+                "target": "sgm.modules.diffusionmodules.discretizer.EDMDiscretization",
+                "params": {"sigma_min": 0.002, "sigma_max": 700.0}},
+            "guider_config": {"target": "sgm.modules.diffusionmodules.guiders.LinearPredictionGuider",
+                              "params": {"max_scale": 2.5, "min_scale": 1.0, "num_frames": FRAMES}}}}
     return {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}
 
 
@@ -92,6 +101,15 @@ def test_one_guided_euler_step_doubles_the_indicator_with_the_batch():
     sampler = smp.EulerEDMSampler(num_steps=1, discretization=schedule, guider=guider)
     noise = jnp.asarray(np.random.default_rng(2).normal(size=(FRAMES, H, W, 4)), jnp.float32)
     got = jax.jit(lambda n: sampler(lambda x, s, c: engine.denoise({"model": p}, x, s, c), n, cond, uc=uc))(noise)
+    # the same through sample.py's spec, built from the model's own sampler (a traced max_scale)
+    defaults = SamplingDefaults.for_trained(engine, (H, W, 3))
+    assert (defaults.guider, dict(defaults.guider_options), defaults.cfg_scale) == (
+        "LinearPredictionGuider", {"min_scale": 1.0, "num_frames": FRAMES, "additional_cond_keys": ()}, 2.5)
+    spec = SamplerSpec.create("euler_edm", 1, engine.sampler.discretization, guider=defaults.guider,
+                              guider_options=dict(defaults.guider_options))
+    by_spec = jax.jit(lambda n, scale: spec.build(scale)(lambda x, s, c: engine.denoise({"model": p}, x, s, c), n,
+                                                         cond, uc=uc))(noise, 2.5)
+    np.testing.assert_allclose(np.asarray(by_spec), np.asarray(got), rtol=1e-6, atol=1e-6)
 
     s0 = float(schedule(1)[0])
     x = noise * np.sqrt(1 + s0**2)

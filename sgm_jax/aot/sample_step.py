@@ -20,7 +20,6 @@ import numpy as np
 
 from sgm_jax import parallel
 from sgm_jax.checkpointing.frozen import abstract_full_params
-from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
 from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder
 from sgm_jax.inference.pipeline import check_size, engine_for_sampling
 from sgm_jax.inference.runner import SamplingRunner
@@ -82,7 +81,7 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
     if evals > per_step:  # one guided denoising step: what the loop body runs
 
         def one_step(p, x, sigma, cond, ucond, s):
-            g = VanillaCFG(s) if spec.guided else IdentityGuider()  # as SamplerSpec.build
+            g = spec.make_guider(s)
             xi, si, ci = g.prepare_inputs(x, sigma, cond, ucond)
             return g(engine.denoise(p, xi, si, ci), sigma)
 

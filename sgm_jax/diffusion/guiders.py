@@ -20,7 +20,9 @@ import numpy as np
 from .denoiser import append_dims
 
 Cond = Mapping[str, Any]
-BATCHED_COND_KEYS = ("vector", "crossattn", "concat")
+# stacked [uc; c] by every guider; image_only_indicator [B, T] (a VideoUNet's frames, video-major)
+# doubles with the batch, as the seed's sampling script doubles it by hand (zeros(2, T))
+BATCHED_COND_KEYS = ("vector", "crossattn", "concat", "image_only_indicator")
 
 
 @dataclass(frozen=True)

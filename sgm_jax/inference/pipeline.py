@@ -193,6 +193,7 @@ class Pipeline:
         if trained is not None and canonical_sampler_name(type(trained).__name__) == name:
             options = {**{k: getattr(trained, k) for k in SAMPLER_DEFAULTS[name] if hasattr(trained, k)}, **options}
         return SamplerSpec.create(name, int(steps or self.defaults.num_steps), disc, guided=self.conditional,
+                                  guider=self.defaults.guider, guider_options=dict(self.defaults.guider_options),
                                   **options)
 
     def default_spec(self) -> SamplerSpec:

@@ -9,7 +9,7 @@ scale stays a traced argument: `build(scale)` constructs VanillaCFG(scale) insid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -21,7 +21,7 @@ from sgm_jax.diffusion.discretization import (
     LegacyDDPMDiscretization,
     Txt2NoisyDiscretizationWrapper,
 )
-from sgm_jax.diffusion.guiders import IdentityGuider, VanillaCFG
+from sgm_jax.diffusion.guiders import IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG
 from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler, canonical_sampler_name
 
 SEED_RANGE = 2**32  # seeds are reduced modulo this: JAX keeps only the low 32 bits of a seed without x64
@@ -42,6 +42,17 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "substep_euler_ancestral": _ANCESTRAL,  # turbo.py: eta=1.0, s_noise left at 1.0
 }
 SAMPLER_NAMES = tuple(SAMPLER_DEFAULTS)
+# guiders by the seed's class name, each built as guider(scale, **options)
+GUIDERS: dict[str, Any] = {
+    "VanillaCFG": lambda scale: VanillaCFG(scale),
+    "IdentityGuider": lambda scale: IdentityGuider(),
+    "LinearPredictionGuider": lambda scale, **o: LinearPredictionGuider(max_scale=scale, **o),
+    "TrianglePredictionGuider": lambda scale, **o: TrianglePredictionGuider(max_scale=scale, **o),
+}
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
 # the seed demo's EDMDiscretization defaults for latent models (sampling params in api.py)
 EDM_DEMO = {"sigma_min": 0.0292, "sigma_max": 14.6146, "rho": 3.0}
 
@@ -68,8 +79,11 @@ class SamplerSpec:
     stage2_strength: then wrap in Txt2NoisyDiscretizationWrapper(strength, original_steps=steps)
       (stop early, leaving that fraction to a refiner).
     options: the sampler's extra keyword arguments (s_churn, eta, order, ...) as sorted pairs.
-    guided: VanillaCFG(scale) around the denoiser, else IdentityGuider; always off for a sampler
+    guided: the guider around the denoiser, else IdentityGuider; always off for a sampler
       that never uses uc (SubstepSampler, as the seed's turbo.py), where CFG would only double the batch.
+    guider / guider_options: which guider, by the seed's class name: VanillaCFG(scale), or SVD's
+      per-frame LinearPredictionGuider / TrianglePredictionGuider(max_scale=scale, **options: num_frames,
+      min_scale, ...); "IdentityGuider" turns guidance off. The scale stays a traced argument of `build`.
     """
 
     name: str = "euler_edm"
@@ -79,12 +93,23 @@ class SamplerSpec:
     img2img_strength: float | None = None
     stage2_strength: float | None = None
     guided: bool = True
+    guider: str = "VanillaCFG"
+    guider_options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def create(cls, name: str = "euler_edm", steps: int = 50, discretization: Discretization | str | None = None,
                img2img_strength: float | None = None, stage2_strength: float | None = None,
-               guided: bool = True, **options: Any) -> "SamplerSpec":
+               guided: bool = True, guider: str = "VanillaCFG", guider_options: Mapping[str, Any] | None = None,
+               **options: Any) -> "SamplerSpec":
         name = canonical_sampler_name(name)
+        guider = str(guider).rsplit(".", 1)[-1]
+        if guider not in GUIDERS:
+            raise ValueError(f"unknown guider {guider!r}; choose one of: {', '.join(GUIDERS)}")
+        guider_options = tuple(sorted((k, _hashable(v)) for k, v in dict(guider_options or {}).items()))
+        try:  # bad options fail here, not inside jit
+            GUIDERS[guider](1.0, **dict(guider_options))
+        except TypeError as e:
+            raise ValueError(f"guider {guider}: {e} (guider_options {dict(guider_options)})") from None
         if isinstance(discretization, str) or discretization is None:
             discretization = make_discretization(discretization or "legacy_ddpm")
         unknown = set(options) - set(SAMPLER_DEFAULTS[name])
@@ -98,7 +123,7 @@ class SamplerSpec:
         return cls(name, int(steps), discretization, tuple(sorted(merged.items())),
                    None if img2img_strength is None else float(img2img_strength),
                    None if stage2_strength is None else float(stage2_strength),
-                   guided and not SAMPLERS[name].guidance_free)
+                   guided and guider != "IdentityGuider" and not SAMPLERS[name].guidance_free, guider, guider_options)
 
     def schedule(self) -> Discretization:
         """The discretization the sampler runs with, wrapped as the seed's init_sampling does."""
@@ -118,8 +143,12 @@ class SamplerSpec:
     def num_loop(self) -> int:
         return len(self.sigmas()) - 1
 
+    def make_guider(self, scale: Any = None) -> Any:
+        """The guider at CFG scale `scale` (a video guider's max_scale); may be a tracer."""
+        return GUIDERS[self.guider](scale, **dict(self.guider_options)) if self.guided else IdentityGuider()
+
     def build(self, scale: Any = None) -> BaseDiffusionSampler:
-        """The sampler; `scale` may be a tracer (VanillaCFG is built inside the jitted function)."""
-        guider = VanillaCFG(scale) if self.guided else IdentityGuider()
+        """The sampler; `scale` may be a tracer (the guider is built inside the jitted function)."""
+        guider = self.make_guider(scale)
         return SAMPLERS[self.name].with_steps(self.steps, discretization=self.schedule(), guider=guider,
                                               **dict(self.options))
