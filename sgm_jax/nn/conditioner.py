@@ -61,6 +61,10 @@ _LAZY_EMBEDDERS: dict[str, str] = {
     for name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2", "FrozenOpenCLIPEmbedder")
 }
 TEXT_EMBEDDERS = frozenset(_LAZY_EMBEDDERS)
+_LAZY_EMBEDDERS.update({  # SVD's image conditioning (it imports the image tower and the VAE)
+    name: "sgm_jax.nn.video_embedders"
+    for name in ("FrozenOpenCLIPImageEmbedder", "FrozenOpenCLIPImagePredictionEmbedder",
+                 "VideoPredictionEmbedderWithEncoder")})
 # Constructor arguments of the seed that only make sense in PyTorch; dropped when the Flax
 # class does not declare them.
 _TORCH_ONLY_KWARGS = frozenset({"device", "freeze", "init_device"})
