@@ -56,6 +56,12 @@ class SamplingDefaults:
     crop_coords_top_left: tuple[int, int] = (0, 0)
     aesthetic_score: float = 6.0             # the refiner's aesthetic conditioning (sampling.py)
     negative_aesthetic_score: float = 2.5
+    # image to video (SVD; scripts/sampling/simple_video_sample.py's defaults)
+    num_frames: int = 14
+    fps_id: int = 6                          # the frame rate conditioning; videos are written at fps_id + 1
+    motion_bucket_id: int = 127
+    cond_aug: float = 0.02                   # noise added to the conditioning frame's latent input
+    decoding_t: int = 14                     # frames the VideoDecoder decodes per call
     # inputs whose unconditional embedding is zeros; None: SDXL base's rule (zero_uc_keys)
     force_uc_zero_embeddings: tuple[str, ...] | None = None
 

@@ -64,7 +64,6 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
         notes.append(f"libtpu lists {len(devices)} devices for {chips} chips: figures are per device, the HBM "
                      f"per device is taken as the chip's")
     if job == "train":
-
         if bool(width) != bool(height):
             raise ValueError("--width and --height go together")
         groups, facts = lower_train_step(config, devices, (int(height), int(width)) if width else None)

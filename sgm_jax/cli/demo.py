@@ -69,7 +69,6 @@ def serve(args: argparse.Namespace) -> int:
     service = make_service(args.model, args.tokenizer, args.out, watermark=not args.no_watermark,
                            max_images=args.max_images, max_pixels=args.max_pixels)  # checked before anything starts
     if not args.no_cache:
-
         enable_compilation_cache(args.cache_dir)
     handler = logging.StreamHandler(sys.stdout)  # the server log: one line per cancelled request
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -5,6 +5,8 @@
     sgm-sample ... --refiner checkpoints/sd_xl_refiner --refiner-strength 0.15     # base -> refiner
     sgm-sample ... --init-image photo.png --strength 0.75                          # img2img
     sgm-sample --workdir workdir/mnist_cond_cpu --classes 0,1,2 --num 4 --out grid.png
+    sgm-sample --config inference/svd_xt --checkpoint checkpoints/svd_xt --init-image in.png \
+        --num-frames 25 --fps 6 --motion-bucket-id 127 --out video.mp4              # image to video
 
 One surface for both: every default comes from the config's `inference` section (the
 configs/inference/* file, or a workdir's config.json and its sampler), each flag below is a
@@ -35,12 +37,13 @@ from sgm_jax.inference.models import load_pipeline, load_workdir_config, parse_l
 from sgm_jax.inference.outputs import Watermark, output_paths, save_grid, save_images
 from sgm_jax.inference.pipeline import check_size, engine_for_sampling, size_multiple
 from sgm_jax.inference.requests import ImageRequest, generate
+from sgm_jax.inference.video import is_video_config
 from sgm_jax.inference.workdir import TrainedModel
 from sgm_jax.nn.conditioner import class_count
 from sgm_jax.parallel import make_mesh
 from sgm_jax.sampling_defaults import SamplingDefaults
 
-from . import distributed
+from . import distributed, sample_video
 from .configs import (
     ArgumentParser,
     apply_overrides,
@@ -55,9 +58,10 @@ SAMPLERS = ("euler_edm", "heun_edm", "euler_ancestral", "dpmpp2s_ancestral", "dp
 FIELDS = {"num": "num_samples", "seed": "seed", "steps": "num_steps", "sampler": "sampler", "cfg_scale": "cfg_scale",
           "discretization": "discretization", "width": "width", "height": "height", "strength": "img2img_strength",
           "refiner_strength": "refiner_strength", "negative_prompt": "negative_prompt",
-          "checkpoint": "checkpoint", "refiner": "refiner_checkpoint", "refiner_config": "refiner_config"}
+          "checkpoint": "checkpoint", "refiner": "refiner_checkpoint", "refiner_config": "refiner_config",
+          **sample_video.VIDEO_FIELDS}
 BLOCK_BATCHES = 4  # compiled batches sampled (and held in memory) before their PNGs are written
-POSITIVE = ("num_samples", "num_steps", "width", "height", "batch_per_device")
+POSITIVE = ("num_samples", "num_steps", "width", "height", "batch_per_device", "num_frames", "decoding_t")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--progress-steps", action="store_true",
                      help="per-step progress from inside the compiled loop even with the cache on (recompiles)")
     out.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    sample_video.add_flags(p)
     distributed.add_flags(p)
     return p
 
@@ -156,7 +161,6 @@ def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -
     if bool(args.workdir) == bool(args.config):
         raise UserError("pass --config (SDXL / SD 2.1 inference config) or --workdir (a train.py run), one of them")
     if args.workdir:
-
         for flag in ("checkpoint", "refiner", "init_image", "tokenizer"):
             if getattr(args, flag):
                 raise UserError(f"--{flag.replace('_', '-')} is for converted models (--config); "
@@ -173,6 +177,8 @@ def request_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -
         value = getattr(args, flag)
         if value is not None:
             inf[key] = value
+    if args.fps is not None:  # the seed's video demo conditions on fps - 1
+        inf["fps_id"] = args.fps - 1
     defaults = SamplingDefaults.from_config(config)
     for key in POSITIVE:
         value = getattr(defaults, key)
@@ -214,6 +220,8 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     config, defaults = request_config(args, overrides)
     distributed.start(args)  # before any other JAX call; each host then samples its share on its devices
     options = parse_options(args.sampler_option)
+    if not args.workdir and is_video_config(config):
+        return sample_video.run_video(config, defaults, args, options, config_name(args.config))
     loras = parse_loras(args.lora)
     if args.workdir:
         if loras:

@@ -59,6 +59,9 @@ DDPM_BUFFERS = frozenset({
 IGNORED_PREFIXES = ("model_ema.", "denoiser.", "loss.", "first_stage_model.loss.")
 PARAM_FREE_EMBEDDERS = frozenset({"ConcatTimestepEmbedderND", "IdentityEncoder"})
 # Example inputs (shape, dtype) to trace the init of non-text embedders that own params.
+# SVD's image embedders: an RGB frame (any size: their params do not depend on it)
+VIDEO_EMBEDDER_INPUTS = {"FrozenOpenCLIPImagePredictionEmbedder": (1, 32, 32, 3),
+                         "VideoPredictionEmbedderWithEncoder": (1, 32, 32, 3)}
 _EMBEDDER_INPUTS = {"ClassEmbedder": ((1,), jnp.int32), "ClassEmbedderForMultiCond": ((1,), jnp.int32)}
 
 
@@ -72,6 +75,8 @@ class Part:
     key_map: {Flax path relative to the subtree: (checkpoint key without prefix, kind)}.
     shapes: {Flax path: Flax shape} from the abstract init.
     ignore_suffixes: keys under `prefix` ending so are buffers, not parameters.
+    ignore_prefixes: parts of the seed's module that sgm_jax never runs (SVD's image embedder keeps
+      OpenCLIP's text-side tensors, its frame encoder a whole AutoencoderKL with its decoder).
     """
 
     name: str
@@ -80,6 +85,7 @@ class Part:
     key_map: KeyMap
     shapes: Mapping[FlaxPath, tuple[int, ...]]
     ignore_suffixes: tuple[str, ...] = ()
+    ignore_prefixes: tuple[str, ...] = ()  # whole checkpoint keys starting so: the seed's, unused here
 
     def keys(self) -> dict[str, tuple[FlaxPath, str, tuple[int, ...]]]:
         """{full checkpoint key: (Flax path in the subtree, kind, PyTorch shape)}."""
@@ -142,6 +148,19 @@ def _embedder_part(i: int, spec: Any, keys: Collection[str] | None) -> Part | No
         if spec.target == "FrozenOpenCLIPEmbedder" and i == 0 and not _has_prefix(keys, prefix):
             prefix = SD2_TEXT_PREFIX
         return Part(name, path + ("model",), prefix, text_key_map(tower), _shapes(tower), OPENCLIP_IGNORED_SUFFIXES)
+    if spec.target in VIDEO_EMBEDDER_INPUTS:  # SVD's image conditioning: a picture in, abstract init
+        frames = jax.ShapeDtypeStruct(VIDEO_EMBEDDER_INPUTS[spec.target], jnp.float32)
+        abstract = jax.eval_shape(lambda x: embedder.init(jax.random.key(0), x), frames)["params"]
+        if spec.target == "FrozenOpenCLIPImagePredictionEmbedder":
+            tower = abstract["open_clip"]["visual"]
+            # the seed deletes open_clip's text transformer but keeps the rest of its text side
+            text_side = ("token_embedding.", "positional_embedding", "ln_final.", "text_projection", "logit_scale",
+                         "attn_mask")
+            return Part(name, path + ("open_clip", "visual"), base + "open_clip.model.visual.", text_key_map(tower),
+                        _shapes(tower), ignore_prefixes=tuple(base + "open_clip.model." + t for t in text_side))
+        encoder = abstract["encoder"]
+        return Part(name, path + ("encoder",), base + "encoder.", vae_key_map(encoder), _shapes(encoder),
+                    ignore_prefixes=(base + "encoder.decoder.", base + "encoder.post_quant_conv."))
     if spec.target in _EMBEDDER_INPUTS:
         shape, dtype = _EMBEDDER_INPUTS[spec.target]
         x = jax.ShapeDtypeStruct(shape, dtype)
@@ -189,6 +208,8 @@ def is_ignored(key: str, parts: list[Part], *, use_ema: bool = False) -> bool:
     if use_ema and (key.startswith(UNET_PREFIX) or key in ("model_ema.decay", "model_ema.num_updates")):
         return True  # the raw weights, superseded by the EMA ones; the EMA's own counters
     if key.startswith(IGNORED_PREFIXES) and not (use_ema and key.startswith(EMA_PREFIX)):
+        return True
+    if any(key.startswith(p.ignore_prefixes) for p in parts if p.ignore_prefixes):
         return True
     return any(key.startswith(p.prefix) and key.endswith(p.ignore_suffixes) for p in parts if p.ignore_suffixes)
 

@@ -69,10 +69,8 @@ def from_config(
         raise UserError(f"config.data needs a 'target' (one of {sorted(DATASETS) + sorted(STREAMING_TARGETS)})")
     target, params = str(config["target"]), dict(config.get("params") or {})
     if target == "synthetic":
-
         return SyntheticDataset(process_index=process_index, process_count=process_count, **params)
     if target in STREAMING_TARGETS:
-
         return streaming_from_config(target, params, split=split, process_index=process_index,
                                      process_count=process_count)
     if target not in DATASETS:

@@ -75,7 +75,6 @@ def load_pipeline(config: Any, checkpoint: str | os.PathLike | None, *, config_l
     params = load_checkpoint(path, config_label, param_dtype)
     check_params(params, config, path, config_label)
     if loras:
-
         params = apply_loras(params, list(loras), strict=lora_strict)
     return Pipeline(config, params, clip_tokenizer=clip_tokenizer, dtype=dtype, mesh=mesh,
                     name=name or config_name(config_label), step_progress=step_progress)

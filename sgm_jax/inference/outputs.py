@@ -116,3 +116,47 @@ def save_grid(images: np.ndarray, path: Path, per_row: int, metadata: Mapping[st
     grid = make_grid(np.asarray(images, np.uint8), per_row, labels=list(captions) if captions else None,
                      scale=legible_scale(images.shape[1]))
     return save_png(grid, path, {**metadata, "images": len(images), "watermark": stamp})
+
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def video_path(out: str | os.PathLike, prefix: str) -> Path:
+    """Where a video goes, checked before sampling: `out` an .mp4 (imageio's ffmpeg plugin) or a .gif
+    file, or a folder for one PNG per frame (<out>/<prefix>_<i>.png)."""
+    target = Path(out).expanduser()
+    if target.suffix.lower() in VIDEO_SUFFIXES:
+        if target.is_dir():
+            raise UserError(f"--out {target} is a folder; give a file name or the folder without {target.suffix}")
+        _writable_ancestor(target.parent)
+        if target.suffix.lower() == ".mp4":
+            try:
+                import imageio_ffmpeg  # noqa: F401  (optional: the [video] extra)
+            except ImportError:
+                raise UserError(f"--out {target}: writing mp4 needs imageio's ffmpeg plugin "
+                                "(pip install 'imageio[ffmpeg]'); or give a .gif or a folder for PNG frames") from None
+        return target
+    if target.suffix.lower() == ".png" or (target.exists() and not target.is_dir()):
+        raise UserError(f"--out {target}: a video is an .mp4 or .gif file, or a folder for PNG frames")
+    _writable_ancestor(target)
+    return target
+
+
+def save_video(frames: np.ndarray, target: Path, fps: int, metadata: Mapping[str, Any], prefix: str,
+               watermark: Watermark | None = None) -> list[Path]:
+    """uint8 [T, H, W, 3] -> an mp4 / gif at `fps` frames per second, or PNG frames (with text
+    metadata) in a folder; stamped first, frame by frame, as the seed's simple_video_sample."""
+    suffix = target.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        paths = [target / f"{prefix}_{i:03d}.png" for i in range(len(frames))]
+        return save_images(np.asarray(frames, np.uint8), paths, {**metadata, "fps": fps}, watermark=watermark)
+    frames, _ = (watermark if watermark is not None else Watermark()).apply(np.asarray(frames, np.uint8))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".mp4":
+        import imageio.v2 as imageio  # optional: the [video] extra
+
+        imageio.mimwrite(target, list(frames), fps=fps)
+        return [target]
+    first, *rest = [to_pil(f) for f in frames]
+    first.save(target, save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
+    return [target]

@@ -295,9 +295,8 @@ def engine_for_sampling(config: Any, dtype: str) -> DiffusionEngine:
     model = _model_params(config)
     engine = build_engine(config["model"], dtype)
     if engine.first_stage is not None and model.get("disable_first_stage_autocast", False):
-        fs = engine.first_stage
-        engine = dataclasses.replace(engine, first_stage=type(fs)(embed_dim=fs.embed_dim, ddconfig=fs.ddconfig,
-                                                                  dtype=jnp.float32))
+        # clone keeps every field (an AutoencodingEngine's use_quant_conv, SVD's VideoDecoder target)
+        engine = dataclasses.replace(engine, first_stage=engine.first_stage.clone(dtype=jnp.float32))
     return engine
 
 

@@ -98,7 +98,6 @@ class AutoencoderTask(Task):
 
     def _held_out(self) -> np.ndarray:
         if self._eval_set is None:
-
             n = int(self.config.training.eval_examples)
             try:
                 test = data.from_config(self.config.data, split="test")

@@ -111,7 +111,6 @@ class DiffusionTask(Task):
         self._grid_compiled = False  # several hosts: the grid sampler was compiled on all of them together
         self._evaluator = None
         if int(tc.eval_every) > 0 and config.get("eval") is not None:
-
             self._evaluator = make_training_evaluator({**to_plain(config.eval), "every": int(tc.eval_every)},
                                                       tuple(dataset.image_shape))
 

@@ -1,0 +1,101 @@
+"""Image to video through sample.py: a tiny SVD (configs/inference/tiny_svd.py: svd_xt's layout at
+toy widths) written as a seed-layout safetensors file with random weights, converted by
+convert_torch_weights.py, sampled from an init image into PNG frames and a GIF, the same pixels
+as the library's sample_video; bad requests are one line before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from sgm_jax.cli import sample as sample_cli
+from sgm_jax.config_files import load_config
+from sgm_jax.convert.layout import engine_parts
+from sgm_jax.inference.loading import load_image
+from sgm_jax.inference.models import load_pipeline
+from sgm_jax.inference.video import sample_video
+from test_inference import convert_cli, write_random_checkpoint
+
+CONFIG = REPO / "configs" / "inference" / "tiny_svd.py"
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def tiny_svd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("svd")
+    config = load_config(str(CONFIG))
+    checkpoint = convert_cli(CONFIG, write_random_checkpoint(config, root / "tiny_svd.safetensors", 0), root / "ckpt")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:70, 0:90]
+    picture = np.stack([xx * 2.8, yy * 3.6, 128 + 60 * np.sin(xx / 7.0)], -1) + rng.normal(0, 8, (70, 90, 3))
+    init = root / "in.png"
+    Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8)).save(init)
+    return {"root": root, "checkpoint": checkpoint, "init": init, "config": config}
+
+
+def sample(tiny_svd, out: Path, *extra: str) -> int:
+    return sample_cli.main(["--config", str(CONFIG), "--checkpoint", str(tiny_svd["checkpoint"]), "--init-image",
+                            str(tiny_svd["init"]), "--num-frames", "4", "--fps", "8", "--motion-bucket-id", "100",
+                            "--seed", str(SEED), "--no-cache", "--out", str(out), *extra])
+
+
+def test_the_seed_layout_file_holds_every_svd_part(tiny_svd):
+    """The converter read every key: the VideoUNet, OpenCLIP's image tower (embedder 0), the frame
+    encoder (embedder 3) and the VideoDecoder first stage."""
+    names = {p.name for p in engine_parts(tiny_svd["config"])}
+    assert names == {"model", "conditioner.embedders_0", "conditioner.embedders_3", "first_stage"}
+
+
+def test_sample_py_writes_the_library_video_as_frames_and_gif(tiny_svd, capsys):
+    frames_dir, gif = tiny_svd["root"] / "frames", tiny_svd["root"] / "video.gif"
+    assert sample(tiny_svd, frames_dir) == 0, capsys.readouterr().err
+    assert sample(tiny_svd, gif) == 0, capsys.readouterr().err
+    pngs = sorted(frames_dir.glob("*.png"))
+    assert len(pngs) == 4
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs])
+    meta = Image.open(pngs[0]).text
+    assert frames.shape == (4, 64, 80, 3)  # 90x70 floored to the model's multiple of 16
+    assert (meta["num_frames"], meta["fps_id"], meta["motion_bucket_id"], meta["fps"]) == ("4", "7", "100", "8")
+    assert meta["guider"] == "LinearPredictionGuider" and meta["steps"] == "3"
+
+    with Image.open(gif) as im:
+        assert im.n_frames == 4 and im.size == (80, 64) and abs(im.info["duration"] - 125) <= 10  # 8 fps (GIF counts 10 ms)
+        first = np.asarray(im.convert("RGB"))
+    # the GIF's palette approximates the first frame
+    assert np.abs(first.astype(int) - frames[0].astype(int)).mean() < 12
+
+    pipeline = load_pipeline(tiny_svd["config"], tiny_svd["checkpoint"], config_label=str(CONFIG))
+    image = load_image(tiny_svd["init"], None, None, 16)
+    want = sample_video(pipeline, image, num_frames=4, fps_id=7, motion_bucket_id=100, cond_aug=0.02, seed=SEED,
+                        decoding_t=2)
+    np.testing.assert_array_equal(frames, want)  # frames under 256 px are saved unstamped
+    assert np.std(want.astype(np.float32), axis=(1, 2, 3)).min() > 1.0  # not a blank video
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt", "a cat"], "--prompt is not for an image-to-video model"),
+    (["--out", "OUT.png"], "a video is an .mp4 or .gif file, or a folder"),
+    (["--num-frames", "0"], "num_frames must be a positive integer"),
+])
+def test_bad_video_requests_are_one_line(tiny_svd, tmp_path, capsys, extra, message):
+    extra = [str(tmp_path / "v.png") if a == "OUT.png" else a for a in extra]
+    rc = sample(tiny_svd, tmp_path / "frames", *extra)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_no_init_image_and_mp4_without_ffmpeg_are_one_line(tiny_svd, tmp_path, capsys):
+    rc = sample_cli.main(["--config", str(CONFIG), "--checkpoint", str(tiny_svd["checkpoint"]),
+                          "--out", str(tmp_path / "v.gif")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "give --init-image" in err
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        rc = sample(tiny_svd, tmp_path / "v.mp4")
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and len(err.splitlines()) == 1 and "imageio[ffmpeg]" in err
