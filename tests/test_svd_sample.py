@@ -99,3 +99,39 @@ def test_no_init_image_and_mp4_without_ffmpeg_are_one_line(tiny_svd, tmp_path, c
         rc = sample(tiny_svd, tmp_path / "v.mp4")
         err = capsys.readouterr().err.strip()
         assert rc != 0 and len(err.splitlines()) == 1 and "imageio[ffmpeg]" in err
+
+
+def test_full_size_svd_xt_traces_with_abstract_shapes():
+    """SVD-XT as released (2.29 B parameters in bfloat16, 25 frames of 576x1024, 30 guided steps,
+    chunked decoding of 14 frames): the whole sampling function traces from shapes alone."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from sgm_jax.inference.pipeline import engine_for_sampling
+    from sgm_jax.inference.sampling import SamplerSpec
+    from sgm_jax.inference.video import _sample
+    from sgm_jax.sampling_defaults import SamplingDefaults
+
+    config = load_config("inference/svd_xt")
+    engine = engine_for_sampling(config, "bfloat16")
+    params, count = {}, 0
+    for part in engine_parts(config):
+        for path, shape in part.shapes.items():
+            node = params
+            for k in (part.params_path + path)[:-1]:
+                node = node.setdefault(k, {})
+            node[(part.params_path + path)[-1]] = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+            count += int(np.prod(shape))
+    assert 2.28e9 < count < 2.30e9
+    d = SamplingDefaults.from_config(config)
+    assert (d.num_frames, d.num_steps, d.width, d.height, d.cfg_scale) == (25, 30, 1024, 576, 3.0)
+    spec = SamplerSpec.create("euler_edm", d.num_steps, engine.sampler.discretization, guider=d.guider,
+                              guider_options=dict(d.guider_options))
+    run = functools.partial(_sample, engine=engine, spec=spec, num_frames=d.num_frames, decoding_t=d.decoding_t)
+    out = jax.eval_shape(lambda p, image, key: run(params=p, image=image, key=key, scale=jnp.float32(3.0),
+                                                   fps_id=jnp.float32(6), motion_bucket_id=jnp.float32(127),
+                                                   cond_aug=jnp.float32(0.02)),
+                         params, jax.ShapeDtypeStruct((1, 576, 1024, 3), jnp.float32), jax.random.key(0))
+    assert out.shape == (25, 576, 1024, 3) and out.dtype == jnp.uint8
