@@ -135,3 +135,37 @@ def test_full_size_svd_xt_traces_with_abstract_shapes():
                                                    cond_aug=jnp.float32(0.02)),
                          params, jax.ShapeDtypeStruct((1, 576, 1024, 3), jnp.float32), jax.random.key(0))
     assert out.shape == (25, 576, 1024, 3) and out.dtype == jnp.uint8
+
+
+def test_demo_makes_the_same_video_and_refuses_it_in_the_image_section(tiny_svd, tmp_path):
+    """The demo's image-to-video section (DemoService.video, and its Gradio API "video") gives
+    sample.py's frames; the image section names the right one instead of failing inside."""
+    from sgm_jax.errors import UserError
+    from sgm_jax.inference.service import DemoRequest, DemoService, ModelSource, VideoRequest
+    from test_demo import live_client
+
+    source = ModelSource.parse(f"{CONFIG}={tiny_svd['checkpoint']}")
+    service = DemoService([source], tmp_path / "out")
+    assert service.info(source.label)["video"]
+    picture = np.asarray(Image.open(tiny_svd["init"]).convert("RGB"))
+    paths, meta = service.video(VideoRequest(source.label, picture, num_frames=4, fps=8, motion_bucket_id=100,
+                                             seed=SEED))
+    assert [p.suffix for p in paths] == [".png"] * 4 + [".gif"] and meta["fps_id"] == 7
+    frames = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths[:4]])
+    pipeline = load_pipeline(tiny_svd["config"], tiny_svd["checkpoint"], config_label=str(CONFIG))
+    want = sample_video(pipeline, load_image(tiny_svd["init"], None, None, 16), num_frames=4, fps_id=7,
+                        motion_bucket_id=100, cond_aug=0.02, seed=SEED, decoding_t=2)
+    np.testing.assert_array_equal(frames, want)
+    with pytest.raises(UserError, match="image-to-video section"):
+        service.generate(DemoRequest(model=source.label, prompt="x"))
+    with pytest.raises(UserError, match="needs an init image"):
+        service.video(VideoRequest(source.label))
+
+    from gradio_client import handle_file
+
+    with live_client(service, tmp_path) as client:
+        gif, shown_frames, api_meta, status = client.predict(
+            source.label, handle_file(str(tiny_svd["init"])), 4, 8, 100, 0.02, None, SEED, api_name="/video")
+    assert status.startswith("4 frames") and api_meta["motion_bucket_id"] == 100
+    api_frames = np.stack([np.asarray(Image.open(f["image"]).convert("RGB")) for f in shown_frames])
+    np.testing.assert_array_equal(api_frames, want)

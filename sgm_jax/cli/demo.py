@@ -4,7 +4,7 @@
 
 Models: train.py workdirs (a class picker or a prompt, as the model is conditioned) and
 converted SDXL / SD 2.1 directories (their config is read from the directory's metadata, or
-give CONFIG=DIR). Without --model, ./workdir/* and ./checkpoints/* are offered. Weights load
+give CONFIG=DIR); converted SVD models get an image-to-video section (a GIF and its PNG frames). Without --model, ./workdir/* and ./checkpoints/* are offered. Weights load
 once per model and compiled functions are reused: a new prompt, class, seed or CFG scale
 neither reloads nor recompiles. Gradio rather than streamlit (the seed's): events are explicit
 callbacks with fixed element ids instead of whole-script reruns, so a browser test can drive it
@@ -23,7 +23,7 @@ from sgm_jax.errors import USER_EXCEPTIONS, UserError, one_line, run_cli
 from sgm_jax.inference.loading import enable_compilation_cache
 from sgm_jax.inference.runner import RequestCancelled
 from sgm_jax.inference.sampling import SAMPLER_NAMES, canonical_sampler_name
-from sgm_jax.inference.service import DemoRequest, DemoService, ModelSource, discover
+from sgm_jax.inference.service import DemoRequest, DemoService, ModelSource, VideoRequest, discover
 
 from .configs import ArgumentParser
 
@@ -207,7 +207,49 @@ def build_app(service: Any) -> Any:
         generate.click(run, [model, prompt, negative, classes, width, height, sampler, steps, cfg, discretization,
                              seed, num, init, strength, refiner, refiner_strength, lora, *options],
                        [gallery, files, metadata, status], api_name="generate")
+        video_labels = [label for label, info in zip(labels, infos) if info["video"]]
+        if video_labels:
+            video_section(gr, service, video_labels, infos[labels.index(video_labels[0])])
     return app
+
+
+def video_section(gr: Any, service: Any, labels: list[str], first: dict[str, Any]) -> None:
+    """Image to video (SVD) for the video models: one GIF and its PNG frames per request."""
+    with gr.Accordion("Image to video (SVD)", open=True):
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(labels, value=labels[0], label="Video model", elem_id="video_model")
+                init = gr.Image(label="Conditioning frame", type="numpy", elem_id="video_init_image")
+                with gr.Row():
+                    frames = gr.Number(first["num_frames"], label="Frames", precision=0, elem_id="video_frames")
+                    fps = gr.Number(first["fps"], label="fps", precision=0, elem_id="video_fps")
+                    motion = gr.Number(first["motion_bucket_id"], label="Motion bucket id", precision=0,
+                                       elem_id="video_motion_bucket_id")
+                    cond_aug = gr.Number(first["cond_aug"], label="cond_aug", elem_id="video_cond_aug")
+                with gr.Row():
+                    steps = gr.Number(first["steps"], label="Steps", precision=0, elem_id="video_steps")
+                    seed = gr.Number(23, label="Seed", precision=0, elem_id="video_seed")
+                go = gr.Button("Make video", variant="primary", elem_id="video_generate")
+            with gr.Column(scale=1):
+                shown = gr.Image(label="Video (GIF)", type="filepath", elem_id="video")
+                gallery = gr.Gallery(label="Frames (PNG with metadata)", format="png", columns=5,
+                                     elem_id="video_frames_gallery")
+                status = gr.Markdown(elem_id="video_status")
+                metadata = gr.JSON(label="Metadata", elem_id="video_metadata")
+
+    def run(label, init_, frames_, fps_, motion_, cond_aug_, steps_, seed_):
+        try:
+            paths, meta = service.video(VideoRequest(
+                model=label, init_image=init_, num_frames=_number(frames_, int), fps=_number(fps_, int),
+                motion_bucket_id=_number(motion_, int), cond_aug=_number(cond_aug_), steps=_number(steps_, int),
+                seed=_number(seed_, int) or 0))
+        except USER_EXCEPTIONS as e:
+            return None, [], None, f"error: {one_line(e)}"
+        return (str(paths[-1]), [str(p) for p in paths[:-1]], meta,
+                f"{meta['num_frames']} frames in {meta['seconds']:.2f} s (seed {meta['seed']})")
+
+    go.click(run, [model, init, frames, fps, motion, cond_aug, steps, seed], [shown, gallery, metadata, status],
+             api_name="video")
 
 
 def _abandoned_check() -> Callable[[], bool]:

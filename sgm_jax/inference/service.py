@@ -29,10 +29,11 @@ from sgm_jax.sampling_defaults import AS_TRAINED, SamplingDefaults
 
 from .models import ModelCache, load_workdir_config, parse_loras
 from .loading import load_image
-from .outputs import Watermark, save_images, to_pil
+from .outputs import Watermark, save_images, save_video, to_pil
 from .pipeline import check_size, size_multiple
 from .requests import ImageRequest, generate
 from .runner import StepEvent
+from .video import is_video_config, sample_video, video_spec
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec
 
 
@@ -100,6 +101,19 @@ class DemoRequest:
     loras: list[str] = field(default_factory=list)
 
 
+@dataclass
+class VideoRequest:
+    """Image to video (SVD): None takes the model's inference defaults; fps as sample.py's --fps."""
+    model: str
+    init_image: np.ndarray | None = None   # uint8 [H, W, 3] as uploaded
+    num_frames: int | None = None
+    fps: int | None = None
+    motion_bucket_id: int | None = None
+    cond_aug: float | None = None
+    steps: int | None = None
+    seed: int = 23
+
+
 MAX_IMAGES = 64                   # images per request (sgm-demo --max-images)
 MAX_PIXELS = 16 * 1024 * 1024     # width x height x images per request: 16 SDXL images (--max-pixels)
 
@@ -150,7 +164,9 @@ class DemoService:
                 "width": d.width, "height": d.height, "sampler": d.sampler,
                 "steps": d.num_steps, "cfg_scale": d.cfg_scale, "discretization": d.discretization,
                 "seed": d.seed, "strength": d.img2img_strength,
-                "refiner_strength": d.refiner_strength, "img2img": s.kind == "converted"}
+                "refiner_strength": d.refiner_strength, "img2img": s.kind == "converted",
+                "video": s.kind == "converted" and is_video_config(config), "num_frames": d.num_frames,
+                "fps": d.fps_id + 1, "motion_bucket_id": d.motion_bucket_id, "cond_aug": d.cond_aug}
 
     def _pipeline(self, label: str, loras: list[str] = ()):  # type: ignore[assignment]
         s = self.source(label)
@@ -165,6 +181,8 @@ class DemoService:
         if req.num <= 0 or (req.steps is not None and req.steps <= 0) or req.seed < 0:
             raise UserError("count and steps must be positive, the seed >= 0")
         s = self.source(req.model)
+        if s.kind == "converted" and is_video_config(self.config(s.label)):
+            raise UserError(f"{req.model} makes videos from an image: use the image-to-video section")
         self._check_caps(s, req)
         with self._running:
             t0 = time.perf_counter()
@@ -206,6 +224,46 @@ class DemoService:
                 "size": f"{model.image_shape[1]}x{model.image_shape[0]}", "options": dict(spec.options)}
         return result.images, result.captions, meta
 
+    def _upload(self, picture: np.ndarray, pipeline: Any) -> np.ndarray:
+        """An uploaded uint8 [H, W, 3] through load_image, as sample.py reads --init-image."""
+        upload = self.out_dir / "uploads" / f"{int(time.time() * 1000)}.png"
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(np.asarray(picture, np.uint8)).convert("RGB").save(upload)
+        return load_image(upload, None, None, size_multiple(pipeline.engine)[0])
+
+    def video(self, req: VideoRequest) -> tuple[list[Path], dict]:
+        """Image to video (SVD): the frames as PNGs (what sample.py --out FOLDER writes for the same
+        settings) and a GIF of them, last; the request's metadata."""
+        s = self.source(req.model)
+        config = self.config(s.label)
+        if s.kind != "converted" or not is_video_config(config):
+            raise UserError(f"{req.model} is not an image-to-video model")
+        if req.init_image is None:
+            raise UserError("image to video needs an init image")
+        d = SamplingDefaults.from_config(config)
+        frames_asked = int(req.num_frames or d.num_frames)
+        if not 1 <= frames_asked <= self.max_images or req.seed < 0 or (req.steps is not None and req.steps <= 0):
+            raise UserError(f"frames must be 1 to {self.max_images} (sgm-demo --max-images), steps positive, "
+                            "the seed >= 0")
+        with self._running:
+            t0 = time.perf_counter()
+            pipeline = self._pipeline(s.label)
+            image = self._upload(req.init_image, pipeline)
+            spec = video_spec(pipeline, frames_asked, req.steps)
+            fps_id = d.fps_id if req.fps is None else int(req.fps) - 1
+            motion = d.motion_bucket_id if req.motion_bucket_id is None else int(req.motion_bucket_id)
+            cond_aug = d.cond_aug if req.cond_aug is None else float(req.cond_aug)
+            frames = sample_video(pipeline, image, num_frames=frames_asked, fps_id=fps_id, motion_bucket_id=motion,
+                                  cond_aug=cond_aug, seed=req.seed, spec=spec, decoding_t=d.decoding_t)
+        name = config_name(s.path)
+        meta = {"model": name, "seed": req.seed, "sampler": spec.name, "steps": spec.steps, "guider": spec.guider,
+                "cfg_scale": d.cfg_scale, "num_frames": frames_asked, "fps_id": fps_id, "motion_bucket_id": motion,
+                "cond_aug": cond_aug, "size": f"{image.shape[2]}x{image.shape[1]}",
+                "seconds": round(time.perf_counter() - t0, 3)}
+        folder, prefix = self.out_dir / f"{int(time.time() * 1000)}", f"{name}_s{req.seed}"
+        paths = save_video(frames, folder, fps_id + 1, meta, prefix, self.watermark)
+        return paths + save_video(frames, folder / f"{prefix}.gif", fps_id + 1, meta, prefix, self.watermark), meta
+
     def _options(self, req: DemoRequest, default_sampler: str) -> dict[str, float]:
         name = req.sampler or default_sampler
         return {k: v for k, v in req.options.items() if k in SAMPLER_DEFAULTS.get(name, {}) and v is not None}
@@ -216,11 +274,8 @@ class DemoService:
         base = self._pipeline(s.label, req.loras)
         width, height = int(req.width or defaults.width), int(req.height or defaults.height)
         image = None
-        if req.init_image is not None:  # through load_image, as sample.py reads --init-image
-            upload = self.out_dir / "uploads" / f"{int(time.time() * 1000)}.png"
-            upload.parent.mkdir(parents=True, exist_ok=True)
-            to_pil(np.asarray(req.init_image, np.uint8)).convert("RGB").save(upload)
-            image = load_image(upload, None, None, size_multiple(base.engine)[0])
+        if req.init_image is not None:
+            image = self._upload(req.init_image, base)
             height, width = image.shape[1:3]
         check_size(base.engine, width, height, config_name(s.config))
         refiner = self._pipeline(req.refiner) if req.refiner else None
