@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -48,6 +47,7 @@ from flax.core import FrozenDict
 
 from sgm_jax.batch_keys import embedding_key
 from sgm_jax.nn.layers import timestep_embedding
+from sgm_jax.nn.resize import torch_resize_matrix
 
 Batch = Mapping[str, Any]
 Tokenizer = Callable[[Sequence[str]], Any]
@@ -450,44 +450,6 @@ class ConcatTimestepEmbedderND(nn.Module):
         return timestep_embedding(x.reshape(b * d), self.outdim).reshape(b, d * self.outdim)
 
 
-def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
-    """torch's bicubic kernel (A = -0.75)."""
-    x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
-
-
-def _resize_matrix(n_in: int, scale: float, method: str) -> np.ndarray:
-    """[n_out, n_in] weights reproducing torch.nn.functional.interpolate(scale_factor=scale)
-    along one axis (align_corners=False, no antialias; n_out = floor(n_in * scale))."""
-    n_out = int(math.floor(n_in * scale))
-    dst = np.arange(n_out, dtype=np.float64)
-    rows = np.arange(n_out)
-    w = np.zeros((n_out, n_in), np.float64)
-    if method == "nearest":
-        w[rows, np.minimum(np.floor(dst / scale).astype(int), n_in - 1)] = 1.0
-    elif method in ("linear", "bilinear", "trilinear"):
-        src = np.maximum((dst + 0.5) / scale - 0.5, 0.0)
-        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
-        lam = src - i0
-        np.add.at(w, (rows, i0), 1.0 - lam)
-        np.add.at(w, (rows, np.minimum(i0 + 1, n_in - 1)), lam)
-    elif method == "bicubic":
-        src = (dst + 0.5) / scale - 0.5
-        i0 = np.floor(src).astype(int)
-        t = src - i0
-        for off in range(-1, 3):
-            np.add.at(w, (rows, np.clip(i0 + off, 0, n_in - 1)), _cubic(t - off))
-    elif method == "area":  # adaptive average pooling to n_out
-        for r in rows:
-            lo, hi = (r * n_in) // n_out, -((-(r + 1) * n_in) // n_out)
-            w[r, lo:hi] = 1.0 / (hi - lo)
-    else:
-        raise ValueError(f"unknown interpolation method {method!r}")
-    return w.astype(np.float32)
-
-
 @register_embedder
 class SpatialRescaler(nn.Module):
     """Resizes [B, H, W, C] by `multiplier`, n_stages times, then optionally maps channels
@@ -510,8 +472,8 @@ class SpatialRescaler(nn.Module):
         if video_shape is not None:
             x = x.reshape((-1,) + x.shape[2:])
         for _ in range(self.n_stages):
-            wh = _resize_matrix(x.shape[1], self.multiplier, self.method)
-            ww = _resize_matrix(x.shape[2], self.multiplier, self.method)
+            wh = torch_resize_matrix(x.shape[1], self.multiplier, self.method)
+            ww = torch_resize_matrix(x.shape[2], self.multiplier, self.method)
             hi = jax.lax.Precision.HIGHEST  # keep interpolation exact on TPU/GPU matmul units
             x = jnp.einsum("oh,bhwc->bowc", wh, x, precision=hi)
             x = jnp.einsum("pw,bowc->bopc", ww, x, precision=hi)

@@ -17,71 +17,19 @@ Parameter names follow the seed's state dict: `open_clip/visual/...` is
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sgm_jax.nn.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionTower
-from sgm_jax.nn.conditioner import _cubic, register_embedder
+from sgm_jax.nn.conditioner import register_embedder
+from sgm_jax.nn.resize import kornia_resize
 from sgm_jax.nn.vae import autoencoder_from_config
 
 # open_clip's ViT-H-14 (laion2b_s32b_b79k), the seed's default arch
 VIT_H_14 = dict(image_size=224, patch_size=14, width=1280, layers=32, heads=16, embed_dim=1024, act="gelu")
-
-
-def _reflect(i: np.ndarray, n: int) -> np.ndarray:
-    """torch's "reflect" padding index (the edge sample not repeated)."""
-    if n == 1:
-        return np.zeros_like(i)
-    period = 2 * (n - 1)
-    i = np.abs(i) % period
-    return np.where(i > n - 1, period - i, i)
-
-
-@functools.lru_cache(maxsize=16)
-def kornia_resize_matrix(n_in: int, n_out: int, antialias: bool = True) -> np.ndarray:
-    """[n_out, n_in] float32: kornia.geometry.resize(..., interpolation="bicubic",
-    align_corners=True, antialias) along one axis. Antialiasing (when either side shrinks) is
-    kornia's Gaussian blur, sigma = max((n_in / n_out - 1) / 2, 0.001), 2-sigma odd kernel of at
-    least 3 taps, reflect borders; then torch's bicubic (A = -0.75) at i * (n_in - 1) / (n_out - 1)."""
-    m = np.eye(n_in)
-    if antialias:
-        sigma = max((n_in / n_out - 1.0) / 2.0, 0.001)
-        size = int(max(2.0 * 2 * sigma, 3))
-        size = size if size % 2 else size + 1
-        if n_in == 1:
-            size = 1
-        taps = np.arange(size) - size // 2
-        g = np.exp(-(taps.astype(np.float64) ** 2) / (2 * sigma**2))
-        g /= g.sum()
-        blur = np.zeros((n_in, n_in))
-        rows = np.arange(n_in)
-        for k, t in enumerate(taps):
-            np.add.at(blur, (rows, _reflect(rows + t, n_in)), g[k])
-        m = blur
-    # source positions in float32, as torch computes them (its bicubic weights then follow exactly)
-    scale = np.float32((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
-    src = np.arange(n_out, dtype=np.float32) * scale
-    i0 = np.floor(src).astype(int)
-    t = (src - i0.astype(np.float32)).astype(np.float64)
-    cubic = np.zeros((n_out, n_in))
-    rows = np.arange(n_out)
-    for off in range(-1, 3):
-        np.add.at(cubic, (rows, np.clip(i0 + off, 0, n_in - 1)), _cubic(t - off))
-    return (cubic @ m).astype(np.float32)
-
-
-def kornia_resize(images: jax.Array, size: tuple[int, int], antialias: bool = True) -> jax.Array:
-    """images [B, H, W, C] -> [B, size[0], size[1], C] as kornia's antialiased bicubic resize."""
-    rows = jnp.asarray(kornia_resize_matrix(images.shape[1], size[0], antialias))
-    cols = jnp.asarray(kornia_resize_matrix(images.shape[2], size[1], antialias))
-    hp = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("oh,bhwc->bowc", rows, images.astype(jnp.float32), precision=hp)
-    return jnp.einsum("pw,bowc->bopc", cols, x, precision=hp)
 
 
 @register_embedder
