@@ -128,8 +128,8 @@ def test_first_stage_decodes_in_chunks_of_decoding_t_frames_each_one_clip():
     engine = build_engine(tiny_svd_model(cfg, chunk=2))
     vae = autoencoder_from_config(cfg)
     z = jnp.asarray(np.random.default_rng(4).normal(size=(5, 4, 4, 4)), jnp.float32)
-    vae_params = vae.init(jax.random.key(0), z, method="decode")["params"]
-    vae_params = random_params(jax.eval_shape(lambda: vae_params), seed=5)
+    vae_params = random_params(jax.eval_shape(lambda: vae.init(jax.random.key(0), z, method="decode")["params"]),
+                               seed=5)
     params = {"first_stage": vae_params}
     got = np.asarray(jax.jit(engine.decode_first_stage)(params, z))
     scaled = z / 0.18215
