@@ -19,6 +19,7 @@ from sgm_jax.diffusion.denoiser import Denoiser
 from sgm_jax.diffusion.loss import StandardDiffusionLoss
 from sgm_jax.diffusion.registry import instantiate_from_config, to_plain
 from sgm_jax.nn.conditioner import GeneralConditioner, build_conditioner
+from sgm_jax.nn.layers import in_chunks
 from sgm_jax.nn.unet import UNetModel
 from sgm_jax.nn.video_unet import VideoUNet
 from sgm_jax.nn.vae import DiagonalGaussianDistribution, autoencoder_from_config
@@ -92,18 +93,11 @@ class DiffusionEngine:
             return x
         return self.latents_from_moments(self.posterior_moments(params, x), key)
 
-    def _in_chunks(self, fn: Any, x: jax.Array) -> jax.Array:
-        """fn over x in chunks of en_and_decode_n_samples_a_time along the batch (the seed's loop:
-        the last chunk may be shorter), joined again."""
-        n = self.en_and_decode_n_samples_a_time or x.shape[0]
-        parts = [fn(x[i:i + n]) for i in range(0, x.shape[0], n)]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-
     def posterior_moments(self, params: Params, x: jax.Array) -> jax.Array:
         """x: [B, H, W, 3] in [-1, 1] -> the first stage's moments [B, H/f, W/f, 2 * embed_dim]
         (mean, logvar: the encoder output before sampling; what pre-encoding stores)."""
-        return self._in_chunks(lambda xs: self.first_stage.apply({"params": params["first_stage"]}, xs,
-                                                                 method="encode"), x)
+        return in_chunks(lambda xs: self.first_stage.apply({"params": params["first_stage"]}, xs, method="encode"),
+                         x, self.en_and_decode_n_samples_a_time)
 
     def latents_from_moments(self, moments: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """moments [B, h, w, 2 * embed_dim] -> scaled latents [B, h, w, embed_dim] (float32):
@@ -138,8 +132,8 @@ class DiffusionEngine:
         A VideoDecoder decodes each chunk of en_and_decode_n_samples_a_time frames as one clip."""
         if self.first_stage is None:
             return z
-        x = self._in_chunks(lambda zs: self.first_stage.apply({"params": params["first_stage"]}, zs,
-                                                              method="decode"), z / self.scale_factor)
+        x = in_chunks(lambda zs: self.first_stage.apply({"params": params["first_stage"]}, zs, method="decode"),
+                      z / self.scale_factor, self.en_and_decode_n_samples_a_time)
         return x.astype(jnp.float32)
 
     # --- training ------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class SamplingDefaults:
                             f"the fields are {', '.join(cls.fields())}")
         if "guider_options" in given:  # a mapping in the section, sorted pairs in the spec
             given["guider_options"] = tuple(sorted(dict(given["guider_options"] or {}).items()))
-        return cls(**{k: _frozen(v) for k, v in given.items()})
+        return cls(**{k: hashable(v) for k, v in given.items()})
 
     @classmethod
     def from_config(cls, config: Any) -> "SamplingDefaults":
@@ -127,9 +127,9 @@ def _listed(v: Any) -> Any:
     return [_listed(x) for x in v] if isinstance(v, tuple) else v
 
 
-def _frozen(v: Any) -> Any:
-    """Lists (ConfigDict's, JSON's) as tuples, nested too: the spec is hashable."""
-    return tuple(_frozen(x) for x in v) if isinstance(v, (list, tuple)) else v
+def hashable(v: Any) -> Any:
+    """Lists (ConfigDict's, JSON's) as tuples, nested too: what a hashable spec holds."""
+    return tuple(hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-__all__ = ["AS_TRAINED", "SamplingDefaults"]
+__all__ = ["AS_TRAINED", "SamplingDefaults", "hashable"]

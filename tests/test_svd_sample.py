@@ -63,7 +63,8 @@ def test_sample_py_writes_the_library_video_as_frames_and_gif(tiny_svd, capsys):
     assert meta["guider"] == "LinearPredictionGuider" and meta["steps"] == "3"
 
     with Image.open(gif) as im:
-        assert im.n_frames == 4 and im.size == (80, 64) and abs(im.info["duration"] - 125) <= 10  # 8 fps (GIF counts 10 ms)
+        # 8 fps: 125 ms a frame, which GIF stores in 10 ms units
+        assert im.n_frames == 4 and im.size == (80, 64) and abs(im.info["duration"] - 125) <= 10
         first = np.asarray(im.convert("RGB"))
     # the GIF's palette approximates the first frame
     assert np.abs(first.astype(int) - frames[0].astype(int)).mean() < 12

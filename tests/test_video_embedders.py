@@ -77,7 +77,8 @@ def test_image_prediction_embedder_is_the_tower_on_the_resized_frame_per_video()
     clip = {"target": MODULES + "FrozenOpenCLIPImageEmbedder", "params": {"freeze": True, "tower": TOWER}}
     emb = FrozenOpenCLIPImagePredictionEmbedder(clip, n_cond_frames=2, n_copies=3)
     params = emb.init(jax.random.key(0), images)["params"]
-    assert set(params) == {"open_clip"} and set(params["open_clip"]) == {"visual"}  # ...embedders.N.open_clip.model.visual
+    # the seed's conditioner.embedders.N.open_clip.model.visual.*
+    assert set(params) == {"open_clip"} and set(params["open_clip"]) == {"visual"}
     out = emb.apply({"params": params}, images)
     pixels = ((kornia_resize(images, (28, 28)) + 1) / 2 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
     z = CLIPVisionTower(**TOWER).apply({"params": params["open_clip"]["visual"]}, pixels)  # [4, 16]

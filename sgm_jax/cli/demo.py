@@ -4,9 +4,10 @@
 
 Models: train.py workdirs (a class picker or a prompt, as the model is conditioned) and
 converted SDXL / SD 2.1 directories (their config is read from the directory's metadata, or
-give CONFIG=DIR); converted SVD models get an image-to-video section (a GIF and its PNG frames). Without --model, ./workdir/* and ./checkpoints/* are offered. Weights load
-once per model and compiled functions are reused: a new prompt, class, seed or CFG scale
-neither reloads nor recompiles. Gradio rather than streamlit (the seed's): events are explicit
+give CONFIG=DIR); converted SVD models get an image-to-video section (a GIF and its PNG
+frames). Without --model, ./workdir/* and ./checkpoints/* are offered. Weights load once per model
+and compiled functions are reused: a new prompt, class, seed or CFG scale neither reloads nor
+recompiles. Gradio rather than streamlit (the seed's): events are explicit
 callbacks with fixed element ids instead of whole-script reruns, so a browser test can drive it
 reliably, and per-step progress needs no session-state plumbing.
 """

@@ -12,7 +12,6 @@ unless --no-watermark.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import jax
@@ -23,7 +22,7 @@ from sgm_jax.inference.loading import enable_compilation_cache, load_image
 from sgm_jax.inference.models import load_pipeline
 from sgm_jax.inference.outputs import Watermark, save_video, video_path
 from sgm_jax.inference.pipeline import engine_for_sampling, size_multiple
-from sgm_jax.inference.video import sample_video, video_spec
+from sgm_jax.inference.video import sample_request, video_spec
 from sgm_jax.parallel import make_mesh
 from sgm_jax.sampling_defaults import SamplingDefaults
 
@@ -48,10 +47,8 @@ def run_video(config: Any, defaults: SamplingDefaults, args: argparse.Namespace,
     for flag in ("prompt", "refiner", "lora"):
         if getattr(args, flag):
             raise UserError(f"--{flag} is not for an image-to-video model ({name}): give --init-image")
-    if not args.init_image:
+    if not args.init_image:  # --num-frames / --decoding-t were checked with the other fields (request_config)
         raise UserError(f"{name} makes a video from an image: give --init-image")
-    if d.num_frames < 1 or d.decoding_t < 1:
-        raise UserError(f"--num-frames and --decoding-t must be >= 1, got {d.num_frames} and {d.decoding_t}")
     prefix = f"{name}_s{d.seed}"
     target = video_path(args.out, prefix)  # checked before the weights load or anything compiles
     engine = engine_for_sampling(config, "float32")
@@ -65,15 +62,9 @@ def run_video(config: Any, defaults: SamplingDefaults, args: argparse.Namespace,
     print(f"{name}: {d.num_frames} frames of {width}x{height} from {args.init_image}, {spec.name} {spec.steps} "
           f"steps, {spec.guider} {d.cfg_scale}, fps_id {d.fps_id}, motion {d.motion_bucket_id}, "
           f"cond_aug {d.cond_aug}")
-    t0 = time.perf_counter()
-    frames = sample_video(pipeline, image, num_frames=d.num_frames, fps_id=d.fps_id,
-                          motion_bucket_id=d.motion_bucket_id, cond_aug=d.cond_aug, seed=d.seed, spec=spec,
-                          cfg_scale=d.cfg_scale, decoding_t=d.decoding_t)
-    print(f"sampled in {time.perf_counter() - t0:.1f} s (compile included)")
-    meta = {"model": name, "checkpoint": str(d.checkpoint), "init_image": str(args.init_image), "seed": d.seed,
-            "sampler": spec.name, "steps": spec.steps, "guider": spec.guider, "cfg_scale": d.cfg_scale,
-            "num_frames": d.num_frames, "fps_id": d.fps_id, "motion_bucket_id": d.motion_bucket_id,
-            "cond_aug": d.cond_aug, "size": f"{width}x{height}"}
+    frames, meta = sample_request(pipeline, image, d, spec)
+    print(f"sampled in {meta['seconds']:.1f} s (compile included)")
+    meta.update(model=name, checkpoint=str(d.checkpoint), init_image=str(args.init_image))
     if multihost.is_main():
         for path in save_video(frames, target, d.fps_id + 1, meta, prefix, Watermark(enabled=not args.no_watermark)):
             print(f"wrote {path}")

@@ -180,9 +180,10 @@ class Pipeline:
 
     # --- sampler settings ----------------------------------------------------------------
     def spec(self, sampler: str | None = None, steps: int | None = None, discretization: str | None = None,
-             **options: Any) -> SamplerSpec:
+             guided: bool | None = None, **options: Any) -> SamplerSpec:
         """SamplerSpec from the inference section; a trained model's own sampler options and
-        schedule (discretization "config") unless another sampler / discretization is named."""
+        schedule (discretization "config") unless another sampler / discretization is named.
+        guided: None: when a prompt or class conditions the model (an image-to-video model says True)."""
         name = canonical_sampler_name(sampler or self.defaults.sampler)
         disc_name = discretization or self.defaults.discretization
         trained = self.engine.sampler
@@ -192,7 +193,8 @@ class Pipeline:
             disc = make_discretization(disc_name)
         if trained is not None and canonical_sampler_name(type(trained).__name__) == name:
             options = {**{k: getattr(trained, k) for k in SAMPLER_DEFAULTS[name] if hasattr(trained, k)}, **options}
-        return SamplerSpec.create(name, int(steps or self.defaults.num_steps), disc, guided=self.conditional,
+        return SamplerSpec.create(name, int(steps or self.defaults.num_steps), disc,
+                                  guided=self.conditional if guided is None else guided,
                                   guider=self.defaults.guider, guider_options=dict(self.defaults.guider_options),
                                   **options)
 

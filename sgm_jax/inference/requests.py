@@ -6,8 +6,8 @@ text-to-image, image-to-image from an init image, and the SDXL base -> refiner h
     png_metadata = request.metadata()
 
 `ImageRequest.create` fills whatever a caller leaves None from the model's sampling defaults
-(its config's `inference` section, resolved once: sampler, steps, discretization, size, CFG scale, strengths, negative prompt, seed), so the two
-front ends cannot drift apart; `generate` picks the mode, `metadata` describes it.
+(its config's `inference` section, resolved once: sampler, steps, discretization, size, CFG scale,
+strengths, negative prompt, seed), so the two front ends cannot drift apart; `generate` picks the mode, `metadata` describes it.
 """
 
 from __future__ import annotations

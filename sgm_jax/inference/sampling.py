@@ -23,6 +23,7 @@ from sgm_jax.diffusion.discretization import (
 )
 from sgm_jax.diffusion.guiders import IdentityGuider, LinearPredictionGuider, TrianglePredictionGuider, VanillaCFG
 from sgm_jax.diffusion.samplers import SAMPLERS, BaseDiffusionSampler, canonical_sampler_name
+from sgm_jax.sampling_defaults import hashable
 
 SEED_RANGE = 2**32  # seeds are reduced modulo this: JAX keeps only the low 32 bits of a seed without x64
 
@@ -50,9 +51,6 @@ GUIDERS: dict[str, Any] = {
     "TrianglePredictionGuider": lambda scale, **o: TrianglePredictionGuider(max_scale=scale, **o),
 }
 
-
-def _hashable(v: Any) -> Any:
-    return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
 # the seed demo's EDMDiscretization defaults for latent models (sampling params in api.py)
 EDM_DEMO = {"sigma_min": 0.0292, "sigma_max": 14.6146, "rho": 3.0}
 
@@ -105,7 +103,7 @@ class SamplerSpec:
         guider = str(guider).rsplit(".", 1)[-1]
         if guider not in GUIDERS:
             raise ValueError(f"unknown guider {guider!r}; choose one of: {', '.join(GUIDERS)}")
-        guider_options = tuple(sorted((k, _hashable(v)) for k, v in dict(guider_options or {}).items()))
+        guider_options = tuple(sorted((k, hashable(v)) for k, v in dict(guider_options or {}).items()))
         try:  # bad options fail here, not inside jit
             GUIDERS[guider](1.0, **dict(guider_options))
         except TypeError as e:

@@ -10,6 +10,7 @@ same outputs.save_images, so the same settings and seed give the same pixels in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -33,7 +34,7 @@ from .outputs import Watermark, save_images, save_video, to_pil
 from .pipeline import check_size, size_multiple
 from .requests import ImageRequest, generate
 from .runner import StepEvent
-from .video import is_video_config, sample_video, video_spec
+from .video import is_video_config, sample_request, video_spec
 from .sampling import SAMPLER_DEFAULTS, SamplerSpec
 
 
@@ -240,29 +241,22 @@ class DemoService:
             raise UserError(f"{req.model} is not an image-to-video model")
         if req.init_image is None:
             raise UserError("image to video needs an init image")
-        d = SamplingDefaults.from_config(config)
-        frames_asked = int(req.num_frames or d.num_frames)
-        if not 1 <= frames_asked <= self.max_images or req.seed < 0 or (req.steps is not None and req.steps <= 0):
+        given = {"num_frames": req.num_frames, "fps_id": None if req.fps is None else int(req.fps) - 1,
+                 "motion_bucket_id": req.motion_bucket_id, "cond_aug": req.cond_aug}
+        d = dataclasses.replace(SamplingDefaults.from_config(config), seed=req.seed,
+                                **{k: v for k, v in given.items() if v is not None})
+        if not 1 <= d.num_frames <= self.max_images or req.seed < 0 or (req.steps is not None and req.steps <= 0):
             raise UserError(f"frames must be 1 to {self.max_images} (sgm-demo --max-images), steps positive, "
                             "the seed >= 0")
         with self._running:
-            t0 = time.perf_counter()
             pipeline = self._pipeline(s.label)
             image = self._upload(req.init_image, pipeline)
-            spec = video_spec(pipeline, frames_asked, req.steps)
-            fps_id = d.fps_id if req.fps is None else int(req.fps) - 1
-            motion = d.motion_bucket_id if req.motion_bucket_id is None else int(req.motion_bucket_id)
-            cond_aug = d.cond_aug if req.cond_aug is None else float(req.cond_aug)
-            frames = sample_video(pipeline, image, num_frames=frames_asked, fps_id=fps_id, motion_bucket_id=motion,
-                                  cond_aug=cond_aug, seed=req.seed, spec=spec, decoding_t=d.decoding_t)
+            frames, meta = sample_request(pipeline, image, d, video_spec(pipeline, d.num_frames, req.steps))
         name = config_name(s.path)
-        meta = {"model": name, "seed": req.seed, "sampler": spec.name, "steps": spec.steps, "guider": spec.guider,
-                "cfg_scale": d.cfg_scale, "num_frames": frames_asked, "fps_id": fps_id, "motion_bucket_id": motion,
-                "cond_aug": cond_aug, "size": f"{image.shape[2]}x{image.shape[1]}",
-                "seconds": round(time.perf_counter() - t0, 3)}
+        meta["model"] = name
         folder, prefix = self.out_dir / f"{int(time.time() * 1000)}", f"{name}_s{req.seed}"
-        paths = save_video(frames, folder, fps_id + 1, meta, prefix, self.watermark)
-        return paths + save_video(frames, folder / f"{prefix}.gif", fps_id + 1, meta, prefix, self.watermark), meta
+        paths = save_video(frames, folder, d.fps_id + 1, meta, prefix, self.watermark)
+        return paths + save_video(frames, folder / f"{prefix}.gif", d.fps_id + 1, meta, prefix, self.watermark), meta
 
     def _options(self, req: DemoRequest, default_sampler: str) -> dict[str, float]:
         name = req.sampler or default_sampler

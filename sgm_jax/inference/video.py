@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from sgm_jax.engine import DiffusionEngine
 from sgm_jax.errors import UserError
 from sgm_jax.images import to_uint8
 from sgm_jax.nn.video_unet import VideoUNet
+from sgm_jax.sampling_defaults import SamplingDefaults
 
 from .pipeline import Pipeline
 from .sampling import SamplerSpec, seed_key
@@ -49,12 +51,11 @@ def is_video_config(config: Any) -> bool:
 def video_spec(pipeline: Pipeline, num_frames: int, steps: int | None = None, **options: Any) -> SamplerSpec:
     """The model's sampler spec, guided, its per-frame guider sized to num_frames (the seed's load_model
     sets guider_config.params.num_frames the same way)."""
-    spec = pipeline.spec(steps=steps, **options)
+    spec = pipeline.spec(steps=steps, guided=True, **options)  # the image conditions it, not a prompt or class
     guider_options = dict(spec.guider_options)
     if "num_frames" in guider_options:
         guider_options["num_frames"] = int(num_frames)
-    return dataclasses.replace(spec, guided=spec.guider != "IdentityGuider",
-                               guider_options=tuple(sorted(guider_options.items())))
+    return dataclasses.replace(spec, guider_options=tuple(sorted(guider_options.items())))
 
 
 @functools.partial(jax.jit, static_argnames=("engine", "spec", "num_frames", "decoding_t"))
@@ -103,4 +104,20 @@ def sample_video(pipeline: Pipeline, image: np.ndarray, *, num_frames: int, fps_
     return np.asarray(frames)
 
 
-__all__ = ["is_video_config", "is_video_model", "sample_video", "video_spec"]
+def sample_request(pipeline: Pipeline, image: np.ndarray, defaults: SamplingDefaults,
+                   spec: SamplerSpec) -> tuple[np.ndarray, dict[str, Any]]:
+    """(frames, their metadata) for the request `defaults` describes (its num_frames, fps_id,
+    motion_bucket_id, cond_aug, seed, cfg_scale, decoding_t): what sample.py and the demo both run."""
+    d = defaults
+    t0 = time.perf_counter()
+    frames = sample_video(pipeline, image, num_frames=d.num_frames, fps_id=d.fps_id,
+                          motion_bucket_id=d.motion_bucket_id, cond_aug=d.cond_aug, seed=d.seed, spec=spec,
+                          cfg_scale=d.cfg_scale, decoding_t=d.decoding_t)
+    meta = {"seed": d.seed, "sampler": spec.name, "steps": spec.steps, "guider": spec.guider, "cfg_scale": d.cfg_scale,
+            "num_frames": d.num_frames, "fps_id": d.fps_id, "motion_bucket_id": d.motion_bucket_id,
+            "cond_aug": d.cond_aug, "size": f"{image.shape[2]}x{image.shape[1]}",
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return frames, meta
+
+
+__all__ = ["is_video_config", "is_video_model", "sample_request", "sample_video", "video_spec"]

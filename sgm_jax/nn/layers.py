@@ -6,7 +6,7 @@ Everything here is NHWC / channels-last: the channel axis is always the last one
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -90,3 +90,10 @@ def zeros_init() -> nn.initializers.Initializer:
     """Initializer for the seed's `zero_module` layers (output projections start at 0)."""
     return nn.initializers.zeros_init()
 
+
+def in_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, size: int | None) -> jax.Array:
+    """fn over x in chunks of `size` along the batch, joined again: the seed's
+    en_and_decode_n_samples_a_time loop (the last chunk may be shorter; None: one call)."""
+    n = size or x.shape[0]
+    parts = [fn(x[i:i + n]) for i in range(0, x.shape[0], n)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)

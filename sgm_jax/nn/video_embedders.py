@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.nn.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionTower
-from sgm_jax.nn.conditioner import register_embedder
+from sgm_jax.nn.conditioner import _TORCH_ONLY_KWARGS, register_embedder
+from sgm_jax.nn.layers import in_chunks
 from sgm_jax.nn.resize import kornia_resize
 from sgm_jax.nn.vae import autoencoder_from_config
 
@@ -72,7 +73,7 @@ class FrozenOpenCLIPImageEmbedder(nn.Module):
 
 def _nested_params(config: Any) -> dict[str, Any]:
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: v for k, v in dict(config.get("params") or {}).items() if k not in ("freeze", "device", "init_device")}
+    return {k: v for k, v in dict(config.get("params") or {}).items() if k not in _TORCH_ONLY_KWARGS}
 
 
 @register_embedder
@@ -117,16 +118,16 @@ class VideoPredictionEmbedderWithEncoder(nn.Module):
                              "(training-time noise augmentation) are not supported; SVD's inference configs "
                              "leave them out")
         if not self.is_ae:
-            raise ValueError("VideoPredictionEmbedderWithEncoder: only is_ae=True (an autoencoder's encode) is supported")
+            raise ValueError("VideoPredictionEmbedderWithEncoder: only is_ae=True (an autoencoder's encode) "
+                             "is supported")
         config = self.encoder_config.to_dict() if hasattr(self.encoder_config, "to_dict") else self.encoder_config
         dtype = jnp.float32 if self.disable_encoder_autocast else self.dtype
         self.encoder = autoencoder_from_config(dict(config), dtype=dtype)
 
     def __call__(self, frames: jax.Array) -> jax.Array:
-        frames = jnp.asarray(frames)
-        n = self.en_and_decode_n_samples_a_time or frames.shape[0]
-        parts = [self.encoder.encode_posterior(frames[i:i + n]).mode() for i in range(0, frames.shape[0], n)]
-        z = (parts[0] if len(parts) == 1 else jnp.concatenate(parts)).astype(jnp.float32) * self.scale_factor
+        z = in_chunks(lambda xs: self.encoder.encode_posterior(xs).mode(), jnp.asarray(frames),
+                      self.en_and_decode_n_samples_a_time)
+        z = z.astype(jnp.float32) * self.scale_factor
         if int(self.n_cond_frames) == 1:
             z = jnp.repeat(z, int(self.n_copies), axis=0)
         return z

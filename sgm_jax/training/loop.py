@@ -209,8 +209,8 @@ def train(config: Any, workdir: str | Path, run: Run | None = None) -> dict[str,
         raise UserError(problem or f"{workdir} is in use by another training (another host of this job was "
                                    "refused its lock); wait for it to finish or choose another --workdir")
     with lock:
-        unfinished = interrupted_saves(ckpt_dir)  # the Checkpointer's Orbax manager removes them
-        if is_main and unfinished:
+        unfinished = interrupted_saves(ckpt_dir) if is_main else []  # the Checkpointer's Orbax manager removes them
+        if unfinished:
             print(f"removing {len(unfinished)} unfinished checkpoint save(s): {', '.join(p.name for p in unfinished)}")
         multihost.sync("sgm_jax:workdir_ready")
         return _train_locked(run, workdir, is_main, data_description)
