@@ -40,16 +40,19 @@ def conditioner(tower: dict[str, Any] | None = None, outdim: int = 256, encoder_
 
 
 def first_stage(image_decoder: bool = False, dd: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The VideoDecoder first stage (svd / svd_xt), or the per-frame image decoder (*_image_decoder)."""
+    """The VideoDecoder first stage (svd / svd_xt: an AutoencodingEngine, no quant convs), or the
+    per-frame image decoder of svd*_image_decoder.yaml (the seed's AutoencoderKL, with quant convs)."""
     dd = {**VAE_DD, **(dd or {})}
-    decoder = ({"target": "sgm.modules.diffusionmodules.model.Decoder", "params": dd} if image_decoder else
-               {"target": "sgm.modules.autoencoding.temporal_ae.VideoDecoder",
-                "params": {**dd, "video_kernel_size": [3, 1, 1]}})
+    if image_decoder:
+        return {"target": "sgm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": {**dd, "attn_type": "vanilla-xformers"},
+            "lossconfig": {"target": "torch.nn.Identity"}}}
     return {"target": "sgm.models.autoencoder.AutoencodingEngine", "params": {
         "loss_config": {"target": "torch.nn.Identity"},
         "regularizer_config": {"target": "sgm.modules.autoencoding.regularizers.DiagonalGaussianRegularizer"},
         "encoder_config": {"target": "sgm.modules.diffusionmodules.model.Encoder", "params": dd},
-        "decoder_config": decoder}}
+        "decoder_config": {"target": "sgm.modules.autoencoding.temporal_ae.VideoDecoder",
+                           "params": {**dd, "video_kernel_size": [3, 1, 1]}}}}
 
 
 def model(num_frames: int, max_scale: float, min_scale: float, num_steps: int, *, unet: dict[str, Any] | None = None,

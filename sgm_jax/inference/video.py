@@ -58,16 +58,16 @@ def video_spec(pipeline: Pipeline, num_frames: int, steps: int | None = None, **
     return dataclasses.replace(spec, guider_options=tuple(sorted(guider_options.items())))
 
 
-@functools.partial(jax.jit, static_argnames=("engine", "spec", "num_frames", "decoding_t"))
-def _sample(engine: DiffusionEngine, spec: SamplerSpec, params: Any, image: jax.Array, key: jax.Array,
-            scale: jax.Array, fps_id: jax.Array, motion_bucket_id: jax.Array, cond_aug: jax.Array,
-            num_frames: int, decoding_t: int | None) -> jax.Array:
-    aug_key, noise_key, sampler_key = jax.random.split(key, 3)
+def video_conditioning(engine: DiffusionEngine, params: Any, image: jax.Array, cond_noise: jax.Array,
+                       num_frames: int, fps_id: jax.Array, motion_bucket_id: jax.Array, cond_aug: jax.Array
+                       ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """(c, uc) per frame, as simple_video_sample.py builds them: image `[1, H, W, 3]` in [-1, 1],
+    cond_noise like it (the frame encoder sees image + cond_aug * cond_noise) -> crossattn
+    `[T, 1, D]`, vector `[T, adm]`, concat `[T, H/8, W/8, 4]`, image_only_indicator `[1, T]`."""
     t = num_frames
-    batch = {"cond_frames_without_noise": image,
-             "cond_frames": image + cond_aug * jax.random.normal(aug_key, image.shape, image.dtype),
-             "fps_id": jnp.full((t,), fps_id, jnp.float32), "motion_bucket_id": jnp.full((t,), motion_bucket_id,
-                                                                                         jnp.float32),
+    batch = {"cond_frames_without_noise": image, "cond_frames": image + cond_aug * cond_noise,
+             "fps_id": jnp.full((t,), fps_id, jnp.float32),
+             "motion_bucket_id": jnp.full((t,), motion_bucket_id, jnp.float32),
              "cond_aug": jnp.full((t,), cond_aug, jnp.float32)}
     c = engine.condition(params, batch)
     uc = engine.condition(params, batch, force_zero_embeddings=IMAGE_KEYS)
@@ -76,13 +76,35 @@ def _sample(engine: DiffusionEngine, spec: SamplerSpec, params: Any, image: jax.
         out = {k: jnp.repeat(v, t, axis=0) if k in REPEATED_OUTPUTS else v for k, v in cond.items()}
         return {**out, "image_only_indicator": jnp.zeros((1, t))}
 
-    c, uc = per_frame(c), per_frame(uc)
+    return per_frame(c), per_frame(uc)
+
+
+def video_from_noise(engine: DiffusionEngine, spec: SamplerSpec, params: Any, image: jax.Array,
+                     cond_noise: jax.Array, noise: jax.Array, scale: jax.Array, fps_id: jax.Array,
+                     motion_bucket_id: jax.Array, cond_aug: jax.Array, key: jax.Array,
+                     decoding_t: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The whole image-to-video computation from its random inputs: noise `[T, H/8, W/8, 4]` (the
+    seed's randn) -> (latents `[T, H/8, W/8, 4]`, decoded frames `[T, H, W, 3]`, unclamped)."""
+    c, uc = video_conditioning(engine, params, image, cond_noise, noise.shape[0], fps_id, motion_bucket_id,
+                               cond_aug)
+    z = spec.build(scale)(lambda x, s, cond: engine.denoise(params, x, s, cond), noise, c, uc=uc, key=key)
+    decoder = dataclasses.replace(engine, en_and_decode_n_samples_a_time=decoding_t)
+    return z, decoder.decode_first_stage(params, z)
+
+
+@functools.partial(jax.jit, static_argnames=("engine", "spec", "num_frames", "decoding_t"))
+def _sample(engine: DiffusionEngine, spec: SamplerSpec, params: Any, image: jax.Array, key: jax.Array,
+            scale: jax.Array, fps_id: jax.Array, motion_bucket_id: jax.Array, cond_aug: jax.Array,
+            num_frames: int, decoding_t: int | None) -> jax.Array:
+    aug_key, noise_key, sampler_key = jax.random.split(key, 3)
     h, w = image.shape[1:3]
     f = engine.first_stage_factor
-    noise = jax.random.normal(noise_key, (t, h // f, w // f, int(engine.first_stage.embed_dim)), jnp.float32)
-    z = spec.build(scale)(lambda x, s, cond: engine.denoise(params, x, s, cond), noise, c, uc=uc, key=sampler_key)
-    decoder = dataclasses.replace(engine, en_and_decode_n_samples_a_time=decoding_t)
-    return to_uint8(decoder.decode_first_stage(params, z))
+    noise = jax.random.normal(noise_key, (num_frames, h // f, w // f, int(engine.first_stage.embed_dim)),
+                              jnp.float32)
+    cond_noise = jax.random.normal(aug_key, image.shape, image.dtype)
+    _, frames = video_from_noise(engine, spec, params, image, cond_noise, noise, scale, fps_id, motion_bucket_id,
+                                 cond_aug, sampler_key, decoding_t)
+    return to_uint8(frames)
 
 
 def sample_video(pipeline: Pipeline, image: np.ndarray, *, num_frames: int, fps_id: int, motion_bucket_id: int,
@@ -120,4 +142,5 @@ def sample_request(pipeline: Pipeline, image: np.ndarray, defaults: SamplingDefa
     return frames, meta
 
 
-__all__ = ["is_video_config", "is_video_model", "sample_request", "sample_video", "video_spec"]
+__all__ = ["is_video_config", "is_video_model", "sample_request", "sample_video", "video_conditioning",
+           "video_from_noise", "video_spec"]
