@@ -299,6 +299,27 @@ def test_sdxl_base_param_count_and_key_map() -> None:
     assert flat[path].shape == (2048, 640)
 
 
+def test_attention_past_its_logit_budget_runs_in_query_chunks():
+    """Past SCORE_BUDGET_BYTES of float32 logits the queries go in chunks (each row still sees every
+    key): the same outputs and gradients, and no full-size logits in the computation."""
+    from sgm_jax.nn.attention import attention, query_chunk
+
+    assert query_chunk(2 * 25 * 5, 9216, 9216) == 192  # SVD-XT's top level, [uc; c] x 25 frames: 48 chunks
+    assert query_chunk(2 * 10, 4096, 4096) == 4096  # SDXL's 64x64 level at batch 2 fits at once
+    assert query_chunk(1, 7, 10**12) == 1
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, t, 3, 8)), jnp.float32) for t in (96, 40, 40))
+    budget = 4 * 2 * 3 * 40 * 32  # 32 query rows at a time
+    for impl in (None, "tpu"):
+        np.testing.assert_allclose(attention(q, k, v, impl, budget=budget), attention(q, k, v, impl),
+                                   atol=1e-6, rtol=1e-6)
+    loss = lambda budget: lambda *a: (attention(*a, budget=budget) ** 2).sum()  # noqa: E731
+    for got, want in zip(jax.grad(loss(budget), (0, 1, 2))(q, k, v), jax.grad(loss(2**31), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda *a: attention(*a, budget=budget))(q, k, v))
+    assert "32,40]" in jaxpr and "96,40]" not in jaxpr
+
+
 def test_the_tpu_attention_form_is_softmax_attention():
     """attn_implementation="tpu" (normalised after the PV matmul) against jax.nn.dot_product_attention in
     float32, and against a float64 softmax in bfloat16, at a large logit scale."""

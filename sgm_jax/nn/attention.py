@@ -25,7 +25,36 @@ Context = Union[jax.Array, Sequence[jax.Array], None]
 ATTENTION_TYPES = ("softmax", "softmax-xformers")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
+# The float32 logits one attention call may hold at once. A larger call (SVD-XT's 9,216-token
+# self-attention over 50 frames would hold 85 GB) runs its queries in sequential chunks: each query
+# row still sees every key, so the maths is unchanged; the fused cuDNN kernel never holds them.
+SCORE_BUDGET_BYTES = 2**31
+
+
+def query_chunk(batch_heads: int, queries: int, keys: int, budget: int = SCORE_BUDGET_BYTES) -> int:
+    """Queries per chunk: the largest divisor of `queries` whose `[batch*heads, chunk, keys]` float32
+    logits fit `budget` (all of them when they fit at once; at least 1)."""
+    rows = max(1, budget // (4 * batch_heads * keys))
+    if rows >= queries:
+        return queries
+    return max(c for c in range(1, rows + 1) if queries % c == 0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None,
+              budget: int = SCORE_BUDGET_BYTES) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys / values,
+    in query chunks of `query_chunk(...)` rows when the logits would exceed `budget` bytes (each chunk
+    recomputed in the backward pass rather than stored). Per chunk, see `_attention`."""
+    b, t, n, _ = q.shape
+    chunk = t if implementation == "cudnn" else query_chunk(b * n, t, k.shape[1], budget)
+    if chunk == t:
+        return _attention(q, k, v, implementation)
+    chunks = jnp.moveaxis(q.reshape(b, t // chunk, chunk, *q.shape[2:]), 1, 0)  # [T/chunk, B, chunk, n, d]
+    out = jax.lax.map(jax.checkpoint(lambda qc: _attention(qc, k, v, implementation)), chunks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, v.shape[-1])
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys / values.
 
     The logits, their row maxima and the row sums are float32, as in jax.nn.dot_product_attention's

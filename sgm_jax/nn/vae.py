@@ -21,6 +21,7 @@ from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
 
+from sgm_jax.nn.attention import attention
 from sgm_jax.nn.layers import GroupNorm
 
 Dtype = Any
@@ -87,7 +88,7 @@ class AttnBlock(nn.Module):
         h = _norm("norm")(x)
         # [B, H*W, 1 head, C]: the layout jax.nn.dot_product_attention expects.
         q, k, v = (_conv(c, 1, n, self.dtype)(h).reshape(b, hgt * wid, 1, c) for n in ("q", "k", "v"))
-        return jax.nn.dot_product_attention(q, k, v).reshape(b, hgt, wid, c)
+        return attention(q, k, v).reshape(b, hgt, wid, c)  # in query chunks past its logit budget
 
 
 class Downsample(nn.Module):
