@@ -169,12 +169,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_client(service: DemoService, tmp_path: Path):
-    """A gradio_client Client on the demo app over `service`, served on 127.0.0.1 for the block."""
-    pytest.importorskip("gradio_client")
+def serving(service: DemoService, tmp_path: Path):
+    """The demo app over `service`, served on 127.0.0.1 for the block; yields its URL."""
     os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    from gradio_client import Client
-
     from sgm_jax.cli.demo import build_app
 
     port = free_port()
@@ -182,9 +179,41 @@ def live_client(service: DemoService, tmp_path: Path):
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
                        quiet=True, allowed_paths=[str(service.out_dir)])
     try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+        yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+@contextlib.contextmanager
+def live_client(service: DemoService, tmp_path: Path):
+    """A gradio_client Client on the demo app over `service`, for the block."""
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+
+    with serving(service, tmp_path) as url:
+        yield Client(url, verbose=False)
+
+
+@contextlib.contextmanager
+def browser_page(service: DemoService, tmp_path: Path, height: int = 1000):
+    """A headless Chromium page on the demo app over `service` (skips without Chromium / playwright)."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium at /usr/bin/chromium: install Debian's chromium (apt-get install chromium "
+                    "chromium-driver; .ci/run does when it can) or set SGM_JAX_CHROMIUM")
+    for module in ("gradio", "playwright"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with serving(service, tmp_path) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": height})
+        page.goto(url)
+        try:
+            yield page
+        finally:
+            browser.close()
 
 
 def api_args(label: str, num: int, steps: int | None = None) -> tuple:
@@ -196,62 +225,38 @@ def api_args(label: str, num: int, steps: int | None = None) -> tuple:
 
 
 def test_browser_generates_the_sample_py_images(models, cli_images, tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("no Chromium at /usr/bin/chromium: install Debian's chromium (apt-get install chromium "
-                    "chromium-driver; .ci/run does when it can) or set SGM_JAX_CHROMIUM")
-    for module in ("gradio", "playwright"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    from playwright.sync_api import sync_playwright
+    with browser_page(models["service"], tmp_path) as page:
+        page.wait_for_selector("#generate", timeout=30000)
 
-    from sgm_jax.cli.demo import build_app
+        def generate(n: int) -> list[np.ndarray]:
+            page.locator("#seed input").fill(str(SEED))
+            page.locator("#num input").fill(str(n))
+            before = page.locator("#gallery img").evaluate_all("els => els.map(e => e.src)")
+            page.locator("#generate").click()
+            # new images: n of them, none of those shown before (every request writes new files)
+            page.wait_for_function(
+                "([n, before]) => { const s = [...document.querySelectorAll('#gallery img')].map(e => e.src);"
+                " return s.length == n && s.every(x => !before.includes(x)); }", arg=[n, before], timeout=60000)
+            srcs = page.locator("#gallery img").evaluate_all("els => els.map(e => e.src)")
+            return [np.asarray(Image.open(_fetch(page, s))) for s in srcs]
 
-    service = models["service"]
-    port = free_port()
-    app = build_app(service)
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
-                       quiet=True, allowed_paths=[str(service.out_dir)])
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#generate", timeout=30000)
-
-            def generate(n: int) -> list[np.ndarray]:
-                page.locator("#seed input").fill(str(SEED))
-                page.locator("#num input").fill(str(n))
-                before = page.locator("#gallery img").evaluate_all("els => els.map(e => e.src)")
-                page.locator("#generate").click()
-                # new images: n of them, none of those shown before (every request writes new files)
-                page.wait_for_function(
-                    "([n, before]) => { const s = [...document.querySelectorAll('#gallery img')].map(e => e.src);"
-                    " return s.length == n && s.every(x => !before.includes(x)); }", arg=[n, before], timeout=60000)
-                srcs = page.locator("#gallery img").evaluate_all("els => els.map(e => e.src)")
-                return [np.asarray(Image.open(_fetch(page, s))) for s in srcs]
-
-            page.locator("#classes").get_by_label("0", exact=True).uncheck()
-            page.locator("#classes").get_by_label("3", exact=True).check()
+        page.locator("#classes").get_by_label("0", exact=True).uncheck()
+        page.locator("#classes").get_by_label("3", exact=True).check()
+        shown = generate(2)
+        assert len(shown) == 2
+        for a, b in zip(shown, cli_images["mnist"]):
+            np.testing.assert_array_equal(a, b)
+        page.screenshot(path=str(ARTIFACTS / "demo_mnist.png"), full_page=True)
+        if len(models["sources"]) > 1:
+            page.locator("#model input").click()
+            page.get_by_role("option", name=models["sources"][1].label).click()
+            page.wait_for_function("document.querySelector('#prompt textarea') !== null")
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#steps input").fill("2")
             shown = generate(2)
-            assert len(shown) == 2
-            for a, b in zip(shown, cli_images["mnist"]):
+            for a, b in zip(shown, cli_images["sdxl"]):
                 np.testing.assert_array_equal(a, b)
-            page.screenshot(path=str(ARTIFACTS / "demo_mnist.png"), full_page=True)
-            if len(models["sources"]) > 1:
-                page.locator("#model input").click()
-                page.get_by_role("option", name=models["sources"][1].label).click()
-                page.wait_for_function("document.querySelector('#prompt textarea') !== null")
-                page.locator("#prompt textarea").fill(PROMPT)
-                page.locator("#steps input").fill("2")
-                shown = generate(2)
-                for a, b in zip(shown, cli_images["sdxl"]):
-                    np.testing.assert_array_equal(a, b)
-                page.screenshot(path=str(ARTIFACTS / "demo_sdxl.png"), full_page=True)
-            browser.close()
-    finally:
-        app.close()
+            page.screenshot(path=str(ARTIFACTS / "demo_sdxl.png"), full_page=True)
 
 
 def _fetch(page, url: str):

@@ -180,45 +180,18 @@ def test_demo_makes_the_same_video_and_refuses_it_in_the_image_section(tiny_svd,
 def test_browser_makes_the_library_video(tiny_svd, tmp_path):
     """The demo's image-to-video section in a real headless Chromium: upload the frame, ask for 4
     frames at 8 fps, motion 100; the gallery shows the library's frames, pixel for pixel."""
-    import importlib.util
-    import os
-
-    from test_demo import ARTIFACTS, BROWSER_FLAGS, CHROMIUM, _fetch, free_port
-
-    if CHROMIUM is None:
-        pytest.skip("no Chromium at /usr/bin/chromium: install Debian's chromium (apt-get install chromium "
-                    "chromium-driver; .ci/run does when it can) or set SGM_JAX_CHROMIUM")
-    for module in ("gradio", "playwright"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    from playwright.sync_api import sync_playwright
-
-    from sgm_jax.cli.demo import build_app
     from sgm_jax.inference.service import DemoService, ModelSource
+    from test_demo import ARTIFACTS, _fetch, browser_page
 
     service = DemoService([ModelSource.parse(f"{CONFIG}={tiny_svd['checkpoint']}")], tmp_path / "out")
-    port = free_port()
-    app = build_app(service)
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
-                       quiet=True, allowed_paths=[str(service.out_dir)])
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_selector("#video_generate", timeout=30000)
-            page.locator("#video_init_image input[type=file]").set_input_files(str(tiny_svd["init"]))
-            for field, value in (("frames", 4), ("fps", 8), ("motion_bucket_id", 100), ("seed", SEED)):
-                page.locator(f"#video_{field} input").fill(str(value))
-            page.locator("#video_generate").click()
-            page.wait_for_function("document.querySelectorAll('#video_frames_gallery img').length == 4",
-                                   timeout=120000)
-            srcs = page.locator("#video_frames_gallery img").evaluate_all("els => els.map(e => e.src)")
-            shown = np.stack([np.asarray(Image.open(_fetch(page, s)).convert("RGB")) for s in srcs])
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "demo_svd.png"), full_page=True)
-            browser.close()
-    finally:
-        app.close()
+    with browser_page(service, tmp_path, height=1400) as page:
+        page.wait_for_selector("#video_generate", timeout=30000)
+        page.locator("#video_init_image input[type=file]").set_input_files(str(tiny_svd["init"]))
+        for field, value in (("frames", 4), ("fps", 8), ("motion_bucket_id", 100), ("seed", SEED)):
+            page.locator(f"#video_{field} input").fill(str(value))
+        page.locator("#video_generate").click()
+        page.wait_for_function("document.querySelectorAll('#video_frames_gallery img').length == 4", timeout=120000)
+        srcs = page.locator("#video_frames_gallery img").evaluate_all("els => els.map(e => e.src)")
+        shown = np.stack([np.asarray(Image.open(_fetch(page, s)).convert("RGB")) for s in srcs])
+        page.screenshot(path=str(ARTIFACTS / "demo_svd.png"), full_page=True)
     np.testing.assert_array_equal(shown, demo_request_frames(tiny_svd))
