@@ -47,7 +47,10 @@ sys.path.insert(0, str(REPO))
 
 BATCH, LATENT, CTX_LEN, CTX_DIM, ADM = 2, 128, 77, 2048, 2816  # SDXL base at 1024², one CFG pair
 # --part name -> (channels, spatial size): one ResBlock / one SpatialTransformer (depth 1) at an SDXL level
-PARTS = {"res640": (640, 64), "res1280": (1280, 32), "st640": (640, 64), "st1280": (1280, 32)}
+# part: (channels, latent size, transformer depth). st1280x10 is SDXL's 32x32 level (input_blocks.7: ten
+# transformer blocks): where a remat policy acts between blocks (ours remats each block unless --no-remat).
+PARTS = {"res640": (640, 64, 1), "res1280": (1280, 32, 1), "st640": (640, 64, 1), "st1280": (1280, 32, 1),
+         "st1280x10": (1280, 32, 10)}
 
 
 def _peer():
@@ -77,6 +80,7 @@ def sdxl_network_params(remat: bool = True) -> dict[str, Any]:
 
 # Each builder returns (module, init inputs (small, for eval_shape), call(module, params, *inputs), inputs)
 ATTN: str | None = None  # --attn: ours' attn_implementation ("tpu": the 'after' rows)
+REMAT_POLICY: str | None = None  # --remat-policy: ours' remat_policy (nn.layers.REMAT_POLICIES)
 
 
 def ours(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tuple]:
@@ -87,14 +91,15 @@ def ours(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tupl
     if part == "unet":
         from sgm_jax.nn.unet import UNetModel
 
-        model = UNetModel(**{**sdxl_network_params(remat), "attn_implementation": ATTN}, dtype=dtype)
+        model = UNetModel(**{**sdxl_network_params(remat), "attn_implementation": ATTN,
+                             "remat_policy": REMAT_POLICY if remat else None}, dtype=dtype)
         ex = model.example_inputs(1, 8)
         small = (ex["x"], ex["timesteps"], ex["context"], ex["y"])
         inputs = (jax.ShapeDtypeStruct((BATCH, LATENT, LATENT, 4), f32), jax.ShapeDtypeStruct((BATCH,), f32),
                   jax.ShapeDtypeStruct((BATCH, CTX_LEN, CTX_DIM), f32), jax.ShapeDtypeStruct((BATCH, ADM), f32))
         call = lambda m, p, x, t, c, y: m.apply({"params": p}, x, t, context=c, y=y)  # noqa: E731
         return model, small, call, inputs
-    ch, size = PARTS[part]
+    ch, size, depth = PARTS[part]
     if part.startswith("res"):
         from sgm_jax.nn.unet import ResBlock
 
@@ -104,8 +109,10 @@ def ours(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tupl
     else:
         from sgm_jax.nn.attention import SpatialTransformer
 
-        model = SpatialTransformer(ch, ch // 64, 64, depth=1, context_dim=CTX_DIM, use_linear=True,
-                                   attn_implementation=ATTN, dtype=dtype)
+        blocks_remat = remat and depth > 1
+        model = SpatialTransformer(ch, ch // 64, 64, depth=depth, context_dim=CTX_DIM, use_linear=True,
+                                   attn_implementation=ATTN, use_checkpoint=blocks_remat,
+                                   remat_policy=REMAT_POLICY if blocks_remat else None, dtype=dtype)
         small = (jnp.zeros((1, 8, 8, ch), dtype), jnp.zeros((1, 1, CTX_DIM), dtype))
         inputs = (jax.ShapeDtypeStruct((BATCH, size, size, ch), dtype),
                   jax.ShapeDtypeStruct((BATCH, CTX_LEN, CTX_DIM), dtype))
@@ -139,7 +146,7 @@ def peer(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tupl
                    "time_ids": jax.ShapeDtypeStruct((BATCH, 6), f32)})
         call = lambda m, p, x, t, c, a: m.apply({"params": p}, x, t, c, a, return_dict=False)[0]  # noqa: E731
         return model, small, call, inputs
-    ch, size = PARTS[part]
+    ch, size, depth = PARTS[part]
     if part.startswith("res"):
         from diffusers.models.resnet_flax import FlaxResnetBlock2D
 
@@ -149,7 +156,7 @@ def peer(part: str, dtype: Any, remat: bool) -> tuple[Any, tuple, Callable, tupl
     else:
         from diffusers.models.attention_flax import FlaxTransformer2DModel
 
-        model = FlaxTransformer2DModel(in_channels=ch, n_heads=ch // 64, d_head=64, depth=1,
+        model = FlaxTransformer2DModel(in_channels=ch, n_heads=ch // 64, d_head=64, depth=depth,
                                        use_linear_projection=True, dtype=dtype)
         small = (jnp.zeros((1, 8, 8, ch), dtype), jnp.zeros((1, 1, CTX_DIM), dtype))
         inputs = (jax.ShapeDtypeStruct((BATCH, size, size, ch), dtype),
@@ -381,7 +388,7 @@ def write_results(text: str) -> None:
         RESULTS.write_text(body)
 
 
-TABLE_ROWS = [(part, job) for part in ("unet", "st640", "st1280", "res640") for job in ("forward", "train")]
+TABLE_ROWS = [(part, job) for part in ("unet", "st640", "st1280", "res640", "st1280x10") for job in ("forward", "train")]
 
 
 def main() -> None:
@@ -397,10 +404,11 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--no-save", action="store_true", help="do not overwrite the saved reports (experiments)")
     p.add_argument("--label", default="", help="save ours under this label (e.g. before / after a change)")
+    p.add_argument("--remat-policy", help="ours' remat_policy with remat (e.g. dots_with_no_batch_dims_saveable)")
     p.add_argument("--attn", help='ours\' attn_implementation: "tpu" for the "after" rows (default: jax.nn\'s)')
     args = p.parse_args()
-    global ATTN
-    ATTN = args.attn
+    global ATTN, REMAT_POLICY
+    ATTN, REMAT_POLICY = args.attn, args.remat_policy
     parts, jobs, sides = args.part.split(","), args.job.split(","), args.side.split(",")
     if args.count_only:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

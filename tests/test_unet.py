@@ -221,6 +221,25 @@ def test_checkpoint_same_output(tiny_setup) -> None:
     chex.assert_trees_all_equal(outs[0], outs[1])
 
 
+def test_remat_policy_is_passed_to_every_block(tiny_setup) -> None:
+    """remat_policy names the jax.checkpoint_policies policy of each rematerialised block; the values
+    stay the forward pass's (compared without compiling a backward pass, as above)."""
+    kwargs, params, inputs = tiny_setup
+    plain = UNetModel(**kwargs)
+    model = UNetModel(**kwargs, use_checkpoint=True, remat_policy="dots_with_no_batch_dims_saveable")
+    outs = [jax.jit(lambda p, m=m: m.apply({"params": p}, **inputs))(params) for m in (plain, model)]
+    chex.assert_trees_all_close(outs[0], outs[1], atol=1e-6)
+    loss = lambda p: model.apply({"params": p}, **inputs).sum()  # noqa: E731
+    eqns = [e for e in jax.make_jaxpr(jax.grad(loss))(params).jaxpr.eqns if "policy" in e.params]
+    assert len(eqns) >= 3  # the res blocks and the transformer block
+    assert {e.params["policy"] for e in eqns} == {jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    with pytest.raises(ValueError, match="is not one of nothing_saveable"):
+        jax.eval_shape(lambda: UNetModel(**kwargs, use_checkpoint=True, remat_policy="dots").init(
+            jax.random.key(0), **inputs))
+    with pytest.raises(ValueError, match="needs use_checkpoint=True"):
+        UNetModel(**kwargs, remat_policy="dots_saveable").build_plan()
+
+
 def test_bf16_close_to_f32(tiny_setup) -> None:
     kwargs, params, inputs = tiny_setup
     out32 = jax.jit(UNetModel(**kwargs).apply)({"params": params}, **inputs)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.nn.layers import GroupNorm, zeros_init
+from sgm_jax.nn.layers import GroupNorm, remat, zeros_init
 
 Dtype = Any
 Context = Union[jax.Array, Sequence[jax.Array], None]
@@ -235,6 +235,7 @@ class SpatialTransformer(nn.Module):
     use_checkpoint: bool = False
     deterministic: bool = True
     attn_implementation: str | None = None  # None, "xla", "cudnn" (jax.nn's; cudnn: fused, bf16/fp16), "tpu"
+    remat_policy: str | None = None  # with use_checkpoint: nn.layers.REMAT_POLICIES (None: keep nothing)
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -258,7 +259,7 @@ class SpatialTransformer(nn.Module):
             x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
         else:
             x = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, inner)
-        block_cls = nn.remat(BasicTransformerBlock) if self.use_checkpoint else BasicTransformerBlock
+        block_cls = remat(BasicTransformerBlock, self.remat_policy) if self.use_checkpoint else BasicTransformerBlock
         for i in range(self.depth):
             ctx = contexts[i] if len(contexts) > 1 else contexts[0]
             _check_context(ctx, context_dims[i], inner)

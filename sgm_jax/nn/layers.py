@@ -5,6 +5,7 @@ Everything here is NHWC / channels-last: the channel axis is always the last one
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -89,6 +90,20 @@ class GroupNorm(nn.Module):
 def zeros_init() -> nn.initializers.Initializer:
     """Initializer for the seed's `zero_module` layers (output projections start at 0)."""
     return nn.initializers.zeros_init()
+
+
+# jax.checkpoint_policies by name: what a rematerialised block keeps from its forward pass
+# (None: nothing but its inputs, the seed's use_checkpoint).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+@functools.cache
+def remat(module: type[nn.Module], policy: str | None = None, static_argnums: tuple[int, ...] = ()) -> type:
+    """`nn.remat(module)` with a jax.checkpoint_policies policy named by `policy` (REMAT_POLICIES)."""
+    if policy is not None and policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+    named = None if policy is None else getattr(jax.checkpoint_policies, policy)
+    return nn.remat(module, policy=named, static_argnums=static_argnums)
 
 
 def in_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, size: int | None) -> jax.Array:

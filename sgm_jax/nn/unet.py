@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.nn.attention import Context, SpatialTransformer
-from sgm_jax.nn.layers import GroupNorm, timestep_embedding, zeros_init
+from sgm_jax.nn.layers import GroupNorm, remat, timestep_embedding, zeros_init
 
 Dtype = Any
 _PAD1 = ((1, 1), (1, 1))  # torch padding=1; Flax "SAME" differs for stride 2 on even sizes
@@ -193,9 +193,6 @@ class _MLP(nn.Module):
         return nn.Dense(self.out_features or self.features, dtype=self.dtype, name="2")(x)
 
 
-_RematResBlock = nn.remat(ResBlock)  # the seed's use_checkpoint: recompute in backward
-
-
 @dataclasses.dataclass
 class UNetPlan:
     """Layer specs of every TimestepEmbedSequential, in the seed's order."""
@@ -261,9 +258,13 @@ class UNetModel(nn.Module):
     offload_to_cpu: bool = False
     transformer_depth_middle: int | None = None
     attn_implementation: str | None = None  # jax.nn's None, "xla", "cudnn"; or "tpu" (nn.attention.attention)
+    remat_policy: str | None = None  # with use_checkpoint: what each block keeps (nn.layers.REMAT_POLICIES)
     dtype: Dtype = jnp.float32
 
     def _check_config(self) -> None:
+        if self.remat_policy is not None and not self.use_checkpoint:
+            raise ValueError(f"remat_policy={self.remat_policy!r} needs use_checkpoint=True (it says what the "
+                             "rematerialised blocks keep)")
         if self.dims != 2:
             raise NotImplementedError("sgm_jax's UNetModel supports dims=2 only")
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -308,7 +309,7 @@ class UNetModel(nn.Module):
         attn_res = {int(r) for r in self.attention_resolutions}
         ctx_dim = self.context_dim if self.context_dim is None or isinstance(self.context_dim, int) \
             else tuple(int(c) for c in self.context_dim)
-        res_cls = _RematResBlock if self.use_checkpoint else ResBlock
+        res_cls = remat(ResBlock, self.remat_policy) if self.use_checkpoint else ResBlock
         common = dict(deterministic=deterministic, dtype=dt)
 
         def res(ch: int, out: int, **kw: Any) -> LayerSpec:
@@ -321,7 +322,7 @@ class UNetModel(nn.Module):
                 in_channels=ch, n_heads=heads, d_head=dim_head, depth=d, context_dim=ctx_dim,
                 disable_self_attn=disable_sa, use_linear=self.use_linear_in_transformer,
                 attn_type=self.spatial_transformer_attn_type, use_checkpoint=self.use_checkpoint,
-                attn_implementation=self.attn_implementation, **common))
+                remat_policy=self.remat_policy, attn_implementation=self.attn_implementation, **common))
 
         def wants_attn(level: int, index: int) -> bool:
             nab = self.num_attention_blocks

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sgm_jax.nn.attention import BasicTransformerBlock, Context, SpatialTransformer, layer_norm
-from sgm_jax.nn.layers import timestep_embedding
+from sgm_jax.nn.layers import remat, timestep_embedding
 from sgm_jax.nn.unet import LayerSpec, ResBlock, UNetModel, UNetPlan, _MLP
 
 Dtype = Any
@@ -166,7 +166,7 @@ class SpatialVideoTransformer(SpatialTransformer):
         t_emb = timestep_embedding(frame, self.in_channels, max_period=self.max_time_embed_period)
         pos = _MLP(self.in_channels * 4, dtype=self.dtype, out_features=self.in_channels,
                    name="time_pos_embed")(t_emb)[:, None, :]
-        block_cls = nn.remat(VideoTransformerBlock, static_argnums=(3,)) if self.use_checkpoint \
+        block_cls = remat(VideoTransformerBlock, self.remat_policy, (3,)) if self.use_checkpoint \
             else VideoTransformerBlock
         inner = self.n_heads * self.d_head
         # One mixer for every depth, as the seed's single `time_mixer`.
@@ -184,8 +184,6 @@ class SpatialVideoTransformer(SpatialTransformer):
 
         return self._transform(x, context, mix_over_time)
 
-
-_VideoResBlockRemat = nn.remat(VideoResBlock)  # use_checkpoint: recompute in backward
 
 
 class VideoUNet(UNetModel):
@@ -235,7 +233,7 @@ class VideoUNet(UNetModel):
         """UNetModel's plan with every ResBlock a VideoResBlock and every SpatialTransformer
         a SpatialVideoTransformer (same widths, heads, depths and names)."""
         plan = super().build_plan(deterministic)
-        res_cls = _VideoResBlockRemat if self.use_checkpoint else VideoResBlock
+        res_cls = remat(VideoResBlock, self.remat_policy) if self.use_checkpoint else VideoResBlock
         res_kw = dict(video_kernel_size=self.video_kernel_size, merge_strategy=self.merge_strategy,
                       merge_factor=self.merge_factor)
         attn_kw = dict(
