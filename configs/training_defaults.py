@@ -35,6 +35,8 @@ def training(**overrides: Any) -> dict[str, Any]:
         report_flops=True,      # log tflops_per_device (XLA cost analysis of the step, traced once more)
         profile_steps=(),       # (first, last): a jax.profiler trace of those steps in <workdir>/profile
         dtype="float32",        # compute dtype of the networks (bfloat16 on accelerators)
+        frozen_dtype="float32", # the frozen parts held on the devices (first stage, frozen embedders, a LoRA's
+                                # base): "bfloat16" halves their memory (they compute in `dtype` anyway)
         grad_clip=0.0,          # lightning.trainer.gradient_clip_val (the optimiser: model.params.optimizer_config)
         grad_accum=1,           # lightning.trainer.accumulate_grad_batches
         warmup_steps=0,

@@ -3,6 +3,8 @@ exported kohya file, merged by the LoRA loader, reproduces what the trained run 
 
 from __future__ import annotations
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -69,3 +71,21 @@ def test_lora_training_only_adapts_and_exports_a_loadable_file(tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     delta = engine.denoise(base, x, jnp.array([0.5, 2.0]), cond)
     assert np.abs(np.asarray(delta) - np.asarray(want)).max() > 1e-4  # the adapters do something
+
+
+def test_bfloat16_frozen_base_halves_it_and_trains(tmp_path):
+    """training.frozen_dtype=bfloat16: the LoRA's frozen base is held as the converted weights rounded to
+    bfloat16 (half the bytes: the compile check's sdxl_lora on a v5e chip goes 13.19 -> 6.73 GiB of
+    arguments), and the adapters still train."""
+    base_dir = pretrained_base(tmp_path)
+    run = build_run(lora_config(base_dir, max_steps=2, frozen_dtype="bfloat16"))
+    base = jax.device_get(run.frozen())
+    want = jax.tree_util.tree_map(lambda a: np.asarray(a).astype(jnp.bfloat16), load_params(base_dir))
+    chex.assert_trees_all_equal(base, want)
+    assert {np.asarray(a).dtype for a in jax.tree_util.tree_leaves(base)} == {np.dtype(jnp.bfloat16)}
+    shapes = run.task.frozen_shapes(run.example)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(shapes)} == {np.dtype(jnp.bfloat16)}
+    summary = train(lora_config(base_dir, max_steps=2, log_every=1, frozen_dtype="bfloat16"), tmp_path / "run")
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert summary["step"] == 2 and len(losses) == 2 and all(np.isfinite(losses)), losses

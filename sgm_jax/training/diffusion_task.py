@@ -79,6 +79,22 @@ def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any, n: int | None = N
     return batch, labels
 
 
+def in_frozen_dtype(tree: Any, dtype: str) -> Any:
+    """training.frozen_dtype: the floating leaves (arrays or ShapeDtypeStructs) of the frozen parts in `dtype`."""
+    if str(dtype) not in ("float32", "bfloat16"):
+        raise ValueError(f"training.frozen_dtype must be float32 or bfloat16, got {dtype!r}")
+    target = jnp.dtype(str(dtype))
+
+    def cast(leaf: Any) -> Any:
+        if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.dtype == target:
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, target, sharding=leaf.sharding)
+        return np.asarray(leaf).astype(target) if isinstance(leaf, np.ndarray) else leaf.astype(target)
+
+    return jax.tree_util.tree_map(cast, tree) if tree else tree
+
+
 class DiffusionTask(Task):
     """Trains a DiffusionEngine config: the UNet and the is_trainable embedders; the first stage
     and frozen embedders (frozen.py) ride along as `frozen`, outside checkpoints and the optimiser."""
@@ -124,8 +140,9 @@ class DiffusionTask(Task):
 
     def _load(self, example: Mapping[str, Any]) -> tuple[dict | None, dict]:
         if self._loaded is None:
-            self._loaded = frozen_parts(self.engine, self.config, abstract_full_params(self.engine, example), example,
-                                        self.lora)
+            trainable, frozen = frozen_parts(self.engine, self.config, abstract_full_params(self.engine, example),
+                                             example, self.lora)
+            self._loaded = trainable, in_frozen_dtype(frozen, self.config.training.frozen_dtype)
         return self._loaded
 
     def initial_params(self, example: Mapping[str, Any]) -> dict | None:
@@ -143,7 +160,7 @@ class DiffusionTask(Task):
         trainable, frozen = split_params(self.engine, abstract_full_params(self.engine, example))
         if self.lora is not None:
             frozen = merge_params(trainable, frozen)
-        return frozen or None
+        return in_frozen_dtype(frozen, self.config.training.frozen_dtype) or None
 
     # --- state and step ----------------------------------------------------------------------
     def _optimizer(self, params: Any):
