@@ -339,6 +339,26 @@ def test_attention_past_its_logit_budget_runs_in_query_chunks():
     assert "32,40]" in jaxpr and "96,40]" not in jaxpr
 
 
+def test_the_splash_kernel_is_softmax_attention():
+    """attn_implementation="splash" (jax's Pallas flash-attention kernel, in Pallas's interpret mode on CPU)
+    against jax.nn.dot_product_attention in float32, outputs and gradients; lengths its blocks do not tile
+    (a 77-token context) take the "tpu" form; None off TPU is jax.nn's, exactly."""
+    from sgm_jax.nn.attention import attention, splash_fits
+
+    assert splash_fits(4096, 4096) and splash_fits(256, 128) and not splash_fits(4096, 77)
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 64)) * s, jnp.float32) for t, s in ((256, 2.0), (128, 2.0),
+                                                                                         (128, 1.0)))
+    np.testing.assert_allclose(attention(q, k, v, "splash"), jax.nn.dot_product_attention(q, k, v), atol=1e-5)
+    loss = lambda impl: lambda *a: (attention(*a, impl) ** 2).sum()  # noqa: E731
+    for got, want in zip(jax.grad(loss("splash"), (0, 1, 2))(q, k, v), jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
+        assert float(jnp.abs(got - want).max()) <= 1e-5 * float(jnp.abs(want).max())
+    ctx = jnp.asarray(rng.normal(size=(2, 77, 2, 64)), jnp.float32)
+    np.testing.assert_allclose(attention(q, ctx, ctx, "splash"), jax.nn.dot_product_attention(q, ctx, ctx),
+                               atol=1e-5)
+    np.testing.assert_array_equal(jax.jit(attention)(q, k, v), jax.jit(jax.nn.dot_product_attention)(q, k, v))
+
+
 def test_the_tpu_attention_form_is_softmax_attention():
     """attn_implementation="tpu" (normalised after the PV matmul) against jax.nn.dot_product_attention in
     float32, and against a float64 softmax in bfloat16, at a large logit scale."""

@@ -5,9 +5,9 @@ name `to_out_0` stands for the seed's `to_out.0`) so the checkpoint key map is m
 (see `sgm_jax.convert.unet`). Images are NHWC, token sequences `[B, T, D]`.
 
 Both of the seed's attention types ("softmax" and "softmax-xformers") compute the same
-thing; here both go through `jax.nn.dot_product_attention` (implementation None: it picks;
-"xla"; "cudnn": the fused GPU kernel), or with implementation "tpu" through `attention` below,
-the form that moves half the bytes on XLA:TPU.
+thing, through `attention` below: by default jax's Pallas splash (flash) kernel on TPUs where it
+tiles and `jax.nn.dot_product_attention` elsewhere; "xla" / "cudnn" (the fused GPU kernel) choose
+jax.nn's, "tpu" the form that moves half the bytes on XLA:TPU, "splash" the kernel everywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from sgm_jax.nn.layers import GroupNorm, remat, zeros_init
 
@@ -42,9 +44,27 @@ def query_chunk(batch_heads: int, queries: int, keys: int, budget: int = SCORE_B
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None,
               budget: int = SCORE_BUDGET_BYTES) -> jax.Array:
-    """softmax(q k^T / sqrt(d)) v over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys / values,
-    in query chunks of `query_chunk(...)` rows when the logits would exceed `budget` bytes (each chunk
-    recomputed in the backward pass rather than stored). Per chunk, see `_attention`."""
+    """softmax(q k^T / sqrt(d)) v over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys / values.
+
+    implementation None: on TPUs jax's splash (flash) attention kernel where its blocks tile the
+    lengths and the heads are SPLASH_HEAD_DIMS wide (the UNets' self-attention), elsewhere (and on
+    other platforms) jax.nn.dot_product_attention; "xla" / "cudnn": jax.nn's; "tpu": `_attention`'s form;
+    "splash": the kernel wherever it tiles (Pallas's interpret mode off TPU), else the "tpu" form.
+    Past `budget` bytes of float32 logits the non-kernel forms run their queries in chunks (each
+    recomputed in the backward pass rather than stored)."""
+    t, s, d = q.shape[1], k.shape[1], q.shape[-1]
+    form = "tpu" if implementation == "splash" else implementation
+
+    def elsewhere(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return _in_query_chunks(q, k, v, form, budget)
+
+    if splash_fits(t, s) and (implementation == "splash" or (implementation is None and d in SPLASH_HEAD_DIMS)):
+        return splash_attention(q, k, v, off_tpu=None if implementation == "splash" else elsewhere)
+    return elsewhere(q, k, v)
+
+
+def _in_query_chunks(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, budget: int
+                     ) -> jax.Array:
     b, t, n, _ = q.shape
     chunk = t if implementation == "cudnn" else query_chunk(b * n, t, k.shape[1], budget)
     if chunk == t:
@@ -52,6 +72,37 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | No
     chunks = jnp.moveaxis(q.reshape(b, t // chunk, chunk, *q.shape[2:]), 1, 0)  # [T/chunk, B, chunk, n, d]
     out = jax.lax.map(jax.checkpoint(lambda qc: _attention(qc, k, v, implementation)), chunks)
     return jnp.moveaxis(out, 0, 1).reshape(b, t, n, v.shape[-1])
+
+
+SPLASH_BLOCK = 512  # the kernel's query / key block (smaller sequences use one block)
+SPLASH_HEAD_DIMS = (64, 128)  # where implementation None picks the kernel on TPU (not the VAE's one 512-wide head)
+
+
+def splash_fits(queries: int, keys: int) -> bool:
+    """Whether the splash kernel's blocks tile these lengths (multiples of 128, or of SPLASH_BLOCK past it)."""
+    return all(n % 128 == 0 and n % min(SPLASH_BLOCK, n) == 0 for n in (queries, keys))
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     off_tpu: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+    """`attention` through jax's Pallas splash-attention kernel (flash attention: logits in VMEM blocks,
+    never in HBM; its own backward kernels): `[B, T, heads, d]` -> `[B, T, heads, d]`. The kernel when
+    compiled for TPUs (the compile check's devices too); elsewhere `off_tpu(q, k, v)`, or the kernel in
+    Pallas's interpret mode when None."""
+    b, t, n, d = q.shape
+    s = k.shape[1]
+    bq, bkv = min(SPLASH_BLOCK, t), min(SPLASH_BLOCK, s)
+    blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                               block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    mask = splash_mask.MultiHeadMask([splash_mask.FullMask((t, s)) for _ in range(n)])
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, heads, T, d], the kernel's layout
+
+    def run(interpret: bool) -> Callable[..., jax.Array]:
+        kernel = splash.make_splash_mha_single_device(mask=mask, block_sizes=blocks, interpret=interpret)
+        return lambda q, k, v: heads_first(jax.vmap(kernel)(heads_first(q * d ** -0.5), heads_first(k),
+                                                             heads_first(v)))
+
+    return jax.lax.platform_dependent(q, k, v, tpu=run(False), default=off_tpu or run(True))
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
@@ -93,7 +144,7 @@ class CrossAttention(nn.Module):
     heads: int = 8
     dim_head: int = 64
     dropout: float = 0.0
-    implementation: str | None = None  # jax.nn.dot_product_attention's None / "xla" / "cudnn", or "tpu": `attention`
+    implementation: str | None = None  # `attention`'s: None (splash on TPU), "xla", "cudnn", "tpu", "splash"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -234,7 +285,7 @@ class SpatialTransformer(nn.Module):
     attn_type: str = "softmax"
     use_checkpoint: bool = False
     deterministic: bool = True
-    attn_implementation: str | None = None  # None, "xla", "cudnn" (jax.nn's; cudnn: fused, bf16/fp16), "tpu"
+    attn_implementation: str | None = None  # `attention`'s: None (splash on TPU), "xla", "cudnn", "tpu", "splash"
     remat_policy: str | None = None  # with use_checkpoint: nn.layers.REMAT_POLICIES (None: keep nothing)
     dtype: Dtype = jnp.float32
 

@@ -218,9 +218,9 @@ class UNetModel(nn.Module):
     `use_spatial_transformer=None` (default) is the current seed: every attention layer is
     a SpatialTransformer; `False` with attention asks for the old AttentionBlock, which
     sgm_jax does not implement. `legacy=True` uses the old `dim_head = ch // num_heads`.
-    Beyond the seed: `dtype` (compute dtype; params stay float32) and `attn_implementation`
-    (None, "xla" or "cudnn": `jax.nn.dot_product_attention`'s, "cudnn" being the fused kernel for
-    bf16 on GPU; "tpu": sgm_jax.nn.attention.attention, which XLA:TPU compiles to half the bytes).
+    Beyond the seed: `dtype` (compute dtype; params stay float32), `attn_implementation`
+    (sgm_jax.nn.attention.attention's: None picks jax's splash kernel on TPU and jax.nn elsewhere;
+    "xla" / "cudnn" (the fused GPU kernel for bf16) jax.nn's; "tpu"; "splash") and `remat_policy`.
     """
 
     in_channels: int
@@ -257,7 +257,7 @@ class UNetModel(nn.Module):
     use_fairscale_checkpoint: bool = False
     offload_to_cpu: bool = False
     transformer_depth_middle: int | None = None
-    attn_implementation: str | None = None  # jax.nn's None, "xla", "cudnn"; or "tpu" (nn.attention.attention)
+    attn_implementation: str | None = None  # nn.attention.attention's: None (splash on TPU), xla, cudnn, tpu, splash
     remat_policy: str | None = None  # with use_checkpoint: what each block keeps (nn.layers.REMAT_POLICIES)
     dtype: Dtype = jnp.float32
 
