@@ -342,7 +342,7 @@ def test_attention_past_its_logit_budget_runs_in_query_chunks():
 def test_the_splash_kernel_is_softmax_attention():
     """attn_implementation="splash" (jax's Pallas flash-attention kernel, in Pallas's interpret mode on CPU)
     against jax.nn.dot_product_attention in float32, outputs and gradients; lengths its blocks do not tile
-    (a 77-token context) take the "tpu" form; None off TPU is jax.nn's, exactly."""
+    (a 77-token context) take the "tpu" form; None is jax.nn's, exactly."""
     from sgm_jax.nn.attention import attention, splash_fits
 
     assert splash_fits(4096, 4096) and splash_fits(256, 128) and not splash_fits(4096, 77)

@@ -5,9 +5,9 @@ name `to_out_0` stands for the seed's `to_out.0`) so the checkpoint key map is m
 (see `sgm_jax.convert.unet`). Images are NHWC, token sequences `[B, T, D]`.
 
 Both of the seed's attention types ("softmax" and "softmax-xformers") compute the same
-thing, through `attention` below: by default jax's Pallas splash (flash) kernel on TPUs where it
-tiles and `jax.nn.dot_product_attention` elsewhere; "xla" / "cudnn" (the fused GPU kernel) choose
-jax.nn's, "tpu" the form that moves half the bytes on XLA:TPU, "splash" the kernel everywhere.
+thing, through `attention` below: `jax.nn.dot_product_attention` by default ("cudnn": its fused GPU
+kernel), "tpu" the form that moves half the bytes on XLA:TPU, "splash" jax's Pallas flash kernel
+(one-chip TPU programs).
 """
 
 from __future__ import annotations
@@ -46,21 +46,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | No
               budget: int = SCORE_BUDGET_BYTES) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys / values.
 
-    implementation None: on TPUs jax's splash (flash) attention kernel where its blocks tile the
-    lengths and the heads are SPLASH_HEAD_DIMS wide (the UNets' self-attention), elsewhere (and on
-    other platforms) jax.nn.dot_product_attention; "xla" / "cudnn": jax.nn's; "tpu": `_attention`'s form;
-    "splash": the kernel wherever it tiles (Pallas's interpret mode off TPU), else the "tpu" form.
+    implementation None / "xla" / "cudnn": jax.nn.dot_product_attention's; "tpu": `_attention`'s form;
+    "splash": jax's Pallas splash (flash) kernel where its blocks tile the lengths (Pallas's interpret
+    mode off TPU), else the "tpu" form. The kernel is for programs on one chip: XLA cannot partition a
+    Mosaic kernel over several devices (it asks for a shard_map, which this function does not write).
     Past `budget` bytes of float32 logits the non-kernel forms run their queries in chunks (each
     recomputed in the backward pass rather than stored)."""
-    t, s, d = q.shape[1], k.shape[1], q.shape[-1]
-    form = "tpu" if implementation == "splash" else implementation
-
-    def elsewhere(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return _in_query_chunks(q, k, v, form, budget)
-
-    if splash_fits(t, s) and (implementation == "splash" or (implementation is None and d in SPLASH_HEAD_DIMS)):
-        return splash_attention(q, k, v, off_tpu=None if implementation == "splash" else elsewhere)
-    return elsewhere(q, k, v)
+    if implementation == "splash" and splash_fits(q.shape[1], k.shape[1]):
+        return splash_attention(q, k, v)
+    return _in_query_chunks(q, k, v, "tpu" if implementation == "splash" else implementation, budget)
 
 
 def _in_query_chunks(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, budget: int
@@ -75,7 +69,6 @@ def _in_query_chunks(q: jax.Array, k: jax.Array, v: jax.Array, implementation: s
 
 
 SPLASH_BLOCK = 512  # the kernel's query / key block (smaller sequences use one block)
-SPLASH_HEAD_DIMS = (64, 128)  # where implementation None picks the kernel on TPU (not the VAE's one 512-wide head)
 
 
 def splash_fits(queries: int, keys: int) -> bool:
@@ -83,12 +76,10 @@ def splash_fits(queries: int, keys: int) -> bool:
     return all(n % 128 == 0 and n % min(SPLASH_BLOCK, n) == 0 for n in (queries, keys))
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     off_tpu: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """`attention` through jax's Pallas splash-attention kernel (flash attention: logits in VMEM blocks,
     never in HBM; its own backward kernels): `[B, T, heads, d]` -> `[B, T, heads, d]`. The kernel when
-    compiled for TPUs (the compile check's devices too); elsewhere `off_tpu(q, k, v)`, or the kernel in
-    Pallas's interpret mode when None."""
+    compiled for TPUs (the compile check's devices too), Pallas's interpret mode elsewhere."""
     b, t, n, d = q.shape
     s = k.shape[1]
     bq, bkv = min(SPLASH_BLOCK, t), min(SPLASH_BLOCK, s)
@@ -102,7 +93,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         return lambda q, k, v: heads_first(jax.vmap(kernel)(heads_first(q * d ** -0.5), heads_first(k),
                                                              heads_first(v)))
 
-    return jax.lax.platform_dependent(q, k, v, tpu=run(False), default=off_tpu or run(True))
+    return jax.lax.platform_dependent(q, k, v, tpu=run(False), default=run(True))
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
@@ -144,7 +135,7 @@ class CrossAttention(nn.Module):
     heads: int = 8
     dim_head: int = 64
     dropout: float = 0.0
-    implementation: str | None = None  # `attention`'s: None (splash on TPU), "xla", "cudnn", "tpu", "splash"
+    implementation: str | None = None  # `attention`'s: None / "xla" / "cudnn" (jax.nn), "tpu", "splash"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -285,7 +276,7 @@ class SpatialTransformer(nn.Module):
     attn_type: str = "softmax"
     use_checkpoint: bool = False
     deterministic: bool = True
-    attn_implementation: str | None = None  # `attention`'s: None (splash on TPU), "xla", "cudnn", "tpu", "splash"
+    attn_implementation: str | None = None  # `attention`'s: None / "xla" / "cudnn" (jax.nn), "tpu", "splash"
     remat_policy: str | None = None  # with use_checkpoint: nn.layers.REMAT_POLICIES (None: keep nothing)
     dtype: Dtype = jnp.float32
 
