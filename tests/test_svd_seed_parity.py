@@ -32,13 +32,10 @@ from sgm_jax.inference.video import video_conditioning, video_from_noise, video_
 from sgm_jax.nn.unet import TimestepEmbedSequential
 from sgm_jax.nn.video_unet import VideoUNet
 from svd_seed import FIXTURES, REQUEST, TINY_CONFIG, load_fixture, random_state_dict
+from test_vae import nhwc
 from test_video_unet import SVD_XT
 
 RTOL = 1e-4
-
-
-def nhwc(a: np.ndarray) -> np.ndarray:
-    return np.moveaxis(a, 1, -1) if a.ndim == 4 else a
 
 
 def assert_close(got: Any, want: np.ndarray, what: str, rtol: float = RTOL) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax import parallel
-from sgm_jax.checkpointing.frozen import abstract_full_params
+from sgm_jax.checkpointing.frozen import abstract_full_params, floating_as
 from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder
 from sgm_jax.inference.pipeline import check_size, engine_for_sampling
 from sgm_jax.inference.runner import SamplingRunner
@@ -55,10 +55,7 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
     values = ConditioningValues.for_size("a prompt", "", width, height)
     batch, batch_uc = prompts.tokenized(values)
     example = {**batch, engine.input_key: np.zeros((1, height, width, 3), np.float32)}
-    full = abstract_full_params(engine, example)
-    cast = jnp.dtype(param_dtype)
-    full = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, cast if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), full)
+    full = floating_as(abstract_full_params(engine, example), param_dtype)
     zero = defaults.zero_uc_keys(prompts.keys)
     c, uc = jax.eval_shape(prompts._encode_fn(tuple(zero)), full.get("conditioner", {}), batch, batch_uc)
 

@@ -104,6 +104,20 @@ def load_frozen_and_initial(engine: DiffusionEngine, model_config: Mapping[str, 
     return initial, frozen
 
 
+def floating_as(tree: Any, dtype: Any) -> Any:
+    """`tree` with its floating leaves (arrays or jax.ShapeDtypeStructs) in `dtype`; others untouched."""
+    target = np.dtype(jax.numpy.dtype(dtype))
+
+    def cast(leaf: Any) -> Any:
+        if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) or leaf.dtype == target:
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, target, sharding=leaf.sharding)
+        return leaf.astype(target)
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
 def abstract_full_params(engine: DiffusionEngine, example: Mapping[str, Any]) -> dict[str, Any]:
     """Shapes of every part of the engine, first stage included (nothing allocated); `example`
     may be pre-encoded (the images' shape is then that of the moments' stand-in)."""

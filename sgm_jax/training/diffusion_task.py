@@ -12,6 +12,7 @@ from sgm_jax import multihost
 from sgm_jax.batch_keys import SIZE_KEYS, is_stored_output
 from sgm_jax.checkpointing.frozen import (
     abstract_full_params,
+    floating_as,
     merge_params,
     split_params,
 )
@@ -79,22 +80,6 @@ def grid_batch(engine: DiffusionEngine, dataset: Any, tc: Any, n: int | None = N
     return batch, labels
 
 
-def in_frozen_dtype(tree: Any, dtype: str) -> Any:
-    """training.frozen_dtype: the floating leaves (arrays or ShapeDtypeStructs) of the frozen parts in `dtype`."""
-    if str(dtype) not in ("float32", "bfloat16"):
-        raise ValueError(f"training.frozen_dtype must be float32 or bfloat16, got {dtype!r}")
-    target = jnp.dtype(str(dtype))
-
-    def cast(leaf: Any) -> Any:
-        if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.dtype == target:
-            return leaf
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(leaf.shape, target, sharding=leaf.sharding)
-        return np.asarray(leaf).astype(target) if isinstance(leaf, np.ndarray) else leaf.astype(target)
-
-    return jax.tree_util.tree_map(cast, tree) if tree else tree
-
-
 class DiffusionTask(Task):
     """Trains a DiffusionEngine config: the UNet and the is_trainable embedders; the first stage
     and frozen embedders (frozen.py) ride along as `frozen`, outside checkpoints and the optimiser."""
@@ -108,6 +93,9 @@ class DiffusionTask(Task):
         super().__init__(config, dataset)
         tc = config.training
         self.engine = build_engine(config.model, dtype=tc.dtype)
+        if str(tc.frozen_dtype) not in ("float32", "bfloat16"):
+            raise ValueError(f"training.frozen_dtype must be float32 or bfloat16, got {tc.frozen_dtype!r}")
+        self.frozen_dtype = str(tc.frozen_dtype)  # the frozen parts on the devices
         mp = config.model.params
         self.ema_rate = float(mp.get("ema_decay_rate", 0.9999)) if mp.get("use_ema", False) else None
         self.grad_accum = int(tc.grad_accum)
@@ -142,7 +130,7 @@ class DiffusionTask(Task):
         if self._loaded is None:
             trainable, frozen = frozen_parts(self.engine, self.config, abstract_full_params(self.engine, example),
                                              example, self.lora)
-            self._loaded = trainable, in_frozen_dtype(frozen, self.config.training.frozen_dtype)
+            self._loaded = trainable, floating_as(frozen, self.frozen_dtype) if frozen else frozen
         return self._loaded
 
     def initial_params(self, example: Mapping[str, Any]) -> dict | None:
@@ -160,7 +148,7 @@ class DiffusionTask(Task):
         trainable, frozen = split_params(self.engine, abstract_full_params(self.engine, example))
         if self.lora is not None:
             frozen = merge_params(trainable, frozen)
-        return in_frozen_dtype(frozen, self.config.training.frozen_dtype) or None
+        return floating_as(frozen, self.frozen_dtype) if frozen else None
 
     # --- state and step ----------------------------------------------------------------------
     def _optimizer(self, params: Any):
