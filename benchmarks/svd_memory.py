@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgm_jax.config_files import load_config
-from sgm_jax.convert.layout import engine_parts
+from sgm_jax.convert.layout import abstract_engine_params, engine_parts
 from sgm_jax.inference.pipeline import engine_for_sampling
 from sgm_jax.sampling_defaults import SamplingDefaults
 
@@ -28,17 +28,10 @@ GB = 1e9
 
 
 def abstract_params(config: Any, dtype: Any) -> tuple[dict[str, Any], dict[str, int]]:
-    params: dict[str, Any] = {}
-    counts: dict[str, int] = collections.Counter()
-    for part in engine_parts(config):
-        for path, shape in part.shapes.items():
-            full = part.params_path + path
-            node = params
-            for k in full[:-1]:
-                node = node.setdefault(k, {})
-            node[full[-1]] = jax.ShapeDtypeStruct(shape, dtype)
-            counts[part.name] += int(np.prod(shape))
-    return params, dict(counts)
+    """(the converted params tree as ShapeDtypeStructs, parameters per part)."""
+    parts = engine_parts(config)
+    counts = {part.name: sum(int(np.prod(shape)) for shape in part.shapes.values()) for part in parts}
+    return abstract_engine_params(parts, dtype), counts
 
 
 def largest_arrays(fn: Any, *args: Any, top: int = 4) -> list[tuple[float, str, int]]:

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import REPO
 from sgm_jax.cli import sample as sample_cli
 from sgm_jax.config_files import load_config
-from sgm_jax.convert.layout import engine_parts
+from sgm_jax.convert.layout import abstract_engine_params, engine_parts
 from sgm_jax.inference.loading import load_image
 from sgm_jax.inference.models import load_pipeline
 from sgm_jax.inference.video import sample_video
@@ -117,14 +117,8 @@ def test_full_size_svd_xt_traces_with_abstract_shapes():
 
     config = load_config("inference/svd_xt")
     engine = engine_for_sampling(config, "bfloat16")
-    params, count = {}, 0
-    for part in engine_parts(config):
-        for path, shape in part.shapes.items():
-            node = params
-            for k in (part.params_path + path)[:-1]:
-                node = node.setdefault(k, {})
-            node[(part.params_path + path)[-1]] = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-            count += int(np.prod(shape))
+    params = abstract_engine_params(engine_parts(config), jnp.bfloat16)
+    count = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
     assert 2.28e9 < count < 2.30e9
     d = SamplingDefaults.from_config(config)
     assert (d.num_frames, d.num_steps, d.width, d.height, d.cfg_scale) == (25, 30, 1024, 576, 3.0)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Collection, Mapping
 import jax
 import jax.numpy as jnp
 
-from sgm_jax.convert.common import FlaxPath, KeyMap, flatten_params, torch_shape
+from sgm_jax.convert.common import FlaxPath, KeyMap, flatten_params, torch_shape, unflatten_params
 from sgm_jax.convert.text import (CLIP_IGNORED_SUFFIXES, OPENCLIP_IGNORED_SUFFIXES, abstract_embedder_params,
                                   clip_text_prefix, text_key_map)
 from sgm_jax.convert.unet import flax_path_to_torch, unet_abstract_params, unet_buffer_suffixes, unet_key_map
@@ -218,6 +218,13 @@ def checkpoint_shapes(config: Any, *, use_ema: bool = False) -> dict[str, tuple[
     """{checkpoint key: PyTorch shape} of every parameter of the engine, in the released
     files' layout. Abstract only: usable for the full-size models without any weights."""
     return {k: shape for part in engine_parts(config, use_ema=use_ema) for k, (_, _, shape) in part.keys().items()}
+
+
+def abstract_engine_params(parts: list[Part], dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The engine params tree that converting a checkpoint of these parts gives, as jax.ShapeDtypeStructs
+    in `dtype` (nothing allocated: the full-size models' trees from shapes alone)."""
+    return unflatten_params({part.params_path + path: jax.ShapeDtypeStruct(shape, dtype)
+                             for part in parts for path, shape in part.shapes.items()})
 
 
 def guess_family(keys: Collection[str]) -> str | None:
