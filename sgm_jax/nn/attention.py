@@ -17,8 +17,6 @@ from typing import Any, Callable, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from sgm_jax.nn.layers import GroupNorm, remat, zeros_init
 
@@ -80,6 +78,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """`attention` through jax's Pallas splash-attention kernel (flash attention: logits in VMEM blocks,
     never in HBM; its own backward kernels): `[B, T, heads, d]` -> `[B, T, heads, d]`. The kernel when
     compiled for TPUs (the compile check's devices too), Pallas's interpret mode elsewhere."""
+    # Deferred: Pallas's TPU kernels take 0.7 s to import, on every start, for an opt-in option.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
     b, t, n, d = q.shape
     s = k.shape[1]
     bq, bkv = min(SPLASH_BLOCK, t), min(SPLASH_BLOCK, s)
