@@ -19,8 +19,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sgm_jax import xla_cpu
+from sgm_jax.mesh_context import BATCH_AXES
 
-BATCH_AXES = ("data", "fsdp")
 # parameters smaller than this stay replicated: sharding them saves nothing and adds collectives
 MIN_FSDP_SIZE = 2**14
 

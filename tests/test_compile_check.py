@@ -167,31 +167,35 @@ def test_an_autoencoder_with_lpips_builds_without_the_lpips_files(tmp_path):
 
 ATTENTION_ON_TPU = """
 import json, jax, jax.numpy as jnp
+from sgm_jax import mesh_context, parallel
 from sgm_jax.aot import topology
 from sgm_jax.nn.attention import attention
 topology.use_cpu_host()
-device = topology.compile_only_devices("v5e:1x1")[0]
-x = jax.ShapeDtypeStruct((2, 4096, 10, 64), jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))
+mesh = parallel.make_mesh(1, -1, devices=topology.compile_only_devices("v5e:2x2"))
 out = {}
-for impl in ("splash", "xla"):
+for batch, impl in ((8, None), (8, "xla"), (2, None)):
+    x = jax.ShapeDtypeStruct((batch, 4096, 10, 64), jnp.bfloat16, sharding=parallel.batch_sharding(mesh)
+                             if batch % mesh.size == 0 else parallel.replicated(mesh))
     loss = lambda q, k, v: (attention(q, k, v, impl).astype(jnp.float32) ** 2).sum()
     for job, fn in (("forward", lambda q, k, v: attention(q, k, v, impl)), ("train", jax.grad(loss, (0, 1, 2)))):
-        compiled = jax.jit(fn).lower(x, x, x).compile()
-        out[f"{impl}/{job}"] = [compiled.memory_analysis().temp_size_in_bytes, compiled.as_text().count("tpu_custom_call")]
+        compiled = jax.jit(mesh_context.traced_on(mesh, fn)).lower(x, x, x).compile()
+        out[f"{impl}/b{batch}/{job}"] = [compiled.memory_analysis().temp_size_in_bytes,
+                                         compiled.as_text().count("tpu_custom_call")]
 print(json.dumps(out))
 """
 
 
 @needs_libtpu
-def test_splash_attention_compiles_as_the_tpu_kernel():
-    """SDXL's 64x64-level self-attention ([2, 4096, 10 heads, 64]) compiled for a v5e chip: "splash" is the
-    Pallas kernel (its custom calls; logits never in HBM), "xla" jax.nn's materialised logits."""
+def test_tpu_programs_run_self_attention_through_the_splash_kernel_per_chip():
+    """SDXL's 64x64-level self-attention ([8, 4096, 10 heads, 64]) compiled for a v5e:2x2 mesh (FSDP over 4
+    chips, 2 rows each): by default the Pallas splash kernel, once per chip's rows (custom calls; logits never
+    in HBM); "xla" jax.nn's materialised logits. A batch of 2 does not divide over the 4 chips: no kernel."""
     env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     proc = subprocess.run([sys.executable, "-c", ATTENTION_ON_TPU], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     for job in ("forward", "train"):
-        (temp, kernels), (temp_xla, kernels_xla) = r[f"splash/{job}"], r[f"xla/{job}"]
-        assert kernels >= 1 and kernels_xla == 0, r
-        assert temp < 0.05 * temp_xla and temp_xla > 2**30, r  # [2, 10, 4096, 4096] logits: 1.25 GiB and up
+        (temp, kernels), (temp_xla, kernels_xla) = r[f"None/b8/{job}"], r[f"xla/b8/{job}"]
+        assert kernels >= 1 and kernels_xla == 0 and r[f"None/b2/{job}"][1] == 0, r
+        assert temp < 0.05 * temp_xla and temp_xla > 2**30, r  # [2, 10, 4096, 4096] logits per chip: 1.25 GiB and up

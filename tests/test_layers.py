@@ -30,7 +30,7 @@ from conftest import REPO
 PACKAGE = REPO / "sgm_jax"
 LAYERS = [
     {"errors", "xla_cpu", "batch_keys", "signals"},
-    {"config_files", "images", "multihost", "diffusion"},
+    {"config_files", "images", "multihost", "diffusion", "mesh_context"},
     {"parallel", "nn"},
     {"engine"},
     {"convert"},

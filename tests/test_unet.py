@@ -359,6 +359,47 @@ def test_the_splash_kernel_is_softmax_attention():
     np.testing.assert_array_equal(jax.jit(attention)(q, k, v), jax.jit(jax.nn.dot_product_attention)(q, k, v))
 
 
+SPLASH_ON_A_MESH = """
+import json, jax, jax.numpy as jnp, numpy as np
+from sgm_jax import mesh_context, parallel
+from sgm_jax.nn.attention import attention
+mesh = parallel.make_mesh(2, 2)
+rng = np.random.default_rng(3)
+q, k, v = (jnp.asarray(rng.normal(size=(4, 128, 2, 32)) * s, jnp.float32) for s in (2.0, 2.0, 1.0))
+loss = lambda impl: lambda *a: (attention(*a, impl) ** 2).sum()
+want = jax.value_and_grad(loss("xla"), (0, 1, 2))(q, k, v)
+put = lambda x: jax.device_put(x, parallel.batch_sharding(mesh))
+fn = mesh_context.traced_on(mesh, jax.value_and_grad(loss("splash"), (0, 1, 2)))
+got = jax.jit(fn)(put(q), put(k), put(v))
+err = [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+jaxpr = lambda impl, n: str(jax.make_jaxpr(mesh_context.traced_on(mesh, loss(impl)))(q[:n], k[:n], v[:n]))
+budget = 4 * 1 * 2 * 128 * 128  # float32 logits of one device's row: the 4 rows at once would pass it
+chunked = lambda f: "scan" in str(jax.make_jaxpr(f(lambda *a: attention(*a, "xla", budget=budget)))(q, k, v))
+print(json.dumps({"err": err, "sharded": "shard_map" in jaxpr("splash", 4), "default": "shard_map" in jaxpr(None, 4),
+                  "indivisible": "shard_map" in jaxpr("splash", 2), "chunked_on_one": chunked(lambda f: f),
+                  "chunked_per_device": chunked(lambda f: mesh_context.traced_on(mesh, f))}))
+"""
+
+
+def test_the_splash_kernel_runs_per_batch_shard_on_a_mesh():
+    """On a 2x2 mesh (4 simulated CPU devices) "splash" runs the kernel once per device's rows (a shard_map):
+    loss and gradients equal jax.nn's on one device; a batch of 2 over 4 devices takes the non-kernel form;
+    the default (None) picks the kernel only for TPU meshes (tests/test_compile_check.py), not CPU ones; the
+    logits budget of the non-kernel forms counts one device's rows."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SPLASH_ON_A_MESH], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(r["err"]) < 1e-5, r
+    assert r["sharded"] and not r["default"] and not r["indivisible"], r
+    assert r["chunked_on_one"] and not r["chunked_per_device"], r  # the logits budget is per device
+
+
 def test_the_tpu_attention_form_is_softmax_attention():
     """attn_implementation="tpu" (normalised after the PV matmul) against jax.nn.dot_product_attention in
     float32, and against a float64 softmax in bfloat16, at a large logit scale."""

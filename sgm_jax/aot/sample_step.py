@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sgm_jax import parallel
+from sgm_jax import mesh_context, parallel
 from sgm_jax.checkpointing.frozen import abstract_full_params, floating_as
 from sgm_jax.inference.conditioning import ConditioningValues, PromptEncoder
 from sgm_jax.inference.pipeline import check_size, engine_for_sampling
@@ -83,7 +83,8 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
             return g(engine.denoise(p, xi, si, ci), sigma)
 
         sigma = jax.ShapeDtypeStruct((bs,), jnp.float32, sharding=split)
-        body = lambda: jax.jit(one_step).lower(params, noise, sigma, rows(c), rows(uc), scale)  # noqa: E731
+        step_fn = jax.jit(mesh_context.traced_on(mesh, one_step))
+        body = lambda: step_fn.lower(params, noise, sigma, rows(c), rows(uc), scale)  # noqa: E731
     groups = {"parameters": params["model"], "first stage": params.get("first_stage", {}),
               "batch": {"noise": noise, "c": rows(c), "uc": rows(uc)}}
     facts = {"mesh": mesh, "devices": local, "batch_size": bs, "num": num, "spec": spec, "evals": evals, "per_step": per_step,

@@ -26,6 +26,7 @@ import numpy as np
 from sgm_jax import multihost
 from sgm_jax.engine import DiffusionEngine
 from sgm_jax.images import to_uint8
+from sgm_jax.mesh_context import traced_on
 from sgm_jax.parallel import batch_sharding, replicated
 
 from .sampling import SamplerSpec
@@ -113,7 +114,7 @@ class SamplingRunner:
                                           key=rng, progress=progress)
                 return to_uint8(engine.decode_first_stage(params, z)) if decode else z
 
-            self._fns[key] = jax.jit(run)
+            self._fns[key] = jax.jit(traced_on(self.mesh, run))
         return self._fns[key]
 
     def noise(self, key: jax.Array, indices: np.ndarray, shape: tuple[int, ...]) -> jax.Array:

@@ -5,9 +5,10 @@ name `to_out_0` stands for the seed's `to_out.0`) so the checkpoint key map is m
 (see `sgm_jax.convert.unet`). Images are NHWC, token sequences `[B, T, D]`.
 
 Both of the seed's attention types ("softmax" and "softmax-xformers") compute the same
-thing, through `attention` below: `jax.nn.dot_product_attention` by default ("cudnn": its fused GPU
-kernel), "tpu" the form that moves half the bytes on XLA:TPU, "splash" jax's Pallas flash kernel
-(one-chip TPU programs).
+thing, through `attention` below: by default jax's Pallas splash (flash) kernel in programs traced
+for TPUs (`mesh_context.traced_on`: training steps, the sampling runner, the compile check) and
+`jax.nn.dot_product_attention` elsewhere ("cudnn": its fused GPU kernel); "tpu" the form that moves
+half the bytes on XLA:TPU.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sgm_jax import mesh_context
 from sgm_jax.nn.layers import GroupNorm, remat, zeros_init
 
 Dtype = Any
@@ -44,15 +46,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | No
               budget: int = SCORE_BUDGET_BYTES) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over `[B, T, heads, d]` queries and `[B, S, heads, d]` keys / values.
 
-    implementation None / "xla" / "cudnn": jax.nn.dot_product_attention's; "tpu": `_attention`'s form;
-    "splash": jax's Pallas splash (flash) kernel where its blocks tile the lengths (Pallas's interpret
-    mode off TPU), else the "tpu" form. The kernel is for programs on one chip: XLA cannot partition a
-    Mosaic kernel over several devices (it asks for a shard_map, which this function does not write).
-    Past `budget` bytes of float32 logits the non-kernel forms run their queries in chunks (each
-    recomputed in the backward pass rather than stored)."""
-    if implementation == "splash" and splash_fits(q.shape[1], k.shape[1]):
-        return splash_attention(q, k, v)
-    return _in_query_chunks(q, k, v, "tpu" if implementation == "splash" else implementation, budget)
+    implementation None: "splash" where the program is traced for TPUs (`mesh_context.traced_on` a TPU mesh)
+    and the kernel's blocks tile the lengths, jax.nn.dot_product_attention's otherwise; "xla" / "cudnn":
+    jax.nn's; "tpu": `_attention`'s form; "splash": jax's Pallas splash (flash) kernel where its blocks
+    tile the lengths (Pallas's interpret mode off TPU), else the "tpu" form. On a mesh of several devices
+    the kernel runs once per batch shard (a shard_map: XLA cannot partition a Mosaic kernel itself); a
+    batch that does not divide over the devices takes the non-kernel form. Past `budget` bytes of float32
+    logits per device the non-kernel forms run their queries in chunks (each recomputed in the backward
+    pass rather than stored)."""
+    split = mesh_context.traced_batch_split(q.shape[0])
+    tiles = splash_fits(q.shape[1], k.shape[1]) and split is not None
+    if tiles and (implementation == "splash" or (implementation is None and mesh_context.traced_platform() == "tpu")):
+        return _per_batch_shard(splash_attention, split, q, k, v)
+    shards = jax.sharding.get_abstract_mesh().size if split else 1  # the budget is per device's rows
+    return _in_query_chunks(q, k, v, "tpu" if implementation == "splash" else implementation, budget * shards)
+
+
+def _per_batch_shard(fn: Callable[..., jax.Array], axes: tuple[str, ...], *arrays: jax.Array) -> jax.Array:
+    """`fn` over `[B, ...]` arrays, run on each device's rows of B (split over `axes` of the traced mesh)."""
+    if not axes:
+        return fn(*arrays)
+    rows = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=(rows,) * len(arrays), out_specs=rows,
+                         check_vma=False)(*arrays)
 
 
 def _in_query_chunks(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, budget: int

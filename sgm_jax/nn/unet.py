@@ -219,8 +219,9 @@ class UNetModel(nn.Module):
     a SpatialTransformer; `False` with attention asks for the old AttentionBlock, which
     sgm_jax does not implement. `legacy=True` uses the old `dim_head = ch // num_heads`.
     Beyond the seed: `dtype` (compute dtype; params stay float32), `attn_implementation`
-    (sgm_jax.nn.attention.attention's: None / "xla" / "cudnn" (the fused GPU kernel for bf16) jax.nn's;
-    "tpu"; "splash", jax's Pallas flash kernel, for one-chip TPU programs) and `remat_policy`.
+    (sgm_jax.nn.attention.attention's: None, jax's Pallas splash kernel in programs traced for TPUs and
+    jax.nn's elsewhere; "xla" / "cudnn" (the fused GPU kernel for bf16) jax.nn's; "tpu"; "splash") and
+    `remat_policy`.
     """
 
     in_channels: int
@@ -257,7 +258,7 @@ class UNetModel(nn.Module):
     use_fairscale_checkpoint: bool = False
     offload_to_cpu: bool = False
     transformer_depth_middle: int | None = None
-    attn_implementation: str | None = None  # nn.attention.attention's: None / xla / cudnn (jax.nn), tpu, splash
+    attn_implementation: str | None = None  # nn.attention.attention's: None (splash on TPU) / xla / cudnn / tpu / splash
     remat_policy: str | None = None  # with use_checkpoint: what each block keeps (nn.layers.REMAT_POLICIES)
     dtype: Dtype = jnp.float32
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from sgm_jax import data, multihost, parallel
+from sgm_jax import data, mesh_context, multihost, parallel
 from sgm_jax.checkpointing.checkpoint import (
     Checkpointer,
     check_tree_matches,
@@ -157,13 +157,14 @@ def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: An
     parallel.global_batch_size_check(batch_size, mesh)
     prepare = task.prepare_batch
     example = prepare({k: v[:2] for k, v in dataset.example_batch(2).items()})
-    init = lambda key: task.init_state(key, example)  # noqa: E731
+    # traced on the mesh: layers choose their per-device form from it (nn.attention's TPU kernel)
+    init = mesh_context.traced_on(mesh, lambda key: task.init_state(key, example))
     abstract_state = jax.eval_shape(init, jax.random.key(0))
     state_sharding = parallel.param_shardings(abstract_state, mesh)
     repl = parallel.replicated(mesh)
     # the frozen tree keeps the shardings it was placed with (in_shardings None)
     batch_sharding = parallel.stacked_batch_sharding(mesh) if grad_accum > 1 else parallel.batch_sharding(mesh)
-    step_fn = jax.jit(guarded(task.train_step),
+    step_fn = jax.jit(mesh_context.traced_on(mesh, guarded(task.train_step)),
                       in_shardings=(state_sharding, batch_sharding, repl, repl, None),
                       out_shardings=(state_sharding, repl, repl), donate_argnums=0)
     return Run(config, task, dataset, mesh, batch_size, abstract_state, state_sharding,
