@@ -151,6 +151,31 @@ def test_roofline_takes_the_longer_bound():
     assert r.total_bytes == 17 * GiB and not r.fits and "1.00 GiB short" in r.shortfall()
 
 
+def test_the_splash_kernels_work_is_counted_from_their_shapes():
+    """XLA's cost analysis does not see inside a Pallas kernel: aot.kernels counts the splash kernels of a
+    traced step from their shapes (forward 2, dK/dV 4, dQ 3 matmuls of 2*T*S*d FLOPs per row and head; K/V
+    or Q/dO re-read once per further block of 512), a loop multiplying, the interpret-mode twin not counted."""
+    import jax
+    import jax.numpy as jnp
+
+    from sgm_jax.aot.kernels import kernel_cost
+    from sgm_jax.nn.attention import attention
+
+    b, t, s, n, d = 2, 1024, 512, 2, 64
+    q, kv = jnp.zeros((b, t, n, d), jnp.bfloat16), jnp.zeros((b, s, n, d), jnp.bfloat16)
+    loss = lambda q, k, v: (attention(q, k, v, "splash").astype(jnp.float32) ** 2).sum()  # noqa: E731
+    cost = kernel_cost(jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kv, kv).jaxpr.jaxpr)
+    unit = 2.0 * b * n * t * s * d
+    assert cost["calls"] == 3 and cost["flops"] == (2 + 4 + 3) * unit, cost
+    q_bytes, kv_bytes = b * n * t * d * 2, b * n * s * d * 2  # bf16
+    # each kernel reads its operands and writes its outputs once; fwd / dq read K and V again for the 2nd
+    # block of 512 queries; dkv's single key block reads Q and dO once
+    assert cost["bytes_accessed"] > 2 * 2 * kv_bytes + 3 * (q_bytes + 2 * kv_bytes), cost
+    looped = kernel_cost(jax.make_jaxpr(lambda q, k, v: jax.lax.map(lambda x: attention(x, k, v, "splash"), q))(
+        q[None].repeat(3, 0), kv, kv).jaxpr)
+    assert looped["calls"] == 3 and looped["flops"] == 3 * 2 * unit, looped  # calls: executions per step
+
+
 @needs_libtpu
 def test_an_autoencoder_with_lpips_builds_without_the_lpips_files(tmp_path):
     """The LPIPS loss reads converted VGG16 files that a compile-only machine does not have: the compile

@@ -16,6 +16,7 @@ import math
 import time
 from typing import Any
 
+from .kernels import kernel_cost
 from .report import Report, arguments_bytes, build_report, format_report, not_compiled
 from .sample_step import lower_sampling
 from .topology import CHIPS, Chip, GiB, chip_of, compile_only_devices, libtpu_available
@@ -30,22 +31,25 @@ def default_job(config: Any) -> str:
     return "train" if "training" in config else "sample"
 
 
-def _compile(lower: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
-             args_only: bool = False) -> tuple[Any, float, float]:
-    """(compiled, lowering seconds, compile seconds); when the arguments alone exceed the chip's HBM
-    nothing is lowered or compiled (minutes saved: no activation size can make it fit), nor with
-    args_only (the shardings' bytes in seconds, for a first look at a large slice)."""
+def _compile(trace: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
+             args_only: bool = False) -> tuple[Any, float, float, dict[str, float]]:
+    """(compiled, tracing + lowering seconds, compile seconds, the Pallas kernels' cost from the traced
+    jaxpr); when the arguments alone exceed the chip's HBM nothing is lowered or compiled (minutes
+    saved: no activation size can make it fit), nor with args_only (the shardings' bytes in seconds,
+    for a first look at a large slice)."""
     need = arguments_bytes(groups)
     if need > chip.hbm_bytes or args_only:
         why = "--args-only" if need <= chip.hbm_bytes else "the arguments alone exceed HBM"
         notes.append(f"not compiled ({why}): the arguments need {need / GiB:.2f} GiB per chip "
                      f"(temp, FLOPs and time unknown)")
-        return not_compiled(groups), 0.0, 0.0
+        return not_compiled(groups), 0.0, 0.0, kernel_cost(None)
     t0 = time.perf_counter()
-    lowered = lower()
+    traced = trace()
+    kernels = kernel_cost(traced.jaxpr.jaxpr)
+    lowered = traced.lower()
     t1 = time.perf_counter()
     compiled = lowered.compile()
-    return compiled, t1 - t0, time.perf_counter() - t1
+    return compiled, t1 - t0, time.perf_counter() - t1, kernels
 
 
 def compile_check(config: Any, topology: str, *, job: str | None = None, config_name: str = "config",
@@ -67,23 +71,27 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
         if bool(width) != bool(height):
             raise ValueError("--width and --height go together")
         groups, facts = lower_train_step(config, devices, (int(height), int(width)) if width else None)
-        compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes, args_only)
+        compiled, lower_s, seconds, kernels = _compile(facts["trace"], groups, chip, notes, args_only)
         h, w = facts["image_shape"][:2]
         notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global)" + (
             f"; traced and lowered in {lower_s:.1f} s, compiled in {seconds:.1f} s" if seconds else ""))
         return build_report(compiled, job="train", config=config_name, topology=topology, chip=chip,
                             devices=devices, mesh=facts["mesh"], images_per_step=facts["batch_size"],
-                            groups=groups, compile_seconds=lower_s + seconds, notes=notes), chip
+                            groups=groups, compile_seconds=lower_s + seconds, kernels=kernels, notes=notes), chip
     if job != "sample":
         raise ValueError(f"--job {job!r}: train or sample")
 
     groups, facts = lower_sampling(config, devices, width=width, height=height, steps=steps, num=num,
                                    sampler=sampler, dtype=dtype, param_dtype=param_dtype, name=config_name)
-    compiled, lower_s, seconds = _compile(facts["lower"], groups, chip, notes, args_only)
+    compiled, lower_s, seconds, kernels = _compile(facts["trace"], groups, chip, notes, args_only)
     extra, body_seconds = None, 0.0
     if facts["body"] is not None and seconds:
         t0 = time.perf_counter()
-        extra = (facts["body"]().compile(), facts["evals"] - facts["per_step"])
+        body = facts["body"]()
+        times = facts["evals"] - facts["per_step"]
+        body_kernels = kernel_cost(body.jaxpr.jaxpr)
+        kernels = {k: v + times * body_kernels[k] for k, v in kernels.items()}
+        extra = (body.lower().compile(), times)
         body_seconds = time.perf_counter() - t0
     spec, (w, h) = facts["spec"], facts["size"]
     notes.append(f"sampling: {facts['batch_size']} images of {w}x{h} per call, {spec.name} {spec.steps} steps "
@@ -94,7 +102,7 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
     return build_report(compiled, job="sample", config=config_name, topology=topology, chip=chip,
                         devices=facts["devices"], mesh=facts["mesh"], images_per_step=facts["batch_size"],
                         groups=groups, compile_seconds=lower_s + seconds + body_seconds,
-                        extra=extra, notes=notes), chip
+                        extra=extra, kernels=kernels, notes=notes), chip
 
 
 __all__ = ["CHIPS", "Chip", "Report", "build_report", "chip_of", "compile_check", "compile_only_devices",

@@ -87,6 +87,9 @@ class Report:
     transcendentals: float
     compile_seconds: float
     compiled: bool = True           # False: the arguments alone exceed HBM, nothing was compiled
+    kernel_calls: int = 0           # Pallas kernel calls per step; their work is in flops / bytes_accessed
+    kernel_flops: float = 0.0       # (aot.kernels: XLA's cost analysis does not see inside them)
+    kernel_bytes: float = 0.0
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -187,16 +190,25 @@ def not_compiled(groups: Mapping[str, Any]) -> Any:
 def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: Chip, devices: list[Any],
                  mesh: Any, images_per_step: int, groups: Mapping[str, Any], compile_seconds: float,
                  params_group: str = "parameters", extra: tuple[Any, float] | None = None,
-                 notes: list[str] | None = None) -> Report:
+                 kernels: Mapping[str, float] | None = None, notes: list[str] | None = None) -> Report:
     """groups: role -> abstract argument tree (with shardings). compiled: the compiled step (or
     not_compiled(groups)). extra: (compiled loop body, how many more times it runs than the cost
-    analysis counted)."""
+    analysis counted). kernels: aot.kernels.kernel_cost of the whole step, added to XLA's figures."""
     mem = compiled.memory_analysis()
     cost = cost_of(compiled)
     if extra is not None:
         body, times = extra
         more = cost_of(body)
         cost = {k: v + times * more[k] for k, v in cost.items()}
+    kernels = dict(kernels or {})
+    calls = int(kernels.get("calls", 0))
+    if calls:
+        cost["flops"] += kernels["flops"]
+        cost["bytes_accessed"] += kernels["bytes_accessed"]
+        notes = list(notes or []) + [
+            f"{calls} Pallas kernel calls per step (splash attention): their {kernels['flops'] / 1e12:.3f} TFLOP and "
+            f"{kernels['bytes_accessed'] / 1e9:.3f} GB (matmuls and block reads, from their shapes) are added to "
+            f"XLA's cost analysis, which does not see inside them"]
     return Report(job=job, config=config, topology=topology, chip=chip.name, chips=len(devices),
                   hosts=len({d.process_index for d in devices}), mesh={k: int(v) for k, v in mesh.shape.items()},
                   images_per_step=int(images_per_step),
@@ -207,4 +219,5 @@ def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: C
                   alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                   code_bytes=int(mem.generated_code_size_in_bytes), hbm_bytes=chip.hbm_bytes,
                   compile_seconds=float(compile_seconds), compiled=not isinstance(compiled, _NotCompiled),
-                  notes=list(notes or []), **cost)
+                  kernel_calls=calls, kernel_flops=float(kernels.get("flops", 0.0)),
+                  kernel_bytes=float(kernels.get("bytes_accessed", 0.0)), notes=list(notes or []), **cost)

@@ -39,8 +39,8 @@ def _abstract(x: Any, sharding: Any, dtype: Any = None) -> jax.ShapeDtypeStruct:
 def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height: int | None,
                      steps: int | None, num: int | None, sampler: str | None = None, dtype: str | None = None,
                      param_dtype: str = "float32", name: str = "model") -> tuple[dict[str, Any], dict[str, Any]]:
-    """(argument groups, facts) for `num` images of width x height; facts["lower"]: () -> the lowered
-    call, facts["body"]: () -> one loop step lowered (None when the loop runs once)."""
+    """(argument groups, facts) for `num` images of width x height; facts["trace"]: () -> the traced
+    call (jax.stages.Traced), facts["body"]: () -> one loop step traced (None when the loop runs once)."""
     defaults = SamplingDefaults.from_config(config)
     width, height = int(width or defaults.width), int(height or defaults.height)
     engine = engine_for_sampling(config, dtype or defaults.dtype)
@@ -84,10 +84,10 @@ def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height
 
         sigma = jax.ShapeDtypeStruct((bs,), jnp.float32, sharding=split)
         step_fn = jax.jit(mesh_context.traced_on(mesh, one_step))
-        body = lambda: step_fn.lower(params, noise, sigma, rows(c), rows(uc), scale)  # noqa: E731
+        body = lambda: step_fn.trace(params, noise, sigma, rows(c), rows(uc), scale)  # noqa: E731
     groups = {"parameters": params["model"], "first stage": params.get("first_stage", {}),
               "batch": {"noise": noise, "c": rows(c), "uc": rows(uc)}}
     facts = {"mesh": mesh, "devices": local, "batch_size": bs, "num": num, "spec": spec, "evals": evals, "per_step": per_step,
              "size": (width, height), "body": body,
-             "lower": lambda: fn.lower(params, None, noise, rows(c), rows(uc), key, scale)}
+             "trace": lambda: fn.trace(params, None, noise, rows(c), rows(uc), key, scale)}
     return groups, facts

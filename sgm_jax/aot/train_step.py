@@ -57,8 +57,8 @@ def make_task(config: Any, dataset: Any) -> Any:
 
 def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] | None = None
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(argument groups for the report, facts: mesh, batch size, image shape, and "lower": () -> the
-    lowered step)."""
+    """(argument groups for the report, facts: mesh, batch size, image shape, and "trace": () -> the
+    traced step, jax.stages.Traced)."""
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
     config.data = stand_in_data(config, image_hw)
     dataset = from_config(config.data, split="train", process_index=0, process_count=1)
@@ -78,5 +78,5 @@ def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] 
         groups["frozen parameters"] = frozen
     groups["batch"] = batch
     facts = {"mesh": mesh, "batch_size": run.batch_size, "image_shape": tuple(dataset.image_shape),
-             "lower": lambda: run.step_fn.lower(state, batch, key, nonfinite, frozen)}
+             "trace": lambda: run.step_fn.trace(state, batch, key, nonfinite, frozen)}
     return groups, facts
