@@ -6,10 +6,10 @@ sampler (EulerEDM, 50 steps, CFG 5) over `training.sample_prompts`.
 
 Sized for one host of 8 accelerators with >= 40 GB each (H100 / A100-80G / TPU v5p-8): the
 2.6 B-parameter UNet in float32 with AdamW is ~42 GB of state, split over the 8 devices by FSDP;
-batch 32 of 1024 px (4 per device). XLA:TPU's compile for 4 v5p chips (v5p-8, batch 8 per chip) needs 23.0 GiB
-per chip: 8.1 GiB of state and frozen parts, 14.6 GiB of activations (`python -m sgm_jax.compile_check --config
+batch 32 of 1024 px (4 per device). XLA:TPU's compile for 4 v5p chips (v5p-8, batch 8 per chip) needs 20.6 GiB
+per chip: 8.0 GiB of state and frozen parts, 12.2 GiB of activations (`python -m sgm_jax.compile_check --config
 sdxl_finetune --topology v5p:2x2x1`; benchmarks/RESULTS.md). A larger slice: the same config with a global batch that
-divides over its chips (`--config.data.params.train.loader.batch_size=256` on 64 chips).
+divides over its chips (`--config.data.params.train.loader.batch_size=256` on 64 chips: 17.6 GiB per chip).
 
     python convert_torch_weights.py --config configs/inference/sd_xl_base.py \
         --checkpoint sd_xl_base_1.0.safetensors --output checkpoints/sd_xl_base
