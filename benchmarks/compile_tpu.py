@@ -70,7 +70,9 @@ def run_row(config: str, topology: str, extra: tuple[str, ...]) -> dict:
     wall = time.time() - t0
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        # the CLI's one "error:" line names the cause; XLA's own last line is often only a link to its docs
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
+        last = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1])
         return {"error": last.removeprefix("error: "), "wall_seconds": wall,
                 "command": " ".join(cmd[1:])}
     report = json.loads(lines[-1])
