@@ -94,7 +94,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """`attention` through jax's Pallas splash-attention kernel (flash attention: logits in VMEM blocks,
     never in HBM; its own backward kernels): `[B, T, heads, d]` -> `[B, T, heads, d]`. The kernel when
     compiled for TPUs (the compile check's devices too), Pallas's interpret mode elsewhere."""
-    # Deferred: Pallas's TPU kernels take 0.7 s to import, on every start, for an opt-in option.
+    # Deferred: Pallas's TPU kernels take 0.7 s to import, and only programs traced for TPUs (or asking
+    # for "splash") run them: CPU and GPU starts never pay it.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
