@@ -189,18 +189,19 @@ def not_compiled(groups: Mapping[str, Any]) -> Any:
 
 def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: Chip, devices: list[Any],
                  mesh: Any, images_per_step: int, groups: Mapping[str, Any], compile_seconds: float,
-                 params_group: str = "parameters", extra: tuple[Any, float] | None = None,
+                 params_group: str = "parameters", extra: tuple[Any, float, Mapping[str, float]] | None = None,
                  kernels: Mapping[str, float] | None = None, notes: list[str] | None = None) -> Report:
     """groups: role -> abstract argument tree (with shardings). compiled: the compiled step (or
-    not_compiled(groups)). extra: (compiled loop body, how many more times it runs than the cost
-    analysis counted). kernels: aot.kernels.kernel_cost of the whole step, added to XLA's figures."""
+    not_compiled(groups)). kernels: aot.kernels.kernel_cost of the traced step, added to XLA's figures.
+    extra: (compiled loop body, how many more times it runs than the cost analysis counted, its kernels'
+    cost): both costs grow by that many bodies."""
     mem = compiled.memory_analysis()
     cost = cost_of(compiled)
+    kernels = dict(kernels or {"calls": 0.0, "flops": 0.0, "bytes_accessed": 0.0})
     if extra is not None:
-        body, times = extra
-        more = cost_of(body)
-        cost = {k: v + times * more[k] for k, v in cost.items()}
-    kernels = dict(kernels or {})
+        body, times, body_kernels = extra
+        for total, more in ((cost, cost_of(body)), (kernels, body_kernels)):
+            total.update({k: v + times * more[k] for k, v in total.items()})
     calls = int(kernels.get("calls", 0))
     if calls:
         cost["flops"] += kernels["flops"]
