@@ -100,6 +100,23 @@ def test_too_big_for_the_chip_exits_1_naming_the_shortfall():
     assert "DOES NOT FIT" in proc.stdout
 
 
+@needs_libtpu
+def test_activations_too_big_for_the_chip_exit_1_with_the_compilers_figure():
+    # the arguments fit (0.2 GiB per chip); 16 images of 1024² per v5e chip need more than its HBM for
+    # activations, which XLA:TPU's compile refuses: a report and the shortfall, not a traceback
+    proc = compile_cli("--config", str(CONFIGS / "micro_sdxl_finetune.py"), "--topology", "v5e:2x2",
+                       "--width", "1024", "--height", "1024", "--config.data.params.train.loader.batch_size=64",
+                       "--json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["fits"] and not report["compiled"] and "CompileTimeHbmOom" in report["compiler_error"]
+    assert report["argument_bytes"] < 0.5 * GiB and 16 * GiB < report["temp_bytes"] < 64 * GiB
+    assert report["shortfall_bytes"] == report["total_bytes"] - 16 * GiB > 0
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "does not fit v5e:2x2" in error[0] and "XLA:TPU's figure" in error[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_without_libtpu_one_line_says_pip_install_libtpu(monkeypatch):
     monkeypatch.setattr(topology, "libtpu_available", lambda: False)
     with pytest.raises(topology.UserError, match="pip install libtpu"):

@@ -140,3 +140,8 @@ def test_first_stage_decodes_in_chunks_of_decoding_t_frames_each_one_clip():
     # one 5-frame clip mixes over time differently: the chunks are real
     whole = np.asarray(decode(scaled))
     assert np.abs(whole - got).max() > 1e-4
+    # the two whole chunks run one after another (a scan: one chunk's temporaries live at a time), the
+    # shorter last one after them
+    jaxpr = jax.make_jaxpr(engine.decode_first_stage)(params, z).jaxpr
+    loops = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(loops) == 1 and loops[0].params["length"] == 2

@@ -60,10 +60,13 @@ def autoencoder_kl(dd: dict[str, Any], embed_dim: int = 4) -> dict[str, Any]:
         "lossconfig": {"target": "torch.nn.Identity"}}}
 
 
-def engine(network: dict, denoiser: dict, cond: dict, first_stage: dict, scale_factor: float) -> dict[str, Any]:
-    """The `model:` section of a seed inference yaml."""
+def engine(network: dict, denoiser: dict, cond: dict, first_stage: dict, scale_factor: float,
+           decode_n_at_a_time: int | None = None) -> dict[str, Any]:
+    """The `model:` section of a seed inference yaml. decode_n_at_a_time: the seed's
+    en_and_decode_n_samples_a_time (None: the whole batch in one call)."""
     return {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
         "scale_factor": scale_factor,
+        "en_and_decode_n_samples_a_time": decode_n_at_a_time,
         "disable_first_stage_autocast": True,  # the inference pipeline runs the VAE in float32, as the seed
         "denoiser_config": denoiser,
         "network_config": network,

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from .kernels import kernel_cost
-from .report import Report, arguments_bytes, build_report, format_report, not_compiled
+from .report import Report, arguments_bytes, build_report, format_report, not_compiled, out_of_memory
 from .sample_step import lower_sampling
 from .topology import CHIPS, Chip, GiB, chip_of, compile_only_devices, libtpu_available
 from .train_step import lower_train_step
@@ -36,7 +36,8 @@ def _compile(trace: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
     """(compiled, tracing + lowering seconds, compile seconds, the Pallas kernels' cost from the traced
     jaxpr); when the arguments alone exceed the chip's HBM nothing is lowered or compiled (minutes
     saved: no activation size can make it fit), nor with args_only (the shardings' bytes in seconds,
-    for a first look at a large slice)."""
+    for a first look at a large slice). XLA:TPU's out-of-memory error gives a stand-in with the temp
+    bytes it names (the report says DOES NOT FIT) instead of a traceback."""
     need = arguments_bytes(groups)
     if need > chip.hbm_bytes or args_only:
         why = "--args-only" if need <= chip.hbm_bytes else "the arguments alone exceed HBM"
@@ -48,7 +49,14 @@ def _compile(trace: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
     kernels = kernel_cost(traced.jaxpr.jaxpr)
     lowered = traced.lower()
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as err:  # jax.errors.JaxRuntimeError; XLA:TPU's out-of-memory is a report, not a crash
+        compiled = out_of_memory(groups, err)
+        if compiled is None:
+            raise
+        notes.append(f"XLA:TPU refused the program: {compiled.error}")
+        kernels = kernel_cost(None)
     return compiled, t1 - t0, time.perf_counter() - t1, kernels
 
 
@@ -85,7 +93,7 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
                                    sampler=sampler, dtype=dtype, param_dtype=param_dtype, name=config_name)
     compiled, lower_s, seconds, kernels = _compile(facts["trace"], groups, chip, notes, args_only)
     extra, body_seconds = None, 0.0
-    if facts["body"] is not None and seconds:
+    if facts["body"] is not None and seconds and not getattr(compiled, "error", ""):
         t0 = time.perf_counter()
         body = facts["body"]()
         extra = (body.lower().compile(), facts["evals"] - facts["per_step"], kernel_cost(body.jaxpr.jaxpr))

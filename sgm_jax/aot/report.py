@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 import jax
@@ -87,6 +88,7 @@ class Report:
     transcendentals: float
     compile_seconds: float
     compiled: bool = True           # False: the arguments alone exceed HBM, nothing was compiled
+    compiler_error: str = ""        # XLA:TPU refused the program for lack of HBM (temp_bytes from its message)
     kernel_calls: int = 0           # Pallas kernel calls per step; their work is in flops / bytes_accessed
     kernel_flops: float = 0.0       # (aot.kernels: XLA's cost analysis does not see inside them)
     kernel_bytes: float = 0.0
@@ -99,7 +101,7 @@ class Report:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.hbm_bytes
+        return not self.compiler_error and self.total_bytes <= self.hbm_bytes
 
     def roofline(self, chip: Chip) -> dict[str, Any]:
         compute_s, memory_s = self.flops / chip.bf16_flops, self.bytes_accessed / chip.hbm_bandwidth
@@ -121,7 +123,7 @@ class Report:
         need, have = self.total_bytes / GiB, self.hbm_bytes / GiB
         return (f"{self.config} ({self.job}) does not fit {self.topology}: {need:.2f} GiB per chip needed, "
                 f"{self.chip} has {have:.2f} GiB ({need - have:.2f} GiB short: args {self.argument_bytes / GiB:.2f} "
-                f"+ temp {self.temp_bytes / GiB:.2f} GiB)")
+                f"+ temp {self.temp_bytes / GiB:.2f} GiB" + (", XLA:TPU's figure" if self.compiler_error else "") + ")")
 
 
 def _gib(n: float) -> str:
@@ -133,10 +135,17 @@ def format_report(r: Report, chip: Chip) -> str:
     roof = r.roofline(chip)
     mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
     lines = [f"{r.config} ({r.job}) on {r.topology}: {r.chips} {r.chip} chips, {r.hosts} host(s), mesh {mesh}; "
-             + (f"compiled in {r.compile_seconds:.1f} s" if r.compiled else "not compiled"),
+             + (f"compiled in {r.compile_seconds:.1f} s" if r.compiled else
+                f"XLA:TPU ran out of HBM after {r.compile_seconds:.1f} s" if r.compiler_error else "not compiled"),
              "memory per chip:"]
     for name, n in r.groups.items():
         lines.append(f"  {name:<22}{_gib(n)}   (all chips: {r.groups_global[name] / GiB:.3f} GiB)")
+    if r.compiler_error:
+        lines += [f"  {'arguments (shardings)':<22}{_gib(r.argument_bytes)}",
+                  f"  {'activations (temp)':<22}{_gib(r.temp_bytes)}   (XLA:TPU's out-of-memory error)",
+                  f"  {'total':<22}{_gib(r.total_bytes)} of {r.hbm_bytes / GiB:.0f} GiB HBM: DOES NOT FIT "
+                  f"({(r.total_bytes - r.hbm_bytes) / GiB:.2f} GiB short; FLOPs and time unknown)"]
+        return "\n".join(lines + [f"note: {n}" for n in r.notes])
     if not r.compiled:
         verdict = ("the arguments fit, activations unknown" if r.fits else
                    f"DOES NOT FIT ({(r.total_bytes - r.hbm_bytes) / GiB:.2f} GiB short before any activation)")
@@ -166,11 +175,13 @@ def format_report(r: Report, chip: Chip) -> str:
 
 
 class _NotCompiled:
-    """Stands in for a compiled step whose arguments alone exceed HBM (no compile was run)."""
+    """Stands in for a compiled step whose arguments alone exceed HBM (no compile was run), or one
+    XLA:TPU refused for lack of HBM (`error`: its message; `temp_bytes`: the temporaries it needed)."""
 
-    def __init__(self, argument_bytes: int):
+    def __init__(self, argument_bytes: int, temp_bytes: int = 0, error: str = ""):
         self.argument_size_in_bytes, self.output_size_in_bytes = argument_bytes, 0
-        self.alias_size_in_bytes = self.temp_size_in_bytes = self.generated_code_size_in_bytes = 0
+        self.alias_size_in_bytes = self.generated_code_size_in_bytes = 0
+        self.temp_size_in_bytes, self.error = temp_bytes, error
 
     def memory_analysis(self) -> "_NotCompiled":
         return self
@@ -185,6 +196,24 @@ def arguments_bytes(groups: Mapping[str, Any]) -> int:
 
 def not_compiled(groups: Mapping[str, Any]) -> Any:
     return _NotCompiled(arguments_bytes(groups))
+
+
+# XLA:TPU's compile-time out-of-memory error, e.g. "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out
+# of memory on HBM, the total memory required for HLO temporaries (26.09G) exceeds available HBM (15.75G)."
+_HBM_OOM = re.compile(r"temporaries \((?P<temp>[\d.]+)(?P<unit>[KMGT])\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(groups: Mapping[str, Any], error: BaseException) -> Any | None:
+    """A stand-in compiled step for XLA:TPU's compile-time HBM out-of-memory `error` (its temp bytes
+    from the message, the arguments from the shardings); None for any other error."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text or "HBM" not in text:
+        return None
+    found = _HBM_OOM.search(text)
+    temp = int(float(found["temp"]) * _UNITS[found["unit"]]) if found else 0
+    first = next((line for line in text.splitlines() if "HBM" in line), text.splitlines()[0])
+    return _NotCompiled(arguments_bytes(groups), temp, first.strip())
 
 
 def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: Chip, devices: list[Any],
@@ -220,5 +249,6 @@ def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: C
                   alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                   code_bytes=int(mem.generated_code_size_in_bytes), hbm_bytes=chip.hbm_bytes,
                   compile_seconds=float(compile_seconds), compiled=not isinstance(compiled, _NotCompiled),
+                  compiler_error=getattr(compiled, "error", ""),
                   kernel_calls=calls, kernel_flops=float(kernels.get("flops", 0.0)),
                   kernel_bytes=float(kernels.get("bytes_accessed", 0.0)), notes=list(notes or []), **cost)

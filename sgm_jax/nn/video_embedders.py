@@ -126,7 +126,7 @@ class VideoPredictionEmbedderWithEncoder(nn.Module):
 
     def __call__(self, frames: jax.Array) -> jax.Array:
         z = in_chunks(lambda xs: self.encoder.encode_posterior(xs).mode(), jnp.asarray(frames),
-                      self.en_and_decode_n_samples_a_time)
+                      self.en_and_decode_n_samples_a_time, loop=False)
         z = z.astype(jnp.float32) * self.scale_factor
         if int(self.n_cond_frames) == 1:
             z = jnp.repeat(z, int(self.n_copies), axis=0)
