@@ -37,6 +37,8 @@ ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
     # the config's batch 32 does not divide over 64 chips: 4 per chip, as on one 8-chip host
     ("sdxl_finetune", "v5p:4x4x4", ("--config.data.params.train.loader.batch_size=256",), "64 v5p chips, 16 hosts"),
     ("sdxl_finetune", "v6e:2x4", (), "v6e-8"),
+    # 8 images per chip, as on v5p-8: twice the FLOPs per weight read (the 4-per-chip row is memory-bound)
+    ("sdxl_finetune", "v6e:2x4", ("--config.data.params.train.loader.batch_size=64",), "v6e-8, batch 64"),
     ("sdxl_lora", "v5e:2x2", (), "v5e-4"),
     ("sdxl_lora", "v5e:2x2", (FROZEN_BF16,), "v5e-4, frozen base in bfloat16"),
     ("sdxl_lora", "v6e:1x1", (), "v6e-1"),
@@ -58,7 +60,8 @@ PUBLISHED = {
 def row_id(config: str, topology: str, extra: tuple[str, ...]) -> str:
     num = extra[extra.index("--num") + 1] if "--num" in extra else None
     return (f"{config.replace('/', '.')}@{topology}" + (f"@b{num}" if num else "")
-            + ("@frozen_bf16" if FROZEN_BF16 in extra else ""))
+            + ("@frozen_bf16" if FROZEN_BF16 in extra else "")
+            + ("@b64" if "--config.data.params.train.loader.batch_size=64" in extra else ""))
 
 
 def file_of(rid: str) -> Path:

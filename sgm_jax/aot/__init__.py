@@ -18,9 +18,9 @@ from typing import Any
 
 from .kernels import kernel_cost
 from .report import Report, arguments_bytes, build_report, format_report, not_compiled, out_of_memory
-from .sample_step import lower_sampling
+from .sample_step import prepare_sampling
 from .topology import CHIPS, Chip, GiB, chip_of, compile_only_devices, libtpu_available
-from .train_step import lower_train_step
+from .train_step import prepare_train_step
 
 NOTE_FLOPS = ("FLOPs and bytes are XLA:TPU's cost analysis of the compiled per-chip program (remat recomputation "
               "included, so the MFU is of hardware FLOPs); the time is a roofline, not a measurement")
@@ -78,7 +78,7 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
     if job == "train":
         if bool(width) != bool(height):
             raise ValueError("--width and --height go together")
-        groups, facts = lower_train_step(config, devices, (int(height), int(width)) if width else None)
+        groups, facts = prepare_train_step(config, devices, (int(height), int(width)) if width else None)
         compiled, lower_s, seconds, kernels = _compile(facts["trace"], groups, chip, notes, args_only)
         h, w = facts["image_shape"][:2]
         notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global)" + (
@@ -89,7 +89,7 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
     if job != "sample":
         raise ValueError(f"--job {job!r}: train or sample")
 
-    groups, facts = lower_sampling(config, devices, width=width, height=height, steps=steps, num=num,
+    groups, facts = prepare_sampling(config, devices, width=width, height=height, steps=steps, num=num,
                                    sampler=sampler, dtype=dtype, param_dtype=param_dtype, name=config_name)
     compiled, lower_s, seconds, kernels = _compile(facts["trace"], groups, chip, notes, args_only)
     extra, body_seconds = None, 0.0

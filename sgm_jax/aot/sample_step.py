@@ -36,7 +36,7 @@ def _abstract(x: Any, sharding: Any, dtype: Any = None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(np.shape(x)), dtype or x.dtype, sharding=sharding)
 
 
-def lower_sampling(config: Any, devices: list[Any], *, width: int | None, height: int | None,
+def prepare_sampling(config: Any, devices: list[Any], *, width: int | None, height: int | None,
                      steps: int | None, num: int | None, sampler: str | None = None, dtype: str | None = None,
                      param_dtype: str = "float32", name: str = "model") -> tuple[dict[str, Any], dict[str, Any]]:
     """(argument groups, facts) for `num` images of width x height; facts["trace"]: () -> the traced

@@ -55,8 +55,8 @@ def make_task(config: Any, dataset: Any) -> Any:
     return cls(config, dataset)
 
 
-def lower_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] | None = None
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+def prepare_train_step(config: Any, devices: list[Any], image_hw: tuple[int, int] | None = None
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(argument groups for the report, facts: mesh, batch size, image shape, and "trace": () -> the
     traced step, jax.stages.Traced)."""
     config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
