@@ -29,7 +29,7 @@ BEGIN, END = "<!-- compile_tpu:begin -->", "<!-- compile_tpu:end -->"
 GiB = 2**30
 
 SDXL = "inference/sd_xl_base"
-FROZEN_BF16 = "--config.training.frozen_dtype=bfloat16"
+FROZEN_F32 = "--config.training.frozen_dtype=float32"  # sdxl_lora's base as it was held before 2026-12-04
 SAMPLE_SDXL = ("--job", "sample", "--width", "1024", "--height", "1024", "--steps", "30")
 # (config, topology, extra arguments, what the README / issue sizes it for)
 ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
@@ -40,7 +40,7 @@ ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
     # 8 images per chip, as on v5p-8: twice the FLOPs per weight read (the 4-per-chip row is memory-bound)
     ("sdxl_finetune", "v6e:2x4", ("--config.data.params.train.loader.batch_size=64",), "v6e-8, batch 64"),
     ("sdxl_lora", "v5e:2x2", (), "v5e-4"),
-    ("sdxl_lora", "v5e:2x2", (FROZEN_BF16,), "v5e-4, frozen base in bfloat16"),
+    ("sdxl_lora", "v5e:2x2", (FROZEN_F32,), "v5e-4, frozen base in float32"),
     ("sdxl_lora", "v6e:1x1", (), "v6e-1"),
     ("imagenet_f8_cond", "v5e:2x4", (), "v5e-8"),
     ("txt2img_clipl", "v5e:2x4", (), "v5e-8"),
@@ -60,7 +60,7 @@ PUBLISHED = {
 def row_id(config: str, topology: str, extra: tuple[str, ...]) -> str:
     num = extra[extra.index("--num") + 1] if "--num" in extra else None
     return (f"{config.replace('/', '.')}@{topology}" + (f"@b{num}" if num else "")
-            + ("@frozen_bf16" if FROZEN_BF16 in extra else "")
+            + ("@frozen_f32" if FROZEN_F32 in extra else "")
             + ("@b64" if "--config.data.params.train.loader.batch_size=64" in extra else ""))
 
 

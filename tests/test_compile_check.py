@@ -111,7 +111,8 @@ def test_activations_too_big_for_the_chip_exit_1_with_the_compilers_figure():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not report["fits"] and not report["compiled"] and "CompileTimeHbmOom" in report["compiler_error"]
     assert report["argument_bytes"] < 0.5 * GiB and 16 * GiB < report["temp_bytes"] < 64 * GiB
-    assert report["shortfall_bytes"] == report["total_bytes"] - 16 * GiB > 0
+    assert report["usable_bytes"] == 15.75 * GiB  # v5e's 16 GiB less the runtime's share, as XLA:TPU says
+    assert report["shortfall_bytes"] == report["total_bytes"] - report["usable_bytes"] > 0
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "does not fit v5e:2x2" in error[0] and "XLA:TPU's figure" in error[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
@@ -166,6 +167,26 @@ def test_roofline_takes_the_longer_bound():
     assert roof["bound"] == "memory" and roof["step_seconds"] == pytest.approx(2.0)
     assert roof["mfu"] == pytest.approx(0.5) and roof["images_per_second"] == pytest.approx(2.0)
     assert r.total_bytes == 17 * GiB and not r.fits and "1.00 GiB short" in r.shortfall()
+
+
+def test_the_compilers_out_of_hbm_message_becomes_the_reports_sizes():
+    import jax
+    import numpy as np
+
+    from sgm_jax.aot.report import build_report, out_of_memory
+
+    groups = {"parameters": jax.ShapeDtypeStruct((GiB // 4,), np.float32)}  # 1 GiB of arguments
+    message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
+               "for HLO temporaries (16.50G) exceeds available HBM (15.75G). HLO module: jit_step.\nSee https://...")
+    stand_in = out_of_memory(groups, RuntimeError(message))
+    assert out_of_memory(groups, RuntimeError("INVALID_ARGUMENT: a bad sharding")) is None
+    r = build_report(stand_in, job="train", config="c", topology="v5e:1x1", chip=topology.CHIPS["v5e"],
+                     devices=jax.devices()[:1], mesh=jax.make_mesh((1,), ("data",)), images_per_step=4,
+                     groups=groups, compile_seconds=3.0)
+    assert (r.argument_bytes, r.temp_bytes, r.usable_bytes) == (GiB, 15.5 * GiB, 15.75 * GiB)
+    assert not r.compiled and not r.fits and r.flops == 0 and r.shortfall_bytes == 0.75 * GiB
+    assert "0.75 GiB short" in r.shortfall() and "16.50 GiB per chip" in r.shortfall()
+    assert r.compiler_error.startswith("RESOURCE_EXHAUSTED") and "\n" not in r.compiler_error
 
 
 def test_the_splash_kernels_work_is_counted_from_their_shapes():

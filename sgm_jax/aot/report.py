@@ -88,7 +88,8 @@ class Report:
     transcendentals: float
     compile_seconds: float
     compiled: bool = True           # False: the arguments alone exceed HBM, nothing was compiled
-    compiler_error: str = ""        # XLA:TPU refused the program for lack of HBM (temp_bytes from its message)
+    compiler_error: str = ""        # XLA:TPU refused the program for lack of HBM (its message; the sizes below
+    usable_bytes: int = 0           # from it: what it needed, arguments included, less them = temp_bytes)
     kernel_calls: int = 0           # Pallas kernel calls per step; their work is in flops / bytes_accessed
     kernel_flops: float = 0.0       # (aot.kernels: XLA's cost analysis does not see inside them)
     kernel_bytes: float = 0.0
@@ -115,15 +116,25 @@ class Report:
 
     def as_dict(self, chip: Chip) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out.update(total_bytes=self.total_bytes, fits=self.fits, shortfall_bytes=max(self.total_bytes - self.hbm_bytes, 0),
+        out.update(total_bytes=self.total_bytes, fits=self.fits, shortfall_bytes=self.shortfall_bytes,
                    **self.roofline(chip))
         return out
 
+    @property
+    def shortfall_bytes(self) -> int:
+        """How far the step is over the HBM it may use (XLA:TPU's usable figure when it refused the program)."""
+        return max(self.total_bytes - (self.usable_bytes or self.hbm_bytes), 0)
+
     def shortfall(self) -> str:
         need, have = self.total_bytes / GiB, self.hbm_bytes / GiB
+        if self.compiler_error:
+            return (f"{self.config} ({self.job}) does not fit {self.topology}: XLA:TPU needs {need:.2f} GiB per chip, "
+                    f"{self.usable_bytes / GiB:.2f} of the {self.chip}'s {have:.2f} GiB are usable "
+                    f"({self.shortfall_bytes / GiB:.2f} GiB short: args {self.argument_bytes / GiB:.2f} "
+                    f"+ temp {self.temp_bytes / GiB:.2f} GiB, XLA:TPU's figure)")
         return (f"{self.config} ({self.job}) does not fit {self.topology}: {need:.2f} GiB per chip needed, "
                 f"{self.chip} has {have:.2f} GiB ({need - have:.2f} GiB short: args {self.argument_bytes / GiB:.2f} "
-                f"+ temp {self.temp_bytes / GiB:.2f} GiB" + (", XLA:TPU's figure" if self.compiler_error else "") + ")")
+                f"+ temp {self.temp_bytes / GiB:.2f} GiB)")
 
 
 def _gib(n: float) -> str:
@@ -143,8 +154,8 @@ def format_report(r: Report, chip: Chip) -> str:
     if r.compiler_error:
         lines += [f"  {'arguments (shardings)':<22}{_gib(r.argument_bytes)}",
                   f"  {'activations (temp)':<22}{_gib(r.temp_bytes)}   (XLA:TPU's out-of-memory error)",
-                  f"  {'total':<22}{_gib(r.total_bytes)} of {r.hbm_bytes / GiB:.0f} GiB HBM: DOES NOT FIT "
-                  f"({(r.total_bytes - r.hbm_bytes) / GiB:.2f} GiB short; FLOPs and time unknown)"]
+                  f"  {'total':<22}{_gib(r.total_bytes)} of {r.usable_bytes / GiB:.2f} GiB usable: DOES NOT FIT "
+                  f"({r.shortfall_bytes / GiB:.2f} GiB short; FLOPs and time unknown)"]
         return "\n".join(lines + [f"note: {n}" for n in r.notes])
     if not r.compiled:
         verdict = ("the arguments fit, activations unknown" if r.fits else
@@ -178,10 +189,10 @@ class _NotCompiled:
     """Stands in for a compiled step whose arguments alone exceed HBM (no compile was run), or one
     XLA:TPU refused for lack of HBM (`error`: its message; `temp_bytes`: the temporaries it needed)."""
 
-    def __init__(self, argument_bytes: int, temp_bytes: int = 0, error: str = ""):
+    def __init__(self, argument_bytes: int, temp_bytes: int = 0, error: str = "", usable_bytes: int = 0):
         self.argument_size_in_bytes, self.output_size_in_bytes = argument_bytes, 0
         self.alias_size_in_bytes = self.generated_code_size_in_bytes = 0
-        self.temp_size_in_bytes, self.error = temp_bytes, error
+        self.temp_size_in_bytes, self.error, self.usable_bytes = temp_bytes, error, usable_bytes
 
     def memory_analysis(self) -> "_NotCompiled":
         return self
@@ -199,21 +210,27 @@ def not_compiled(groups: Mapping[str, Any]) -> Any:
 
 
 # XLA:TPU's compile-time out-of-memory error, e.g. "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out
-# of memory on HBM, the total memory required for HLO temporaries (26.09G) exceeds available HBM (15.75G)."
-_HBM_OOM = re.compile(r"temporaries \((?P<temp>[\d.]+)(?P<unit>[KMGT])\)")
+# of memory on HBM, the total memory required for HLO temporaries (16.09G) exceeds available HBM (15.75G)."
+# Its first figure counts the arguments too (SDXL's 8-image sampling call: 9.89 GiB of weights + 6.2 of
+# temporaries = 16.09; the same call with bfloat16 weights compiles with 6.2 GiB of temp); the second is
+# the chip's HBM less what the runtime keeps (v5e: 15.75 of 16 GiB).
+_HBM_OOM = re.compile(r"temporaries \((?P<need>[\d.]+)(?P<unit>[KMGT])\)"
+                      r".*?available HBM \((?P<have>[\d.]+)(?P<unit2>[KMGT])\)")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def out_of_memory(groups: Mapping[str, Any], error: BaseException) -> Any | None:
-    """A stand-in compiled step for XLA:TPU's compile-time HBM out-of-memory `error` (its temp bytes
-    from the message, the arguments from the shardings); None for any other error."""
+    """A stand-in compiled step for XLA:TPU's compile-time HBM out-of-memory `error`: the arguments from
+    the shardings, the temp bytes as the message's need less them, its usable HBM; None for any other error."""
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text or "HBM" not in text:
         return None
     found = _HBM_OOM.search(text)
-    temp = int(float(found["temp"]) * _UNITS[found["unit"]]) if found else 0
+    args = arguments_bytes(groups)
+    need = int(float(found["need"]) * _UNITS[found["unit"]]) if found else 0
+    usable = int(float(found["have"]) * _UNITS[found["unit2"]]) if found else 0
     first = next((line for line in text.splitlines() if "HBM" in line), text.splitlines()[0])
-    return _NotCompiled(arguments_bytes(groups), temp, first.strip())
+    return _NotCompiled(args, max(need - args, 0), first.strip(), usable)
 
 
 def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: Chip, devices: list[Any],
@@ -249,6 +266,6 @@ def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: C
                   alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
                   code_bytes=int(mem.generated_code_size_in_bytes), hbm_bytes=chip.hbm_bytes,
                   compile_seconds=float(compile_seconds), compiled=not isinstance(compiled, _NotCompiled),
-                  compiler_error=getattr(compiled, "error", ""),
+                  compiler_error=getattr(compiled, "error", ""), usable_bytes=getattr(compiled, "usable_bytes", 0),
                   kernel_calls=calls, kernel_flops=float(kernels.get("flops", 0.0)),
                   kernel_bytes=float(kernels.get("bytes_accessed", 0.0)), notes=list(notes or []), **cost)
