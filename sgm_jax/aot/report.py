@@ -211,9 +211,11 @@ def not_compiled(groups: Mapping[str, Any]) -> Any:
 
 # XLA:TPU's compile-time out-of-memory error, e.g. "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out
 # of memory on HBM, the total memory required for HLO temporaries (16.09G) exceeds available HBM (15.75G)."
-# Its first figure counts the arguments too (SDXL's 8-image sampling call: 9.89 GiB of weights + 6.2 of
-# temporaries = 16.09; the same call with bfloat16 weights compiles with 6.2 GiB of temp); the second is
-# the chip's HBM less what the runtime keeps (v5e: 15.75 of 16 GiB).
+# Read here as counting the arguments too: sdxl_lora on v5e-4 asks 15.78G with 13.19 GiB of float32
+# arguments, and compiles with a bfloat16 base (6.63 GiB) and 2.78 GiB of temp; SDXL's 8-image sampling
+# call asks 16.09G with 9.89 GiB of weights, and compiles in bfloat16 (4.89) with 3.27 of temp. Read as
+# temporaries alone, float32 would add 13 GiB, more than a bfloat16 copy of every weight. The second
+# figure is the chip's HBM less what the runtime keeps (v5e: 15.75 of 16 GiB).
 _HBM_OOM = re.compile(r"temporaries \((?P<need>[\d.]+)(?P<unit>[KMGT])\)"
                       r".*?available HBM \((?P<have>[\d.]+)(?P<unit2>[KMGT])\)")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
