@@ -2,9 +2,9 @@
 rank-16 adapters on the UNet's attention projections train (the optimiser state and every
 checkpoint hold the adapters alone, ~23 M parameters); the whole converted model is the frozen base.
 
-Sized for one accelerator with >= 24 GB (the frozen base, the whole engine in float32, is 12.9 GiB:
-`python -m sgm_jax.compile_check --config sdxl_lora --topology v6e:1x1 --args-only`; 6.5 GiB with
-`--config.training.frozen_dtype=bfloat16`; batch 4 of 1024 px with remat) or data-parallel over a host (`--config.mesh.data=-1`, batch 4 per device).
+The frozen base, the whole engine, is held in bfloat16 (6.5 GiB; 12.9 in float32). Data-parallel over every device
+(batch 4 of 1024 px in all, with remat): on a v5e-4, one image per chip, XLA:TPU needs 9.79 of 16 GiB per chip
+(`python -m sgm_jax.compile_check --config sdxl_lora --topology v5e:2x2`; benchmarks/RESULTS.md).
 
     python train.py --config configs/sdxl_lora.py --config.model.params.ckpt_path=checkpoints/sd_xl_base \
         --config.data.params.train.datapipeline.urls='shards/data-*.tar'

@@ -187,6 +187,13 @@ def test_the_compilers_out_of_hbm_message_becomes_the_reports_sizes():
     assert not r.compiled and not r.fits and r.flops == 0 and r.shortfall_bytes == 0.75 * GiB
     assert "0.75 GiB short" in r.shortfall() and "16.50 GiB per chip" in r.shortfall()
     assert r.compiler_error.startswith("RESOURCE_EXHAUSTED") and "\n" not in r.compiler_error
+    # the later form, from the memory-space assignment of a large program (its "Used" is the whole program's)
+    late = out_of_memory(groups, RuntimeError(
+        "See https://openxla.org/xla/errors/error_1000 for more details. [type.googleapis.com/tensorflow.tpu."
+        "CompilationResultProto='\\x08Ran out of memory in memory space hbm. Used 31.28G of 31.24G hbm. Exceeded "
+        "hbm capacity by 41.04M.\\n\\nTotal hbm usage >= 31.5...']"))
+    assert (late.temp_size_in_bytes, late.usable_bytes) == (int(30.28 * GiB), int(31.24 * GiB))
+    assert late.error == "Ran out of memory in memory space hbm. Used 31.28G of 31.24G hbm. Exceeded hbm capacity by 41.04M."
 
 
 def test_the_splash_kernels_work_is_counted_from_their_shapes():

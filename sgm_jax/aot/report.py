@@ -216,8 +216,12 @@ def not_compiled(groups: Mapping[str, Any]) -> Any:
 # call asks 16.09G with 9.89 GiB of weights, and compiles in bfloat16 (4.89) with 3.27 of temp. Read as
 # temporaries alone, float32 would add 13 GiB, more than a bfloat16 copy of every weight. The second
 # figure is the chip's HBM less what the runtime keeps (v5e: 15.75 of 16 GiB).
-_HBM_OOM = re.compile(r"temporaries \((?P<need>[\d.]+)(?P<unit>[KMGT])\)"
-                      r".*?available HBM \((?P<have>[\d.]+)(?P<unit2>[KMGT])\)")
+# Larger programs fail later, in the memory-space assignment: "Ran out of memory in memory space hbm. Used
+# 31.28G of 31.24G hbm. Exceeded hbm capacity by 41.04M." (sdxl_finetune, 8 images per v6e chip): its "Used"
+# is the whole program's.
+_HBM_OOM = (re.compile(r"temporaries \((?P<need>[\d.]+)(?P<unit>[KMGT])\)"
+                       r".*?available HBM \((?P<have>[\d.]+)(?P<unit2>[KMGT])\)", re.S),
+            re.compile(r"memory space hbm\. Used (?P<need>[\d.]+)(?P<unit>[KMGT]) of (?P<have>[\d.]+)(?P<unit2>[KMGT]) hbm"))
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -225,14 +229,14 @@ def out_of_memory(groups: Mapping[str, Any], error: BaseException) -> Any | None
     """A stand-in compiled step for XLA:TPU's compile-time HBM out-of-memory `error`: the arguments from
     the shardings, the temp bytes as the message's need less them, its usable HBM; None for any other error."""
     text = str(error)
-    if "RESOURCE_EXHAUSTED" not in text or "HBM" not in text:
+    found = next((m for m in (p.search(text) for p in _HBM_OOM) if m), None)
+    if found is None and ("RESOURCE_EXHAUSTED" not in text or "hbm" not in text.lower()):
         return None
-    found = _HBM_OOM.search(text)
     args = arguments_bytes(groups)
     need = int(float(found["need"]) * _UNITS[found["unit"]]) if found else 0
     usable = int(float(found["have"]) * _UNITS[found["unit2"]]) if found else 0
-    first = next((line for line in text.splitlines() if "HBM" in line), text.splitlines()[0])
-    return _NotCompiled(args, max(need - args, 0), first.strip(), usable)
+    said = re.search(r"RESOURCE_EXHAUSTED[^\n]*|Ran out of memory in memory space hbm[^\n\\']*", text)
+    return _NotCompiled(args, max(need - args, 0), (said[0] if said else text.splitlines()[0]).strip(), usable)
 
 
 def build_report(compiled: Any, *, job: str, config: str, topology: str, chip: Chip, devices: list[Any],
