@@ -3,8 +3,9 @@ rank-16 adapters on the UNet's attention projections train (the optimiser state 
 checkpoint hold the adapters alone, ~23 M parameters); the whole converted model is the frozen base.
 
 The frozen base, the whole engine, is held in bfloat16 (6.5 GiB; 12.9 in float32). Data-parallel over every device
-(batch 4 of 1024 px in all, with remat): on a v5e-4, one image per chip, XLA:TPU needs 9.79 of 16 GiB per chip
-(`python -m sgm_jax.compile_check --config sdxl_lora --topology v5e:2x2`; benchmarks/RESULTS.md).
+(batch 4 of 1024 px in all, with remat): on a v5e-4, one image per chip, XLA:TPU needs 9.79 of 16 GiB per chip;
+all 4 on one v6e chip 11.51 of 32 (`python -m sgm_jax.compile_check --config sdxl_lora --topology v5e:2x2`;
+benchmarks/RESULTS.md).
 
     python train.py --config configs/sdxl_lora.py --config.model.params.ckpt_path=checkpoints/sd_xl_base \
         --config.data.params.train.datapipeline.urls='shards/data-*.tar'
