@@ -41,6 +41,8 @@ def finetune(model: dict, *, name: str, size: int, buckets=BUCKETS, batch_size: 
             spec["ucg_rate"] = text_ucg_rate
     params["network_config"]["params"]["use_checkpoint"] = True  # remat: activation memory per block
     params["first_stage_config"]["params"]["ckpt_path"] = ""  # from model.params.ckpt_path unless set
+    # a training batch is split over the devices: the inference configs' one-image-at-a-time VAE is for one chip
+    params["en_and_decode_n_samples_a_time"] = None
     params.update(ckpt_path="", loss_fn_config=T.eps_loss(), scheduler_config=T.lambda_linear(500),
                   sampler_config=T.euler_sampler(sample_steps, 5.0), use_ema=False)
     model["base_learning_rate"] = lr

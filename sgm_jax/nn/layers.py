@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sgm_jax import mesh_context
+
 Dtype = Any
 
 
@@ -112,11 +114,13 @@ def in_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array, size: int | No
     chunks run one after another in a lax.map, so only one chunk's temporaries are live (unrolled
     calls let XLA overlap them: SDXL's 1024² decode of 4 images held 17.5 GiB on one TPU chip that
     way, as much as one batched call). The chunks are the seed's rows [i*size, (i+1)*size).
-    loop=False: unrolled calls, for an fn that calls a bound Flax submodule (lax.map cannot trace it)."""
+    loop=False: unrolled calls, for an fn that calls a bound Flax submodule (lax.map cannot trace it); so
+    too for a batch traced as split over several devices (mesh_context)."""
     rows = x.shape[0]
     if not size or size >= rows:
         return fn(x)
-    if not loop:
+    if not loop or mesh_context.traced_batch_split(rows) != ():
+        # a batch split over several devices: a loop over its rows would leave most of them idle
         return jnp.concatenate([fn(x[i:i + size]) for i in range(0, rows, size)])
     whole = rows // size * size
     looped = jax.lax.map(fn, x[:whole].reshape((rows // size, size) + x.shape[1:]))
