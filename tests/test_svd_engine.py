@@ -145,3 +145,37 @@ def test_first_stage_decodes_in_chunks_of_decoding_t_frames_each_one_clip():
     jaxpr = jax.make_jaxpr(engine.decode_first_stage)(params, z).jaxpr
     loops = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     assert len(loops) == 1 and loops[0].params["length"] == 2
+
+
+CHUNKS_ON_A_MESH = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from sgm_jax import mesh_context, parallel
+from sgm_jax.nn.layers import in_chunks
+mesh = parallel.make_mesh(devices=jax.devices())
+x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+fn = lambda xs: in_chunks(lambda c: c - c.mean(0), xs, 2)  # chunk-dependent: the chunks are visible
+loops = lambda f: [e.primitive.name for e in jax.make_jaxpr(f)(x).jaxpr.eqns].count("scan")
+want = np.concatenate([np.asarray(x[i:i + 2] - x[i:i + 2].mean(0)) for i in range(0, 8, 2)])
+on_mesh = mesh_context.traced_on(mesh, fn)
+sharded = jax.device_put(x, parallel.batch_sharding(mesh))
+print(json.dumps({"alone": loops(fn), "on_mesh": loops(on_mesh), "devices": mesh.size,
+                  "err": [float(np.abs(np.asarray(jax.jit(f)(a)) - want).max()) for f, a in ((fn, x), (on_mesh, sharded))]}))
+"""
+
+
+def test_chunks_loop_only_where_the_batch_is_not_split_over_devices():
+    """in_chunks runs its chunks in a lax.map on one device; traced for a mesh of 4 simulated CPU devices
+    that splits the batch, the unrolled calls (a loop over a sharded batch's rows would idle the others);
+    the seed's chunks either way."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", CHUNKS_ON_A_MESH], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 4 and r["alone"] == 1 and r["on_mesh"] == 0 and max(r["err"]) < 1e-6, r
