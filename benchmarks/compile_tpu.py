@@ -60,12 +60,15 @@ PUBLISHED = {
 }
 
 
+# a row's extra flag -> its id's suffix (rows of one config and slice differ by these)
+ROW_SUFFIXES = {FROZEN_F32: "@frozen_f32", "--param-dtype": "@bf16",
+                "--config.data.params.train.loader.batch_size=64": "@b64"}
+
+
 def row_id(config: str, topology: str, extra: tuple[str, ...]) -> str:
     num = extra[extra.index("--num") + 1] if "--num" in extra else None
     return (f"{config.replace('/', '.')}@{topology}" + (f"@b{num}" if num else "")
-            + ("@frozen_f32" if FROZEN_F32 in extra else "")
-            + ("@bf16" if "--param-dtype" in extra else "")
-            + ("@b64" if "--config.data.params.train.loader.batch_size=64" in extra else ""))
+            + "".join(suffix for flag, suffix in ROW_SUFFIXES.items() if flag in extra))
 
 
 def file_of(rid: str) -> Path:
