@@ -30,6 +30,9 @@ GiB = 2**30
 
 SDXL = "inference/sd_xl_base"
 FROZEN_F32 = "--config.training.frozen_dtype=float32"  # sdxl_lora's base as it was held before 2026-12-04
+# sdxl_finetune's mesh as it was before 2026-12-04 #2: XLA:TPU's collective-matmul loops over the FSDP-split weights
+COLLECTIVE_MATMUL = "--config.mesh.collective_matmul=true"
+B64 = "--config.data.params.train.loader.batch_size=64"
 SAMPLE_SDXL = ("--job", "sample", "--width", "1024", "--height", "1024", "--steps", "30")
 # (config, topology, extra arguments, what the README / issue sizes it for)
 ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
@@ -37,8 +40,10 @@ ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
     # the config's batch 32 does not divide over 64 chips: 4 per chip, as on one 8-chip host
     ("sdxl_finetune", "v5p:4x4x4", ("--config.data.params.train.loader.batch_size=256",), "64 v5p chips, 16 hosts"),
     ("sdxl_finetune", "v6e:2x4", (), "v6e-8"),
+    ("sdxl_finetune", "v6e:2x4", (COLLECTIVE_MATMUL,), "v6e-8, collective matmuls"),
     # 8 images per chip, as on v5p-8: twice the FLOPs per weight read (the 4-per-chip row is memory-bound)
-    ("sdxl_finetune", "v6e:2x4", ("--config.data.params.train.loader.batch_size=64",), "v6e-8, batch 64"),
+    ("sdxl_finetune", "v6e:2x4", (B64,), "v6e-8, batch 64"),
+    ("sdxl_finetune", "v6e:2x4", (B64, COLLECTIVE_MATMUL), "v6e-8, batch 64, collective matmuls"),
     ("sdxl_lora", "v5e:2x2", (), "v5e-4"),
     ("sdxl_lora", "v5e:2x2", (FROZEN_F32,), "v5e-4, frozen base in float32"),
     ("sdxl_lora", "v6e:1x1", (), "v6e-1"),
@@ -61,8 +66,8 @@ PUBLISHED = {
 
 
 # a row's extra flag -> its id's suffix (rows of one config and slice differ by these)
-ROW_SUFFIXES = {FROZEN_F32: "@frozen_f32", "--param-dtype": "@bf16",
-                "--config.data.params.train.loader.batch_size=64": "@b64"}
+ROW_SUFFIXES = {FROZEN_F32: "@frozen_f32", "--param-dtype": "@bf16", B64: "@b64",
+                COLLECTIVE_MATMUL: "@collective_matmul"}
 
 
 def row_id(config: str, topology: str, extra: tuple[str, ...]) -> str:

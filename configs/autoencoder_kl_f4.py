@@ -86,5 +86,5 @@ def get_config() -> ConfigDict:
     config.model = model()
     config.data = webdataset()
     config.training = training()
-    config.mesh = {"data": -1, "fsdp": 1}
+    config.mesh = {"data": -1, "fsdp": 1, "collective_matmul": True}
     return config

@@ -38,5 +38,5 @@ def get_config() -> ConfigDict:
                                     crop_params={"h_key": "height", "w_key": "width"})
     config.data = T.streaming_data(pipeline, batch_size=64)
     config.training = T.seed_lightning_training("imagenet_f8_cond", sample_classes=(1, 9, 207, 279, 388, 417, 430, 980))
-    config.mesh = {"data": -1, "fsdp": 1}
+    config.mesh = {"data": -1, "fsdp": 1, "collective_matmul": True}
     return config

@@ -55,7 +55,9 @@ def finetune(model: dict, *, name: str, size: int, buckets=BUCKETS, batch_size: 
         name, max_steps=10000, checkpoint_every=1000, sample_every=500, num_samples=4, sample_nrow=4,
         grad_clip=1.0, sample_prompts=("a photograph of an astronaut riding a horse", "a watercolor of a fox",
                                        "a bowl of ramen, studio lighting", "a city street at night in the rain"))
-    config.mesh = {"data": 1, "fsdp": -1}
+    # FSDP over every device; on TPU the weights' plain all-gathers, not XLA's collective-matmul loops, which
+    # re-read each activation once per weight shard (parallel.compiler_options; benchmarks/RESULTS.md, v6e-8)
+    config.mesh = {"data": 1, "fsdp": -1, "collective_matmul": False}
     return config
 
 

@@ -21,7 +21,7 @@ from sgm_jax.configs.inference import sd_xl_base
 def get_config():
     config = sdxl_finetune.finetune(sd_xl_base.model(), name="sdxl_lora", size=1024, batch_size=4, lr=1.0e-4)
     config.lora = {"rank": 16, "alpha": 16.0, "target_modules": ["to_q", "to_k", "to_v", "to_out_0"]}
-    config.mesh = {"data": -1, "fsdp": 1}
+    config.mesh = {"data": -1, "fsdp": 1, "collective_matmul": True}
     # the base computes in bfloat16 either way; held in float32 it made the step 15.78 GiB per v5e chip at one
     # image each, over the 15.75 XLA:TPU can use; in bfloat16 9.79 (benchmarks/RESULTS.md)
     config.training.frozen_dtype = "bfloat16"

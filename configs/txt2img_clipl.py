@@ -43,5 +43,5 @@ def get_config() -> ConfigDict:
     config.training = T.seed_lightning_training("txt2img_clipl", sample_prompts=(
         "a photograph of an astronaut riding a horse", "a red bicycle leaning on a wall", "a bowl of fruit",
         "a lighthouse at sunset"))
-    config.mesh = {"data": -1, "fsdp": 1}
+    config.mesh = {"data": -1, "fsdp": 1, "collective_matmul": True}
     return config

@@ -23,6 +23,10 @@ from sgm_jax.mesh_context import BATCH_AXES
 
 # parameters smaller than this stay replicated: sharding them saves nothing and adds collectives
 MIN_FSDP_SIZE = 2**14
+# XLA:TPU's SPMD partitioner turns a matmul whose weight is FSDP-split into a loop of partial matmuls that pass
+# the weight's shards round the chips ("collective matmul", windowed einsum) once the operands pass a size; a
+# threshold out of reach keeps the plain all-gather (MaxText's xla_flags_library.DISABLE_COLLECTIVE_MATMUL)
+NO_COLLECTIVE_MATMUL = {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1_000_000}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +152,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} available devices")
     return Mesh(devices.reshape(data, fsdp), BATCH_AXES)
+
+
+def compiler_options(mesh_config: Mapping[str, Any], mesh: Mesh) -> dict[str, Any] | None:
+    """XLA options for a step jitted on `mesh`, from the config's mesh section: on TPU, `collective_matmul:
+    False` keeps XLA:TPU from splitting matmuls over FSDP-split weights into collective-permute loops
+    (SDXL's fine-tune on v6e-8: they re-read each activation per weight shard). Other platforms: none."""
+    if bool(mesh_config.get("collective_matmul", True)) or mesh.devices.flat[0].platform != "tpu":
+        return None
+    return dict(NO_COLLECTIVE_MATMUL)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

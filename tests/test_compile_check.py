@@ -269,3 +269,51 @@ def test_tpu_programs_run_self_attention_through_the_splash_kernel_per_chip():
         (temp, kernels), (temp_xla, kernels_xla) = r[f"None/b8/{job}"], r[f"xla/b8/{job}"]
         assert kernels >= 1 and kernels_xla == 0 and r[f"None/b2/{job}"][1] == 0, r
         assert temp < 0.05 * temp_xla and temp_xla > 2**30, r  # [2, 10, 4096, 4096] logits per chip: 1.25 GiB and up
+
+
+COLLECTIVE_MATMUL = """
+import json, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from sgm_jax import parallel
+from sgm_jax.aot import topology
+from sgm_jax.aot.report import build_report, unpartitioned_flops
+topology.use_cpu_host()
+devices = topology.compile_only_devices("v5p:2x2x2")
+mesh = parallel.make_mesh(1, -1, devices=devices)
+w = jax.ShapeDtypeStruct((1280, 1280), jnp.bfloat16, sharding=NamedSharding(mesh, parallel.fsdp_spec((1280, 1280), 8)))
+x = jax.ShapeDtypeStruct((32, 1024, 1280), jnp.bfloat16, sharding=parallel.batch_sharding(mesh))
+out = {"cpu_options": parallel.compiler_options({"collective_matmul": False}, parallel.make_mesh(1, 1, jax.devices("cpu")[:1]))}
+for on in (True, False):
+    options = parallel.compiler_options({"collective_matmul": on}, mesh)
+    lowered = jax.jit(lambda w, x: x @ w, compiler_options=options).lower(w, x)
+    compiled = lowered.compile()
+    program = unpartitioned_flops(lowered, len(devices))
+    report = build_report(compiled, job="train", config="matmul", topology="v5p:2x2x2", chip=topology.chip_of("v5p:2x2x2"),
+                          devices=devices, mesh=mesh, images_per_step=32, groups={"parameters": w, "batch": x},
+                          compile_seconds=0.0, program_flops=program)
+    out[str(on)] = {"options": options, "loops": compiled.as_text().count("windowed_dot_general_body"),
+                    "program": program, "flops": report.flops, "compiled": report.compiled_flops,
+                    "noted": any("collective matmul" in n for n in report.notes)}
+print(json.dumps(out))
+"""
+
+
+@needs_libtpu
+def test_collective_matmul_loops_are_counted_and_can_be_turned_off():
+    """A matmul over an FSDP-split weight ([32, 1024, 1280] @ [1280, 1280], 8 chips of v5p:2x2x2): XLA:TPU makes
+    it a loop of partial matmuls (collective matmul), whose body its cost analysis counts once; the report takes
+    the unpartitioned program's FLOPs there (4 x 1024 x 1280 x 1280 x 2 per chip) and says so.
+    `mesh.collective_matmul: False` gives the plain all-gather, counted whole; no options off TPU."""
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    proc = subprocess.run([sys.executable, "-c", COLLECTIVE_MATMUL], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    exact = 4 * 1024 * 1280 * 1280 * 2
+    assert r["cpu_options"] is None
+    looped, plain = r["True"], r["False"]
+    assert looped["options"] is None and plain["options"] == {"xla_jf_spmd_threshold_for_windowed_einsum_mib": 1000000}
+    assert looped["loops"] >= 1 and plain["loops"] == 0, r
+    assert looped["program"] == plain["program"] == exact, r
+    assert looped["compiled"] < 0.9 * exact and looped["flops"] == exact and looped["noted"], r  # the loop's body once
+    assert plain["flops"] == pytest.approx(exact, rel=0.03) and plain["compiled"] == 0 and not plain["noted"], r

@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from .kernels import kernel_cost
-from .report import Report, arguments_bytes, build_report, format_report, not_compiled, out_of_memory
+from .report import (Report, arguments_bytes, build_report, format_report, not_compiled, out_of_memory,
+                     unpartitioned_flops)
 from .sample_step import prepare_sampling
 from .topology import CHIPS, Chip, GiB, chip_of, compile_only_devices, libtpu_available
 from .train_step import prepare_train_step
@@ -32,9 +33,9 @@ def default_job(config: Any) -> str:
 
 
 def _compile(trace: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
-             args_only: bool = False) -> tuple[Any, float, float, dict[str, float]]:
+             devices: int, args_only: bool = False) -> tuple[Any, float, float, dict[str, float], float]:
     """(compiled, tracing + lowering seconds, compile seconds, the Pallas kernels' cost from the traced
-    jaxpr); when the arguments alone exceed the chip's HBM nothing is lowered or compiled (minutes
+    jaxpr, the unpartitioned program's FLOPs per device: report.unpartitioned_flops); when the arguments alone exceed the chip's HBM nothing is lowered or compiled (minutes
     saved: no activation size can make it fit), nor with args_only (the shardings' bytes in seconds,
     for a first look at a large slice). XLA:TPU's out-of-memory error gives a stand-in with the temp
     bytes it names (the report says DOES NOT FIT) instead of a traceback."""
@@ -43,11 +44,12 @@ def _compile(trace: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
         why = "--args-only" if need <= chip.hbm_bytes else "the arguments alone exceed HBM"
         notes.append(f"not compiled ({why}): the arguments need {need / GiB:.2f} GiB per chip "
                      f"(temp, FLOPs and time unknown)")
-        return not_compiled(groups), 0.0, 0.0, kernel_cost(None)
+        return not_compiled(groups), 0.0, 0.0, kernel_cost(None), 0.0
     t0 = time.perf_counter()
     traced = trace()
     kernels = kernel_cost(traced.jaxpr.jaxpr)
     lowered = traced.lower()
+    program_flops = unpartitioned_flops(lowered, devices)
     t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -56,8 +58,8 @@ def _compile(trace: Any, groups: dict[str, Any], chip: Chip, notes: list[str],
         if compiled is None:
             raise
         notes.append(f"XLA:TPU refused the program: {compiled.error}")
-        kernels = kernel_cost(None)
-    return compiled, t1 - t0, time.perf_counter() - t1, kernels
+        kernels, program_flops = kernel_cost(None), 0.0
+    return compiled, t1 - t0, time.perf_counter() - t1, kernels, program_flops
 
 
 def compile_check(config: Any, topology: str, *, job: str | None = None, config_name: str = "config",
@@ -79,19 +81,22 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
         if bool(width) != bool(height):
             raise ValueError("--width and --height go together")
         groups, facts = prepare_train_step(config, devices, (int(height), int(width)) if width else None)
-        compiled, lower_s, seconds, kernels = _compile(facts["trace"], groups, chip, notes, args_only)
+        compiled, lower_s, seconds, kernels, program_flops = _compile(facts["trace"], groups, chip, notes,
+                                                                      len(devices), args_only)
         h, w = facts["image_shape"][:2]
         notes.append(f"data: stand-in batches of {facts['batch_size']} x {h}x{w} (global)" + (
             f"; traced and lowered in {lower_s:.1f} s, compiled in {seconds:.1f} s" if seconds else ""))
         return build_report(compiled, job="train", config=config_name, topology=topology, chip=chip,
                             devices=devices, mesh=facts["mesh"], images_per_step=facts["batch_size"],
-                            groups=groups, compile_seconds=lower_s + seconds, kernels=kernels, notes=notes), chip
+                            groups=groups, compile_seconds=lower_s + seconds, kernels=kernels, notes=notes,
+                            program_flops=program_flops), chip
     if job != "sample":
         raise ValueError(f"--job {job!r}: train or sample")
 
     groups, facts = prepare_sampling(config, devices, width=width, height=height, steps=steps, num=num,
                                    sampler=sampler, dtype=dtype, param_dtype=param_dtype, name=config_name)
-    compiled, lower_s, seconds, kernels = _compile(facts["trace"], groups, chip, notes, args_only)
+    compiled, lower_s, seconds, kernels, program_flops = _compile(facts["trace"], groups, chip, notes,
+                                                                  len(facts["devices"]), args_only)
     extra, body_seconds = None, 0.0
     if facts["body"] is not None and seconds and not getattr(compiled, "error", ""):
         t0 = time.perf_counter()
@@ -107,7 +112,7 @@ def compile_check(config: Any, topology: str, *, job: str | None = None, config_
     return build_report(compiled, job="sample", config=config_name, topology=topology, chip=chip,
                         devices=facts["devices"], mesh=facts["mesh"], images_per_step=facts["batch_size"],
                         groups=groups, compile_seconds=lower_s + seconds + body_seconds,
-                        extra=extra, kernels=kernels, notes=notes), chip
+                        extra=extra, kernels=kernels, notes=notes, program_flops=program_flops), chip
 
 
 __all__ = ["CHIPS", "Chip", "Report", "build_report", "chip_of", "compile_check", "compile_only_devices",

@@ -166,7 +166,8 @@ def build_run(config: Any, *, dataset: Any = None, task: Any = None, devices: An
     batch_sharding = parallel.stacked_batch_sharding(mesh) if grad_accum > 1 else parallel.batch_sharding(mesh)
     step_fn = jax.jit(mesh_context.traced_on(mesh, guarded(task.train_step)),
                       in_shardings=(state_sharding, batch_sharding, repl, repl, None),
-                      out_shardings=(state_sharding, repl, repl), donate_argnums=0)
+                      out_shardings=(state_sharding, repl, repl), donate_argnums=0,
+                      compiler_options=parallel.compiler_options(config.mesh, mesh))
     return Run(config, task, dataset, mesh, batch_size, abstract_state, state_sharding,
                jax.jit(init, out_shardings=state_sharding), step_fn, example, prepare, grad_accum)
 
