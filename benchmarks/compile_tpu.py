@@ -33,12 +33,15 @@ FROZEN_F32 = "--config.training.frozen_dtype=float32"  # sdxl_lora's base as it 
 # sdxl_finetune's mesh as it was before 2026-12-04 #2: XLA:TPU's collective-matmul loops over the FSDP-split weights
 COLLECTIVE_MATMUL = "--config.mesh.collective_matmul=true"
 B64 = "--config.data.params.train.loader.batch_size=64"
+B256 = "--config.data.params.train.loader.batch_size=256"
 SAMPLE_SDXL = ("--job", "sample", "--width", "1024", "--height", "1024", "--steps", "30")
 # (config, topology, extra arguments, what the README / issue sizes it for)
 ROWS: list[tuple[str, str, tuple[str, ...], str]] = [
     ("sdxl_finetune", "v5p:2x2x1", (), "v5p-8 (4 chips)"),
+    ("sdxl_finetune", "v5p:2x2x1", (COLLECTIVE_MATMUL,), "v5p-8 (4 chips), collective matmuls"),
     # the config's batch 32 does not divide over 64 chips: 4 per chip, as on one 8-chip host
-    ("sdxl_finetune", "v5p:4x4x4", ("--config.data.params.train.loader.batch_size=256",), "64 v5p chips, 16 hosts"),
+    ("sdxl_finetune", "v5p:4x4x4", (B256,), "64 v5p chips, 16 hosts"),
+    ("sdxl_finetune", "v5p:4x4x4", (B256, COLLECTIVE_MATMUL), "64 v5p chips, 16 hosts, collective matmuls"),
     ("sdxl_finetune", "v6e:2x4", (), "v6e-8"),
     ("sdxl_finetune", "v6e:2x4", (COLLECTIVE_MATMUL,), "v6e-8, collective matmuls"),
     # 8 images per chip, as on v5p-8: twice the FLOPs per weight read (the 4-per-chip row is memory-bound)
